@@ -1,0 +1,27 @@
+"""momentreg: train classifiers that stay correct under additive Gaussian input noise, by an
+analytic moment regularizer, and measure how robust they are."""
+
+from momentreg.models import Normalize, build_model
+from momentreg.moments import (
+    affine_moments,
+    affine_relu_affine_moments,
+    relu_mean,
+    relu_moments,
+)
+from momentreg.regularizer import expected_logits, head_variance, moment_loss, split_at_first_relu
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Normalize",
+    "build_model",
+    "affine_moments",
+    "affine_relu_affine_moments",
+    "relu_mean",
+    "relu_moments",
+    "expected_logits",
+    "head_variance",
+    "moment_loss",
+    "split_at_first_relu",
+    "__version__",
+]

@@ -1,0 +1,95 @@
+"""The paper's networks. Every model takes images in [0, 1], shape [B, C, H, W], and normalizes them
+in its first layer, so noise levels, attacks and bounds are always in pixel units."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Normalize", "lenet", "alexnet", "build_model", "DATASETS", "MODELS"]
+
+
+class Normalize(nn.Module):
+    """Per-channel affine map (x - mean) / std on [B, C, H, W]."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+# name -> (channels, size, classes, per-channel mean, per-channel std) of the training images.
+DATASETS: dict[str, tuple[int, int, int, tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": (1, 28, 10, (0.1307,), (0.3081,)),
+    "fashion-mnist": (1, 28, 10, (0.2860,), (0.3530,)),
+    "cifar10": (3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": (3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+DATASETS["mnist-sample"] = DATASETS["mnist"]
+
+
+def lenet(channels: int, size: int, classes: int, normalize: Normalize) -> nn.Sequential:
+    """LeNet of the paper: two 5x5 convs (32, 64) with 2x2 max-pooling, FC 1024, FC classes."""
+    flat = 64 * (size // 4) ** 2
+    return nn.Sequential(
+        normalize,
+        nn.Conv2d(channels, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.MaxPool2d(2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(flat, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, classes),
+    )
+
+
+def alexnet(channels: int, size: int, classes: int, normalize: Normalize) -> nn.Sequential:
+    """AlexNet adapted to 32x32 inputs (no dropout), as in the paper."""
+    if size != 32:
+        raise ValueError(f"alexnet is defined for 32x32 inputs, got {size}x{size}")
+    return nn.Sequential(
+        normalize,
+        nn.Conv2d(channels, 64, 11, stride=4, padding=5),
+        nn.ReLU(),
+        nn.MaxPool2d(2, 2),
+        nn.Conv2d(64, 192, 5, padding=2),
+        nn.MaxPool2d(2, 2),
+        nn.ReLU(),
+        nn.Conv2d(192, 384, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1),
+        nn.MaxPool2d(2, 2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(256, 4096),
+        nn.ReLU(),
+        nn.Linear(4096, 4096),
+        nn.ReLU(),
+        nn.Linear(4096, classes),
+    )
+
+
+MODELS = {"lenet": lenet, "alexnet": alexnet}
+
+
+def build_model(name: str, dataset: str) -> nn.Sequential:
+    """Registry: ``build_model("lenet", "mnist")`` picks channels, size, classes, normalization."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
+    channels, size, classes, mean, std = DATASETS[dataset]
+    return MODELS[name](channels, size, classes, Normalize(mean, std))

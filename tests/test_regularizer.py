@@ -1,0 +1,198 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from momentreg import expected_logits, head_variance, moment_loss, split_at_first_relu
+from momentreg.models import Normalize, build_model, lenet
+from momentreg.moments import relu_mean
+
+
+def _two_layer(d_in=12, hidden=9, classes=4):
+    return nn.Sequential(
+        Normalize([0.2], [0.5]),
+        nn.Flatten(),
+        nn.Linear(d_in, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
+    ).double()
+
+
+def _theorem1_mean(net, x, sigma):
+    """Bibi et al. Theorem 1 written with explicit matrices: E[B relu(A x + c) + d]."""
+    norm, _, first, _, second = net
+    a = first.weight / norm.std.flatten()  # fold the normalization into the first layer
+    c = first.bias - a @ norm.mean.flatten().expand(a.shape[1])
+    mu = x.flatten(1) @ a.T + c
+    s = torch.sqrt((a * a) @ (sigma.flatten() ** 2))
+    cdf = 0.5 * torch.erfc(-mu / s / math.sqrt(2))
+    pdf = torch.exp(-0.5 * (mu / s) ** 2) / math.sqrt(2 * math.pi)
+    return (mu * cdf + s * pdf) @ second.weight.T + second.bias
+
+
+def test_expected_logits_is_exact_for_an_affine_tail():
+    net = _two_layer()
+    x = torch.rand(5, 1, 3, 4, dtype=torch.float64)
+    sigma = 0.05 + torch.rand(1, 3, 4, dtype=torch.float64)  # per-pixel levels
+    got = expected_logits(net, x, sigma)
+    assert torch.allclose(got, _theorem1_mean(net, x, sigma), rtol=1e-5, atol=1e-8)
+
+
+def test_expected_logits_affine_tail_matches_monte_carlo():
+    net = _two_layer()
+    x = torch.rand(1, 1, 3, 4, dtype=torch.float64)
+    sigma = 0.3
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = torch.cat(
+            [
+                net(x + sigma * torch.randn(50_000, 1, 3, 4, generator=gen, dtype=torch.float64))
+                for _ in range(10)
+            ]
+        )
+        got = expected_logits(net, x, sigma)[0]
+    se = out.std(0) / math.sqrt(out.shape[0])
+    assert (abs(got - out.mean(0)) < 4 * se).all()
+
+
+def test_sigma_zero_gives_one_plus_alpha_times_clean_loss():
+    net = build_model("lenet", "mnist")
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    total, parts = moment_loss(net, x, y, sigma=0.0, alpha=1.5)
+    clean = F.cross_entropy(net(x), y)
+    assert torch.allclose(total, 2.5 * clean, rtol=1e-6)
+    assert torch.allclose(parts["logits"], net(x))
+
+
+def test_moment_term_grows_with_sigma_and_differs_from_clean():
+    net = build_model("lenet", "mnist")
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    _, p1 = moment_loss(net, x, y, sigma=0.5, alpha=1.0)
+    assert not torch.allclose(p1["moment"], p1["clean"])
+
+
+class _Loss(nn.Module):
+    def __init__(self, net, y):
+        super().__init__()
+        self.net, self.y = net, y
+
+    def forward(self, x):
+        return moment_loss(self.net, x, self.y, sigma=0.3, alpha=2.0)[0]
+
+
+def test_gradcheck_moment_loss_small_lenet_float64():
+    loss = _Loss(lenet(1, 8, 3, Normalize([0.5], [0.25])).double(), torch.tensor([0, 2]))
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    names = ["net.1.weight", "net.4.bias", "net.10.bias"]  # head conv, tail conv, last linear
+    params = [loss.get_parameter(n).detach().clone().requires_grad_(True) for n in names]
+
+    def fn(inp, *ps):
+        return torch.func.functional_call(loss, dict(zip(names, ps, strict=True)), (inp,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_per_pixel_sigma_matches_scalar_and_zero_region_is_noise_free():
+    net = build_model("lenet", "mnist")
+    x = torch.rand(3, 1, 28, 28)
+    scalar = expected_logits(net, x, 0.4)
+    per_pixel = expected_logits(net, x, torch.full((28, 28), 0.4))
+    assert torch.allclose(scalar, per_pixel, atol=1e-5)
+    head, _ = split_at_first_relu(net)
+    mask = torch.zeros(1, 28, 28)
+    mask[..., :10] = 0.5
+    var = head_variance(head, mask, x)
+    assert var.shape == (1, 32, 28, 28)
+    assert (var[..., 13:] == 0).all() and (var[..., :12] > 0).all()
+
+
+@pytest.mark.parametrize("bad", [torch.ones(2, 28, 28), torch.ones(27), torch.ones(3, 1, 1)])
+def test_sigma_of_wrong_shape_is_a_clear_error(bad):
+    net = build_model("lenet", "mnist")
+    with pytest.raises(ValueError, match="does not broadcast to one input of shape"):
+        expected_logits(net, torch.rand(2, 1, 28, 28), bad)
+
+
+def test_negative_sigma_is_an_error():
+    with pytest.raises(ValueError, match="sigma must be"):
+        expected_logits(build_model("lenet", "mnist"), torch.rand(2, 1, 28, 28), -0.1)
+
+
+def test_head_variance_is_computed_at_batch_size_one():
+    net = build_model("alexnet", "cifar10")
+    head, _ = split_at_first_relu(net)
+    var = head_variance(head, 0.1, torch.rand(64, 3, 32, 32))
+    assert var.shape == (1, 64, 8, 8)
+
+
+def test_split_handles_nested_sequentials_and_shares_parameters():
+    inner = nn.Sequential(Normalize([0.5], [0.5]), nn.Sequential(nn.Flatten(), nn.Linear(4, 3)))
+    net = nn.Sequential(inner, nn.ReLU(), nn.Sequential(nn.Linear(3, 2)))
+    head, tail = split_at_first_relu(net)
+    assert len(head) == 3 and len(tail) == 1
+    assert tail[0].weight is net[2][0].weight
+    x = torch.rand(5, 1, 2, 2)
+    assert torch.allclose(tail(torch.relu(head(x))), net(x))
+
+
+@pytest.mark.parametrize(
+    "net,name",
+    [
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.ReLU()), "Tanh"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.ReLU()), "MaxPool2d"),
+        (nn.Sequential(nn.Sequential(nn.Linear(3, 3), nn.Dropout()), nn.ReLU()), "Dropout"),
+    ],
+)
+def test_non_affine_layer_before_first_relu_is_named(net, name):
+    with pytest.raises(ValueError, match=name):
+        split_at_first_relu(net)
+
+
+def test_model_without_relu_or_not_sequential_is_refused():
+    with pytest.raises(ValueError, match="no nn.ReLU"):
+        split_at_first_relu(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="split=\\(head, tail\\)"):
+        split_at_first_relu(nn.Linear(2, 2))
+
+
+def test_explicit_split_for_non_sequential_models():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.stem(x)).flatten(1))
+
+    net = Net()
+    x = torch.rand(2, 1, 6, 6)
+    split = (net.stem, lambda r: net.fc(r.flatten(1)))
+    got = expected_logits(net, x, 0.2, split=split)
+    var = head_variance(net.stem, 0.2, x)
+    assert torch.allclose(got, net.fc(relu_mean(net.stem(x), var).flatten(1)))
+    assert torch.allclose(expected_logits(net, x, 0.0, split=split), net(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name,dataset,shape,classes",
+    [
+        ("lenet", "mnist", (1, 28, 28), 10),
+        ("lenet", "cifar10", (3, 32, 32), 10),
+        ("alexnet", "cifar100", (3, 32, 32), 100),
+    ],
+)
+def test_model_registry_shapes(name, dataset, shape, classes):
+    net = build_model(name, dataset)
+    assert net(torch.rand(2, *shape)).shape == (2, classes)
+    assert isinstance(net[0], Normalize)
+    split_at_first_relu(net)
+
+
+def test_registry_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg", "mnist")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        build_model("lenet", "svhn")
