@@ -1,0 +1,5 @@
+import sys
+
+from momentreg.cli import main
+
+sys.exit(main())

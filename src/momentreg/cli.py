@@ -1,0 +1,506 @@
+"""The ``momentreg`` command: train, evaluate, demo.
+
+Every user mistake ends with ``momentreg: error: <one line>`` and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from momentreg import __version__
+from momentreg.data import DATASET_NAMES, load_dataset, to_float, train_val_split
+from momentreg.errors import MomentregError
+from momentreg.models import MODELS, build_model
+from momentreg.robustness import accuracy, gaussian_robustness
+from momentreg.training import CHECKPOINT, METHODS, PROTOCOLS, TrainConfig, atomic_write, train
+from momentreg.training import load_checkpoint as _load_checkpoint
+
+USAGE_ERROR = 2
+
+
+class UsageError(MomentregError):
+    """Bad arguments or paths: exit code 2."""
+
+
+# -- argument types ------------------------------------------------------------------------------
+
+
+def _number(kind, lo=None, strict=False):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
+        if kind is float and value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be finite: {text!r}")
+        if lo is not None and (value <= lo if strict else value < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo}: {text!r}")
+        return value
+
+    return parse
+
+
+nonneg_float, pos_float = _number(float, 0), _number(float, 0, strict=True)
+nonneg_int, pos_int = _number(int, 0), _number(int, 0, strict=True)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device {name!r} (cpu, cuda, cuda:N or auto)") from None
+
+
+# -- output directories ---------------------------------------------------------------------------
+
+
+def prepare_out_dir(out: Path, resume: bool, force: bool) -> bool:
+    """Check --out before any work; returns whether the directory already existed."""
+    existed = out.exists()
+    if existed and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if existed and any(out.iterdir()) and not (resume or force):
+        raise UsageError(
+            f"--out {out} is not empty: pass --resume to continue or --force to overwrite"
+        )
+    parent = out if existed else next((p for p in out.parents if p.exists()), Path("."))
+    try:  # a real write probe: permission bits say nothing for root or a read-only mount
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".momentreg-probe-"))
+    except OSError as e:
+        raise UsageError(f"--out {out} is not writable ({e.strerror})") from None
+    return existed
+
+
+def _clear(out: Path) -> None:
+    for name in (CHECKPOINT, "history.csv", "metrics.json", "config.json", "attacks.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist: is {path.parent} a momentreg run?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MomentregError(f"{path} is corrupted ({e})") from None
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lenet", choices=sorted(MODELS))
+    p.add_argument("--dataset", default="mnist-sample", choices=DATASET_NAMES)
+    p.add_argument("--data-dir", type=Path, help="folder with the official dataset files")
+    p.add_argument("--download", action="store_true", help="fetch missing files (checksummed)")
+    p.add_argument("--method", default="clean", choices=METHODS)
+    p.add_argument("--sigma", type=nonneg_float, default=0.0, help="training noise std (pixels)")
+    p.add_argument("--alpha", type=nonneg_float, default=1.0, help="weight of the moment term")
+    p.add_argument("--folds", type=pos_int, default=1, help="N of N-fold augmentation")
+    protocol = "defaults: the paper's protocol for --model (LeNet: Adam 1e-4, batch 1000)"
+    g = p.add_argument_group("optimization", protocol)
+    g.add_argument("--optimizer", choices=("adam", "sgd"))
+    g.add_argument("--lr", type=pos_float)
+    g.add_argument("--momentum", type=nonneg_float)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--weight-decay", type=nonneg_float)
+    g.add_argument("--batch-size", type=pos_int)
+    g.add_argument("--epochs", type=pos_int, default=100, help="at most this many epochs")
+    g.add_argument("--plateau-factor", type=pos_float)
+    g.add_argument("--plateau-patience", type=nonneg_int)
+    g.add_argument("--early-stop", type=pos_int, help="patience of early stopping (epochs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-limit", type=pos_int, help="use only the first N training images")
+    p.add_argument("--val-fraction", type=pos_float, default=0.1)
+    p.add_argument("--gnr-limit", type=pos_int, help="GNR on the first N test images only")
+    p.add_argument("--noise-samples", type=pos_int, default=1, help="noise draws per GNR level")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = {**PROTOCOLS[args.model]}
+    settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    if args.val_fraction >= 1:
+        raise UsageError(f"--val-fraction must be below 1, got {args.val_fraction}")
+    cfg = TrainConfig(**settings)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return cfg
+
+
+def load_splits(args) -> tuple[tuple, tuple, tuple]:
+    images, labels = load_dataset(args.dataset, args.data_dir, "train", args.download)
+    if args.train_limit:
+        images, labels = images[: args.train_limit], labels[: args.train_limit]
+    train_set, val_set = train_val_split(images, labels, args.val_fraction, seed=args.seed)
+    return train_set, val_set, load_dataset(args.dataset, args.data_dir, "test", args.download)
+
+
+def evaluate_model(model, test_set, gnr_limit, noise_samples, seed, device, progress) -> dict:
+    images, labels = to_float(test_set[0]), test_set[1]
+    acc = accuracy(model, images, labels, device=device)
+    n = gnr_limit or len(labels)
+    gnr, sigmas, consistency = gaussian_robustness(
+        model, images[:n], noise_samples=noise_samples, seed=seed, device=device, progress=progress
+    )
+    return {
+        "test_accuracy": acc,
+        "gnr": gnr,
+        "gnr_images": n,
+        "gnr_noise_samples": noise_samples,
+        "gnr_curve": {"sigmas": sigmas.tolist(), "consistency": consistency.tolist()},
+    }
+
+
+def run_training(args: argparse.Namespace, out: Path) -> dict:
+    """Train one run into ``out`` (config.json, checkpoint.pt, history.csv, metrics.json)."""
+    cfg = resolve_config(args)
+    device = _device(args.device)
+    existed = prepare_out_dir(out, args.resume, args.force)
+    train_set, val_set, test_set = load_splits(args)
+    if args.force and not args.resume and existed:
+        _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "version": __version__,
+        "model": args.model,
+        "dataset": args.dataset,
+        "data_dir": str(args.data_dir) if args.data_dir else None,
+        "train_limit": args.train_limit,
+        "val_fraction": args.val_fraction,
+        "device": str(device),
+        "gnr_limit": args.gnr_limit,
+        "noise_samples": args.noise_samples,
+        **dataclasses.asdict(cfg),
+    }
+    write_json(out / "config.json", config)
+    torch.manual_seed(cfg.seed)
+    model = build_model(args.model, args.dataset)
+    t0 = time.perf_counter()
+    history = train(
+        model,
+        train_set,
+        val_set,
+        cfg,
+        out_dir=out,
+        resume=args.resume,
+        identity={"model": args.model, "dataset": args.dataset, "version": __version__},
+        device=device,
+        progress=not args.quiet,
+        tensorboard=args.tensorboard,
+    )
+    metrics = evaluate_model(
+        model, test_set, args.gnr_limit, args.noise_samples, cfg.seed, device, not args.quiet
+    )
+    metrics.update(
+        epochs=len(history),
+        best_epoch=max(history, key=lambda r: -r["val_loss"])["epoch"],
+        train_seconds=history[-1]["train_seconds"],
+        seconds_per_epoch=history[-1]["train_seconds"] / len(history),
+        wall_seconds=time.perf_counter() - t0,
+    )
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def load_run(run: Path, device) -> tuple[dict, torch.nn.Module]:
+    """(config, model with the run's best weights) of a finished or interrupted run."""
+    config = read_json(run / "config.json")
+    ckpt = _load_checkpoint(run / CHECKPOINT)
+    model = build_model(config["model"], config["dataset"])
+    state = ckpt["best"]["state"] if ckpt["finished"] else ckpt["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise MomentregError(f"{run / CHECKPOINT} does not fit {config['model']}: {e}") from None
+    return config, model.to(device)
+
+
+def cmd_train(args) -> None:
+    metrics = run_training(args, args.out)
+    print(
+        f"test accuracy {metrics['test_accuracy']:.2f}%  GNR {metrics['gnr']:.2f}  "
+        f"{metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s -> {args.out}"
+    )
+
+
+def cmd_evaluate(args) -> None:
+    device = _device(args.device)
+    config, model = load_run(args.run, device)
+    ns = argparse.Namespace(
+        dataset=config["dataset"], data_dir=args.data_dir or config["data_dir"], download=False
+    )
+    test_set = load_dataset(ns.dataset, ns.data_dir, "test")
+    if args.limit:
+        test_set = (test_set[0][: args.limit], test_set[1][: args.limit])
+    metrics_path = args.run / "metrics.json"
+    metrics = read_json(metrics_path) if metrics_path.exists() else {}
+    images = to_float(test_set[0])
+    metrics["test_accuracy"] = accuracy(model, images, test_set[1], device=device)
+    metrics["test_images"] = len(test_set[1])
+    if args.gnr:
+        metrics.update(
+            evaluate_model(
+                model, test_set, None, args.noise_samples, args.seed, device, not args.quiet
+            )
+        )
+    write_json(metrics_path, metrics)
+    line = f"test accuracy {metrics['test_accuracy']:.2f}% on {len(test_set[1])} images"
+    print(line + (f"  GNR {metrics['gnr']:.2f}" if args.gnr else ""))
+    if args.attacks:
+        run_attacks(args, model, images, test_set[1])
+
+
+def _attack_list(text: str) -> list[str]:
+    from momentreg.attacks import ATTACKS
+
+    names = list(ATTACKS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown attack {unknown[0] if unknown else text!r}; choose from "
+            f"{', '.join(ATTACKS)} or all"
+        )
+    return names
+
+
+def run_attacks(args, model, images, labels) -> None:
+    from momentreg.attacks import minimal_perturbations
+
+    path = args.run / "attacks.json"
+    results = read_json(path) if path.exists() else {}
+    for name in args.attacks:
+        result = minimal_perturbations(
+            model, images, labels, name, tol=args.tol, seed=args.seed, progress=not args.quiet
+        )
+        results[name] = {
+            **result.summary(),
+            "tol": args.tol,
+            "seed": args.seed,
+            "test_images": len(labels),
+        }
+        write_json(path, results)  # after each attack: a crash keeps the finished ones
+    print(format_attack_table(results))
+
+
+def format_attack_table(results: dict) -> str:
+    lines = [
+        "| attack | success | energy mean | energy median | L2 median | Linf median |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['success_rate']:.3f} | {r['energy_mean']:.3g} | "
+            f"{r['energy_median']:.3g} | {r['l2_median']:.3g} | {r['linf_median']:.3g} |"
+        )
+    return "\n".join(lines)
+
+
+def cmd_table(args) -> None:
+    from momentreg.attacks import ATTACK_LABELS
+
+    header = [
+        "model",
+        "dataset",
+        "method",
+        "sigma",
+        "alpha",
+        "folds",
+        "run",
+        *ATTACK_LABELS.values(),
+        "GNR",
+        "ACC",
+    ]
+    rows = []
+    for run in args.runs:
+        config = read_json(run / "config.json")
+        metrics = read_json(run / "metrics.json")
+        attacks = read_json(run / "attacks.json") if (run / "attacks.json").exists() else {}
+        energies = [
+            f"{attacks[k]['energy_mean']:.3g}" if k in attacks else "" for k in ATTACK_LABELS
+        ]
+        rows.append(
+            [
+                config["model"],
+                config["dataset"],
+                config["method"],
+                config["sigma"],
+                config["alpha"] if config["method"] == "moment" else "",
+                config["folds"] if config["method"] == "augment" else "",
+                run.name,
+                *energies,
+                f"{metrics['gnr']:.2f}",
+                f"{metrics['test_accuracy']:.2f}",
+            ]
+        )
+    markdown = "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    )
+    print(markdown)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.out / "table.md", (markdown + "\n").encode())
+        buf = io.StringIO()
+        csv.writer(buf).writerows([header, *rows])
+        atomic_write(args.out / "table.csv", buf.getvalue().encode())
+        print(f"wrote {args.out / 'table.md'} and {args.out / 'table.csv'}")
+
+
+def cmd_demo(args) -> None:
+    from momentreg.plots import plot_consistency
+
+    out: Path = args.out
+    runs = {
+        "clean": dict(method="clean"),
+        f"augment N={args.folds} sigma={args.augment_sigma}": dict(
+            method="augment", folds=args.folds, sigma=args.augment_sigma
+        ),
+        f"moment sigma={args.moment_sigma} alpha={args.alpha}": dict(
+            method="moment", sigma=args.moment_sigma, alpha=args.alpha
+        ),
+    }
+    prepare_out_dir(out, resume=True, force=False)
+    rows = []
+    for i, (label, settings) in enumerate(runs.items()):
+        run_dir = out / f"{i}-{settings['method']}"
+        argv = [
+            "--dataset",
+            "mnist-sample",
+            "--epochs",
+            str(args.epochs),
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "128",
+            "--seed",
+            str(args.seed),
+            "--device",
+            args.device,
+        ]
+        for key, value in settings.items():
+            argv += [f"--{key}", str(value)]
+        argv += ["--train-limit", str(args.train_limit), "--gnr-limit", str(args.gnr_limit)]
+        run_args = build_parser().parse_args(["train", *argv, "--out", str(run_dir), "--resume"])
+        run_args.quiet = args.quiet
+        print(f"[{i + 1}/{len(runs)}] {label}", flush=True)
+        metrics_path = run_dir / "metrics.json"
+        if metrics_path.exists():
+            metrics = read_json(metrics_path)
+        else:
+            metrics = run_training(run_args, run_dir)
+        rows.append((label, metrics))
+    table = format_demo_table(rows)
+    print(table)
+    (out / "table.md").write_text(table + "\n")
+    plot_consistency(
+        {label: m["gnr_curve"] for label, m in rows},
+        out / "consistency.png",
+        title="LeNet on the bundled MNIST sample",
+    )
+    print(f"wrote {out / 'table.md'} and {out / 'consistency.png'}")
+
+
+def format_demo_table(rows: list[tuple[str, dict]]) -> str:
+    lines = ["| method | test accuracy (%) | GNR | training seconds |", "|---|---:|---:|---:|"]
+    for label, m in rows:
+        lines.append(
+            f"| {label} | {m['test_accuracy']:.2f} | {m['gnr']:.2f} | {m['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="momentreg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"momentreg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model into --out")
+    _train_args(p)
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite the run in --out")
+    p.set_defaults(func=cmd_train)
+
+    from momentreg.attacks import ATTACKS
+
+    attack_help = "; ".join(f"{k}: {v[1]}" for k, v in ATTACKS.items())
+    p = sub.add_parser("evaluate", help="recompute the metrics of a finished run")
+    p.add_argument("run", type=Path)
+    p.add_argument("--gnr", action="store_true", help="also recompute GNR and its curve")
+    p.add_argument("--limit", type=pos_int, help="evaluate on the first N test images")
+    p.add_argument("--noise-samples", type=pos_int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", type=Path, help="override the run's data directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--attacks", type=_attack_list, help="comma-separated, or all: " + attack_help)
+    p.add_argument("--tol", type=pos_float, default=0.01, help="relative tolerance of eps search")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("table", help="the paper's Table 1 layout over runs (Markdown and CSV)")
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, help="also write table.md and table.csv here")
+    p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("demo", help="clean vs augmentation vs moment on the bundled MNIST sample")
+    p.add_argument("--out", type=Path, default=Path("momentreg-demo"))
+    p.add_argument("--epochs", type=pos_int, default=3)
+    p.add_argument("--folds", type=pos_int, default=6)
+    p.add_argument("--augment-sigma", type=nonneg_float, default=0.5)
+    p.add_argument("--moment-sigma", type=nonneg_float, default=1.0)
+    p.add_argument("--alpha", type=nonneg_float, default=1.0)
+    p.add_argument("--train-limit", type=pos_int, default=5000, help="training+validation images")
+    p.add_argument("--gnr-limit", type=pos_int, default=1000, help="test images for GNR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (MomentregError, ValueError) as e:
+        print(f"momentreg: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except OSError as e:
+        print(
+            f"momentreg: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
+        )
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("momentreg: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""The errors momentreg raises for things a user can fix; the CLI prints them as one line."""
+
+
+class MomentregError(RuntimeError):
+    """Base class: a clear message, no traceback needed."""
+
+
+class CheckpointError(MomentregError):
+    """A checkpoint is missing, corrupted, or belongs to another run."""
+
+
+class TrainingError(MomentregError):
+    """Training cannot go on (for example a non-finite loss)."""

@@ -1,0 +1,373 @@
+"""Training with the paper's protocol: clean, N-fold Gaussian augmentation, Cohen-style noise
+training, and the analytic moment regularizer; atomic per-epoch checkpoints and exact resume.
+
+Data are (images uint8 or float [N, C, H, W], labels int64 [N]) tensors held in memory; batches are
+index-selected from them (no loader processes). Early stopping and the learning-rate schedule follow
+the clean validation cross-entropy for every method.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from momentreg.errors import CheckpointError, TrainingError
+from momentreg.regularizer import Split, moment_loss
+
+__all__ = ["TrainConfig", "PROTOCOLS", "METHODS", "train", "load_checkpoint", "atomic_write"]
+
+METHODS = ("clean", "augment", "noise", "moment")
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.csv"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every training setting. ``folds`` is N of N-fold augmentation (N = 1 is clean)."""
+
+    method: str = "clean"
+    sigma: float = 0.0
+    alpha: float = 1.0
+    folds: int = 1
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    batch_size: int = 1000
+    epochs: int = 100
+    plateau_factor: float = 0.9
+    plateau_patience: int = 3
+    early_stop: int = 10
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
+        checks = {
+            "sigma": self.sigma >= 0 and math.isfinite(self.sigma),
+            "alpha": self.alpha >= 0 and math.isfinite(self.alpha),
+            "folds": self.folds >= 1,
+            "lr": self.lr > 0 and math.isfinite(self.lr),
+            "batch_size": self.batch_size >= 1,
+            "epochs": self.epochs >= 1,
+            "weight_decay": self.weight_decay >= 0,
+            "momentum": self.momentum >= 0,
+            "plateau_factor": 0 < self.plateau_factor < 1,
+            "plateau_patience": self.plateau_patience >= 0,
+            "early_stop": self.early_stop >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid {bad[0].replace('_', '-')}: {getattr(self, bad[0])}")
+
+
+# The paper's protocol per model; any field can be overridden.
+PROTOCOLS: dict[str, dict] = {
+    "lenet": dict(
+        optimizer="adam",
+        lr=1e-4,
+        batch_size=1000,
+        weight_decay=0.0,
+        plateau_factor=0.9,
+        plateau_patience=3,
+        early_stop=10,
+    ),
+    "alexnet": dict(
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        batch_size=128,
+        plateau_factor=0.5,
+        plateau_patience=5,
+        early_stop=20,
+    ),
+}
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    _pause_for_tests("in-write", path)
+    os.replace(tmp, path)
+
+
+def _pause_for_tests(point: str, where) -> None:
+    """Crash-safety tests set MOMENTREG_TEST_PAUSE=point[:match] to freeze the process here."""
+    spec = os.environ.get("MOMENTREG_TEST_PAUSE")
+    if not spec:
+        return
+    want, _, match = spec.partition(":")
+    if want == point and match in str(where):
+        Path(os.environ["MOMENTREG_TEST_PAUSE_FILE"]).write_text(f"{point} {where}")
+        time.sleep(3600)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint with ``weights_only=True`` (no pickle code runs); clear errors if bad."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable momentreg checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != 1:
+        raise CheckpointError(f"{path} is not a momentreg checkpoint (format 1)")
+    return ckpt
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, buf.getvalue().encode())
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+@torch.inference_mode()
+def _validate(model, images, labels, batch_size, device) -> tuple[float, float]:
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(labels), batch_size):
+        x, y = (
+            _as_float(images[i : i + batch_size].to(device)),
+            labels[i : i + batch_size].to(device),
+        )
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+    return loss / len(labels), 100.0 * correct / len(labels)
+
+
+def _rng_state(cpu_gen: torch.Generator, dev_gen: torch.Generator) -> dict:
+    return {"cpu": cpu_gen.get_state(), "device": dev_gen.get_state()}
+
+
+def train(
+    model: nn.Module,
+    train_set: tuple[torch.Tensor, torch.Tensor],
+    val_set: tuple[torch.Tensor, torch.Tensor],
+    config: TrainConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    identity: dict | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    tensorboard: bool = False,
+    split: Split | None = None,
+    **overrides,
+) -> list[dict]:
+    """Train ``model`` in place and leave it with its best-validation weights; return the history.
+
+    ``overrides`` set TrainConfig fields (``method="moment", sigma=1.0, alpha=1.0``, ...). With
+    ``out_dir`` a checkpoint and ``history.csv`` are written atomically after every epoch;
+    ``resume=True`` continues from that checkpoint and ends with the same weights as an
+    uninterrupted run. ``identity`` (e.g. model and dataset names) is stored in the checkpoint and
+    must match on resume, as must every config field but ``epochs``.
+    """
+    cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+    cfg.validate()
+    device = torch.device(device)
+    images, labels = train_set
+    n = len(labels)
+    if n == 0 or len(val_set[1]) == 0:
+        raise ValueError("the training and validation sets must not be empty")
+    images, labels = images.to(device), labels.to(device)
+    val_images, val_labels = val_set[0].to(device), val_set[1].to(device)
+    model.to(device)
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience
+    )
+    cpu_gen = torch.Generator().manual_seed(cfg.seed)
+    dev_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    identity = {
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "epochs"},
+        **(identity or {}),
+    }
+    history: list[dict] = []
+    best = {"val_loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+    bad_epochs, start = 0, 0
+
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / CHECKPOINT if out else None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        _check_identity(ckpt.get("identity", {}), identity, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        cpu_gen.set_state(ckpt["rng"]["cpu"])
+        dev_gen.set_state(ckpt["rng"]["device"])
+        history, best, bad_epochs = ckpt["history"], ckpt["best"], ckpt["bad_epochs"]
+        start = ckpt["epoch"]
+        if ckpt["stopped"] or start >= cfg.epochs:
+            model.load_state_dict(best["state"])
+            return history
+
+    writer = _tensorboard_writer(out) if tensorboard else None
+    elapsed = history[-1]["train_seconds"] if history else 0.0
+    folds = cfg.folds if cfg.method == "augment" else 1
+    steps = math.ceil(n * folds / cfg.batch_size)
+    stopped = False
+    epoch_bar = tqdm(
+        range(start, cfg.epochs),
+        desc="epochs",
+        disable=not progress,
+        initial=start,
+        total=cfg.epochs,
+    )
+    for epoch in epoch_bar:
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(n * folds, generator=cpu_gen).to(device)
+        total_loss, total_correct = 0.0, 0
+        for step in tqdm(
+            range(steps), desc=f"epoch {epoch + 1}", disable=not progress, leave=False
+        ):
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            x, y = _as_float(images[idx % n]), labels[idx % n]
+            loss, logits = _step_loss(model, x, y, idx >= n, cfg, dev_gen, split)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {step + 1}; "
+                    + ("the last good checkpoint is kept" if out else "no checkpoint was written")
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(y)
+            total_correct += int((logits.argmax(1) == y).sum())
+        val_loss, val_acc = _validate(model, val_images, val_labels, cfg.batch_size, device)
+        scheduler.step(val_loss)
+        if val_loss < best["val_loss"]:
+            best = {
+                "val_loss": val_loss,
+                "epoch": epoch + 1,
+                "state": copy.deepcopy(model.state_dict()),
+            }
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        elapsed += time.perf_counter() - t0
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total_loss / (n * folds),
+            "train_accuracy": 100.0 * total_correct / (n * folds),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": time.perf_counter() - t0,
+            "train_seconds": elapsed,
+        }
+        history.append(row)
+        epoch_bar.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.2f}")
+        if writer is not None:
+            for key, value in row.items():
+                writer.add_scalar(key, value, epoch + 1)
+        stopped = bad_epochs >= cfg.early_stop
+        if out is not None:
+            finished = stopped or epoch + 1 == cfg.epochs
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "format": 1,
+                    "identity": identity,
+                    "epoch": epoch + 1,
+                    "finished": finished,
+                    "stopped": stopped,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(cpu_gen, dev_gen),
+                    "history": history,
+                    "best": best,
+                    "bad_epochs": bad_epochs,
+                },
+            )
+            _write_history(out / HISTORY, history)
+            _pause_for_tests("after-epoch", f"{out}/epoch{epoch + 1}")
+        if stopped:
+            break
+    if writer is not None:
+        writer.close()
+    model.load_state_dict(best["state"])
+    return history
+
+
+def _step_loss(model, x, y, noisy, cfg: TrainConfig, gen, split):
+    """Loss of one batch and the logits it saw. noisy: bool [B], marks augmentation copies."""
+    if cfg.method == "moment":
+        loss, parts = moment_loss(model, x, y, cfg.sigma, cfg.alpha, split)
+        return loss, parts["logits"]
+    if cfg.method in ("noise", "augment") and cfg.sigma > 0:
+        noise = torch.randn(x.shape, generator=gen, device=x.device).mul_(cfg.sigma)
+        x = x + (noise if cfg.method == "noise" else noise * noisy.view(-1, 1, 1, 1))
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
+
+
+def _check_identity(stored: dict, wanted: dict, path: Path) -> None:
+    flat_stored = {**stored.get("config", {}), **{k: v for k, v in stored.items() if k != "config"}}
+    flat_wanted = {**wanted["config"], **{k: v for k, v in wanted.items() if k != "config"}}
+    diffs = [
+        f"{k}: checkpoint {flat_stored.get(k)!r}, this run {flat_wanted.get(k)!r}"
+        for k in sorted(set(flat_stored) | set(flat_wanted))
+        if flat_stored.get(k) != flat_wanted.get(k)
+    ]
+    if diffs:
+        raise CheckpointError(f"{path} belongs to a different run: " + "; ".join(diffs))
+
+
+def _tensorboard_writer(out: Path | None):
+    if out is None:
+        raise ValueError("tensorboard logging needs an output directory")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainingError(
+            "--tensorboard needs the tensorboard package: pip install 'momentreg[tensorboard]'"
+        ) from None
+    return SummaryWriter(str(out / "tensorboard"))

@@ -1,0 +1,130 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from momentreg.cli import main
+
+QUICK = [
+    "--train-limit",
+    "200",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "50",
+    "--lr",
+    "1e-3",
+    "--gnr-limit",
+    "20",
+    "--quiet",
+]
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "momentreg", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "moment"
+    result = _cli(
+        "train", *QUICK, "--method", "moment", "--sigma", "0.5", "--alpha", "2", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_train_writes_the_run_layout(run_dir):
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "config.json",
+        "checkpoint.pt",
+        "history.csv",
+        "metrics.json",
+    }
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["method"] == "moment" and config["alpha"] == 2 and config["sigma"] == 0.5
+    assert config["optimizer"] == "adam" and config["plateau_factor"] == 0.9  # LeNet protocol
+    assert config["version"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("test_accuracy", "gnr", "gnr_curve", "epochs", "train_seconds"):
+        assert key in metrics
+    assert len(metrics["gnr_curve"]["sigmas"]) == 30
+    header = (run_dir / "history.csv").read_text().splitlines()[0]
+    assert header.startswith("epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr")
+
+
+def test_evaluate_recomputes_metrics(run_dir, capsys):
+    before = json.loads((run_dir / "metrics.json").read_text())
+    assert main(["evaluate", str(run_dir), "--gnr", "--limit", "30", "--quiet"]) == 0
+    after = json.loads((run_dir / "metrics.json").read_text())
+    assert after["gnr_images"] == 30 and after["test_images"] == 30
+    assert after["train_seconds"] == before["train_seconds"]
+    assert "GNR" in capsys.readouterr().out
+
+
+def test_non_empty_out_needs_resume_or_force(run_dir):
+    result = _cli("train", *QUICK, "--out", str(run_dir))
+    assert result.returncode == 2
+    assert "not empty" in result.stderr and "Traceback" not in result.stderr
+    assert (run_dir / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sigma", "-1"], "must be >= 0"),
+        (["--alpha", "-0.5"], "must be >= 0"),
+        (["--folds", "-2"], "must be > 0"),
+        (["--sigma", "nan"], "must be finite"),
+        (["--model", "vgg"], "invalid choice"),
+        (["--dataset", "svhn"], "invalid choice"),
+        (["--dataset", "mnist"], "needs --data-dir"),
+        (["--val-fraction", "1.5"], "val-fraction"),
+        (["--plateau-factor", "2"], "plateau-factor"),
+    ],
+)
+def test_invalid_arguments_exit_2_with_one_line(tmp_path, args, message, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        code = main(["train", *QUICK, *args, "--out", str(out)])
+        raise SystemExit(code)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unwritable_out_is_refused_before_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = _cli("train", *QUICK, "--out", str(blocker / "run"))
+    assert result.returncode == 2 and "not writable" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_evaluate_of_a_missing_run_is_a_clear_error(tmp_path):
+    result = _cli("evaluate", str(tmp_path / "nope"))
+    assert result.returncode == 2 and "config.json does not exist" in result.stderr
+
+
+def test_demo_quick(tmp_path):
+    out = tmp_path / "demo"
+    result = _cli(
+        "demo",
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--train-limit",
+        "200",
+        "--folds",
+        "2",
+        "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| clean |" in result.stdout and "| moment sigma=1.0 alpha=1.0 |" in result.stdout
+    assert (out / "consistency.png").stat().st_size > 10_000
+    assert len(list(out.glob("*/metrics.json"))) == 3

@@ -1,0 +1,186 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from momentreg.data import load_dataset, to_float, train_val_split
+from momentreg.errors import CheckpointError, TrainingError
+from momentreg.models import Normalize, build_model
+from momentreg.robustness import accuracy
+from momentreg.training import load_checkpoint, train
+from tests.helpers import SHARED_MNIST, needs_mnist
+
+
+def _tiny_net():
+    return nn.Sequential(
+        Normalize([0.13], [0.31]),
+        nn.Conv2d(1, 4, 5, stride=3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    )
+
+
+def _sample(n=300):
+    images, labels = load_dataset("mnist-sample", split="train")
+    return train_val_split(images[:n], labels[:n], 0.2, seed=0)
+
+
+FAST = dict(lr=1e-2, batch_size=50, progress=False)
+
+
+@pytest.mark.parametrize("method", ["clean", "augment", "noise", "moment"])
+def test_every_method_trains_and_is_deterministic(method):
+    tr, va = _sample()
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = _tiny_net()
+        history = train(net, tr, va, method=method, sigma=0.3, folds=3, epochs=2, **FAST)
+        states.append(net.state_dict())
+    assert len(history) == 2
+    assert history[-1]["val_accuracy"] > 30
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_augment_epoch_visits_n_folds_of_the_data():
+    tr, va = _sample()
+    net = _tiny_net()
+    seen = []
+    net.register_forward_pre_hook(lambda m, inp: seen.append(len(inp[0])) if m.training else None)
+    train(net, tr, va, method="augment", sigma=0.3, folds=4, epochs=1, **FAST)
+    assert sum(seen) == 4 * len(tr[1])
+
+
+def test_keeps_best_validation_weights_and_stops_early(tmp_path):
+    tr, va = _sample()
+    net = _tiny_net()
+    history = train(
+        net,
+        tr,
+        va,
+        epochs=30,
+        early_stop=2,
+        lr=0.5,
+        batch_size=50,
+        progress=False,
+        out_dir=tmp_path,
+    )
+    best = min(history, key=lambda r: r["val_loss"])
+    assert len(history) < 30 and len(history) - best["epoch"] == 2
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["finished"] and ckpt["best"]["epoch"] == best["epoch"]
+    assert all(torch.equal(net.state_dict()[k], ckpt["best"]["state"][k]) for k in ckpt["model"])
+
+
+def test_non_finite_loss_names_epoch_and_batch_and_keeps_checkpoint(tmp_path):
+    (tr_x, tr_y), va = _sample()
+    train(_tiny_net(), (tr_x, tr_y), va, epochs=1, out_dir=tmp_path, **FAST)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    bad = to_float(tr_x)
+    bad[60] = float("nan")  # in the second batch of the (unshuffled) first epoch? shuffled: any
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at epoch 1, batch \d+"):
+        train(_tiny_net(), (bad, tr_y), va, epochs=3, **FAST)
+    with pytest.raises(TrainingError, match="epoch 2"):
+        train(_tiny_net(), (bad, tr_y), va, epochs=3, out_dir=tmp_path, resume=True, **FAST)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    tr, va = _sample()
+    train(_tiny_net(), tr, va, epochs=1, out_dir=tmp_path, **FAST)
+    with pytest.raises(CheckpointError, match="method: checkpoint 'clean', this run 'moment'"):
+        train(_tiny_net(), tr, va, epochs=2, method="moment", out_dir=tmp_path, resume=True, **FAST)
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable momentreg checkpoint"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+TRAIN_CMD = [
+    sys.executable,
+    "-m",
+    "momentreg",
+    "train",
+    "--train-limit",
+    "600",
+    "--epochs",
+    "4",
+    "--batch-size",
+    "100",
+    "--lr",
+    "1e-3",
+    "--gnr-limit",
+    "20",
+    "--quiet",
+    "--method",
+    "moment",
+    "--sigma",
+    "0.5",
+]
+
+
+def _run(out: Path, *extra, env=None):
+    return subprocess.run(
+        [*TRAIN_CMD, "--out", str(out), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_sigkill_mid_training_then_resume_gives_the_same_weights(tmp_path):
+    ref = _run(tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+
+    pause = tmp_path / "paused"
+    env = {
+        **os.environ,
+        "MOMENTREG_TEST_PAUSE": "after-epoch:epoch2",
+        "MOMENTREG_TEST_PAUSE_FILE": str(pause),
+    }
+    proc = subprocess.Popen(
+        [*TRAIN_CMD, "--out", str(tmp_path / "run")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while not pause.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert pause.exists(), "the run never reached epoch 2"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+    resumed = _run(tmp_path / "run", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_checkpoint(tmp_path / "ref" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [r["val_loss"] for r in a["history"]] == [r["val_loss"] for r in b["history"]]
+
+
+@needs_mnist
+def test_lenet_one_epoch_on_real_mnist_reaches_97_percent():
+    torch.manual_seed(0)
+    images, labels = load_dataset("mnist", SHARED_MNIST, "train")
+    tr, va = train_val_split(images, labels, 0.1, seed=0)
+    net = build_model("lenet", "mnist")
+    train(net, tr, va, epochs=1, lr=1e-3, batch_size=128, progress=False)
+    test_x, test_y = load_dataset("mnist", SHARED_MNIST, "test")
+    acc = accuracy(net, to_float(test_x), test_y)
+    print(f"LeNet, 1 epoch on real MNIST: test accuracy {acc:.2f}%")
+    assert acc >= 97.0
