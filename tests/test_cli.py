@@ -128,3 +128,27 @@ def test_demo_quick(tmp_path):
     assert "| clean |" in result.stdout and "| moment sigma=1.0 alpha=1.0 |" in result.stdout
     assert (out / "consistency.png").stat().st_size > 10_000
     assert len(list(out.glob("*/metrics.json"))) == 3
+
+
+def test_evaluate_attacks_writes_attacks_json_and_table(run_dir, tmp_path, capsys):
+    metrics_before = (run_dir / "metrics.json").read_text()
+    code = main(["evaluate", str(run_dir), "--attacks", "fgsm,deepfool", "--limit", "4", "--quiet"])
+    assert code == 0
+    assert (run_dir / "metrics.json").read_text() == metrics_before  # attacks alone leave it
+    attacks = json.loads((run_dir / "attacks.json").read_text())
+    assert set(attacks) == {"fgsm", "deepfool"}
+    assert attacks["fgsm"]["images"] + attacks["fgsm"]["excluded_misclassified"] == 4
+    assert "| fgsm |" in capsys.readouterr().out
+
+    assert main(["table", str(run_dir), "--out", str(tmp_path / "t")]) == 0
+    table = (tmp_path / "t" / "table.md").read_text().splitlines()
+    assert table[0].startswith("| model | dataset | method | sigma | alpha | folds | run | PGD |")
+    row = table[2].split("|")
+    assert row[3].strip() == "moment" and row[8].strip() == "" and row[10].strip() != ""
+    assert (tmp_path / "t" / "table.csv").read_text().startswith("model,dataset,method")
+
+
+def test_unknown_attack_is_a_usage_error(run_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(run_dir), "--attacks", "pgd,cw"])
+    assert e.value.code == 2 and "unknown attack 'cw'" in capsys.readouterr().err

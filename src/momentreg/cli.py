@@ -249,30 +249,37 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    """Recompute accuracy (and GNR with --gnr) into metrics.json, and/or attacks into attacks.json.
+
+    With only --attacks, metrics.json is left as it is.
+    """
     device = _device(args.device)
     config, model = load_run(args.run, device)
-    ns = argparse.Namespace(
-        dataset=config["dataset"], data_dir=args.data_dir or config["data_dir"], download=False
-    )
-    test_set = load_dataset(ns.dataset, ns.data_dir, "test")
+    images, labels = load_dataset(config["dataset"], args.data_dir or config["data_dir"], "test")
     if args.limit:
-        test_set = (test_set[0][: args.limit], test_set[1][: args.limit])
-    metrics_path = args.run / "metrics.json"
-    metrics = read_json(metrics_path) if metrics_path.exists() else {}
-    images = to_float(test_set[0])
-    metrics["test_accuracy"] = accuracy(model, images, test_set[1], device=device)
-    metrics["test_images"] = len(test_set[1])
-    if args.gnr:
-        metrics.update(
-            evaluate_model(
-                model, test_set, None, args.noise_samples, args.seed, device, not args.quiet
+        images, labels = images[: args.limit], labels[: args.limit]
+    if args.gnr or not args.attacks:
+        metrics_path = args.run / "metrics.json"
+        metrics = read_json(metrics_path) if metrics_path.exists() else {}
+        metrics["test_accuracy"] = accuracy(model, to_float(images), labels, device=device)
+        metrics["test_images"] = len(labels)
+        if args.gnr:
+            metrics.update(
+                evaluate_model(
+                    model,
+                    (images, labels),
+                    None,
+                    args.noise_samples,
+                    args.seed,
+                    device,
+                    not args.quiet,
+                )
             )
-        )
-    write_json(metrics_path, metrics)
-    line = f"test accuracy {metrics['test_accuracy']:.2f}% on {len(test_set[1])} images"
-    print(line + (f"  GNR {metrics['gnr']:.2f}" if args.gnr else ""))
+        write_json(metrics_path, metrics)
+        line = f"test accuracy {metrics['test_accuracy']:.2f}% on {len(labels)} images"
+        print(line + (f"  GNR {metrics['gnr']:.2f}" if args.gnr else ""))
     if args.attacks:
-        run_attacks(args, model, images, test_set[1])
+        run_attacks(args, model, to_float(images), labels)
 
 
 def _attack_list(text: str) -> list[str]:
