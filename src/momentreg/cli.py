@@ -181,6 +181,8 @@ def run_training(args: argparse.Namespace, out: Path) -> dict:
     cfg = resolve_config(args)
     device = _device(args.device)
     existed = prepare_out_dir(out, args.resume, args.force)
+    if args.resume and (out / "metrics.json").exists():
+        return read_json(out / "metrics.json")  # finished: nothing to train or evaluate again
     train_set, val_set, test_set = load_splits(args)
     if args.force and not args.resume and existed:
         _clear(out)
@@ -441,6 +443,70 @@ def format_demo_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def _setting(text: str) -> tuple[str, object]:
+    from momentreg.sweep import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare string such as a path
+    return key.strip(), parsed
+
+
+def cmd_sweep(args) -> None:
+    from momentreg import sweep
+
+    if args.spec == "status":
+        if args.dir is None:
+            raise UsageError("usage: momentreg sweep status DIR")
+        states = sweep.status(args.dir)
+        for state in sweep.STATES:
+            print(f"{state:8s} {len(states[state])}")
+            for name in states[state] if state in ("running", "failed") else []:
+                error = args.dir / "runs" / name / "error.txt"
+                detail = error.read_text().splitlines()[0] if error.exists() else ""
+                print(f"  {name} {detail}")
+        return
+    if args.out is None:
+        raise UsageError("momentreg sweep SPEC needs --out DIR")
+    spec = {**sweep.load_spec(args.spec), **dict(args.set or [])}
+    configs = sweep.expand(spec)
+    if args.dry_run:
+        sweep.validate(configs, args.out)
+        for config in configs:
+            print(sweep.run_dir_name(config), " ".join(sweep.train_argv(config, Path("RUN"))[1:]))
+        print(f"{len(configs)} runs")
+        return
+    prepare_out_dir(args.out, resume=True, force=False)
+    counts = sweep.sweep(
+        spec,
+        args.out,
+        backend=args.backend,
+        workers=args.workers,
+        address=args.address,
+        cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run,
+        retry_failed=args.retry_failed,
+        progress=not args.quiet,
+    )
+    print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
+    if counts["failed"]:
+        raise MomentregError(f"{counts['failed']} runs failed: momentreg sweep status {args.out}")
+
+
+def cmd_report(args) -> None:
+    from momentreg.report import write_report
+
+    if not args.dir.is_dir():
+        raise UsageError(f"{args.dir} is not a directory")
+    prepare_out_dir(args.out, resume=True, force=False)
+    path = write_report(args.dir, args.out, args.tolerance)
+    print(f"wrote {path} and {args.out / 'results.csv'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="momentreg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"momentreg {__version__}")
@@ -473,6 +539,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--out", type=Path, help="also write table.md and table.csv here")
     p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("sweep", help="run a grid of trainings (or: sweep status DIR)")
+    p.add_argument("spec", help="a TOML spec, a preset (paper-mnist-lenet, ...), or 'status'")
+    p.add_argument("dir", nargs="?", type=Path, help="with 'status': the sweep directory")
+    p.add_argument("--out", type=Path, help="the sweep directory")
+    p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument("--workers", type=pos_int, default=1, help="local: runs at once")
+    p.add_argument("--address", help="ray: cluster address (default: start a local Ray)")
+    p.add_argument("--cpus-per-run", type=pos_int, default=1, help="ray: CPUs per run")
+    p.add_argument("--gpus-per-run", type=nonneg_float, default=0.0, help="ray: GPUs per run")
+    p.add_argument(
+        "--set",
+        type=_setting,
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a spec setting, e.g. --set data_dir=DIR --set epochs=20",
+    )
+    p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="results.csv, figures and the fair comparison of a sweep")
+    p.add_argument("dir", type=Path, help="a sweep directory (or a folder of runs)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--tolerance",
+        type=nonneg_float,
+        help="accuracy points below clean still compared (default per dataset)",
+    )
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="clean vs augmentation vs moment on the bundled MNIST sample")
     p.add_argument("--out", type=Path, default=Path("momentreg-demo"))

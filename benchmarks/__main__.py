@@ -1,0 +1,278 @@
+"""momentreg benchmarks: one process, medians of repeated timed runs after warm-up, ratios.
+
+    python -m benchmarks [--quick] [--device cpu|cuda] [--json benchmarks/results.json]
+
+1. training step time per method (LeNet/MNIST batch 1000, AlexNet/CIFAR batch 128), as a ratio to
+   a clean step; N-fold augmentation per *clean* image (N x the time of an augmentation step);
+2. the floor of the regularizer: clean step + one forward/backward of the tail on the same batch;
+3. GNR over 30 sigmas against its floor of 31 plain forward passes of the same images;
+4. attack cost per image at each attack's default budget (a LeNet trained for one epoch);
+5. peak memory of one training step per method (CUDA: max_memory_allocated; CPU: peak RSS of a
+   fresh child process above its RSS before the step);
+6. scaling of the moment/clean ratio with batch size and input size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from momentreg import moments
+from momentreg.models import DATASETS, build_model
+from momentreg.regularizer import split_at_first_relu
+from momentreg.robustness import gaussian_robustness
+from momentreg.training import TrainConfig, _step_loss
+
+METHODS = ["clean", "moment", "augment2", "augment6", "augment11", "augment21", "noise"]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats: int, device, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _config(method: str) -> TrainConfig:
+    if method.startswith("augment"):
+        return TrainConfig(method="augment", sigma=0.5, folds=int(method[len("augment") :]))
+    return TrainConfig(method=method, sigma=0.5, alpha=1.0)
+
+
+def make_step(model_name, dataset, batch, method, device, size=None):
+    """A closure running one optimizer step of ``method`` on a fixed random batch."""
+    torch.manual_seed(0)
+    model = build_model(model_name, dataset).to(device)
+    channels, default_size, classes, _, _ = DATASETS[dataset]
+    size = size or default_size
+    if size != default_size:  # LeNet at another input size: rebuild the registry's recipe
+        from momentreg.models import MODELS
+
+        model = MODELS[model_name](channels, size, classes, model[0]).to(device)
+    x = torch.rand(batch, channels, size, size, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    opt = torch.optim.Adam(model.parameters(), 1e-4)
+    cfg = _config(method)
+    gen = torch.Generator(device=device).manual_seed(0)
+    noisy = torch.arange(batch, device=device) % max(cfg.folds, 1) != 0  # (N-1)/N noisy copies
+
+    def step():
+        loss, _ = _step_loss(model, x, y, noisy, cfg, gen, None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    head, tail = split_at_first_relu(model)
+    with torch.no_grad():
+        h = head(x)
+
+    def tail_pass():  # the floor's extra work: forward+backward of the tail on the same batch
+        F.cross_entropy(tail(torch.relu(h)), y).backward()
+
+    return step, tail_pass
+
+
+def bench_steps(model_name, dataset, batch, device, repeats, methods, size=None) -> dict:
+    out = {}
+    for method in methods:
+        step, tail_pass = make_step(model_name, dataset, batch, method, device, size)
+        out[method] = median_time(step, repeats, device)
+        if method == "clean":
+            out["tail_pass"] = median_time(tail_pass, repeats, device)
+    clean = out["clean"]
+    ratios = {}
+    for method in methods:
+        folds = _config(method).folds if method.startswith("augment") else 1
+        ratios[method] = folds * out[method] / clean  # per clean image
+    ratios["moment_over_floor"] = out["moment"] / (clean + out["tail_pass"])
+    return {"seconds": out, "ratio_to_clean": ratios, "batch": batch}
+
+
+def bench_gnr(device, images: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model("lenet", "mnist").to(device).eval()
+    x = torch.rand(images, 1, 28, 28)
+    batch = 256
+
+    def floor():
+        with torch.inference_mode():
+            for _ in range(31):
+                for i in range(0, images, batch):
+                    model(x[i : i + batch].to(device))
+
+    def gnr():
+        gaussian_robustness(model, x, batch_size=batch, device=device)
+
+    t_floor = median_time(floor, repeats, device, warmup=0)
+    t_gnr = median_time(gnr, repeats, device, warmup=0)
+    return {
+        "images": images,
+        "gnr_seconds": t_gnr,
+        "floor_seconds": t_floor,
+        "ratio": t_gnr / t_floor,
+    }
+
+
+def bench_attacks(device, images: int) -> dict:
+    from momentreg.attacks import ATTACKS, minimal_perturbations
+    from momentreg.data import load_dataset, to_float, train_val_split
+    from momentreg.training import train
+
+    torch.manual_seed(0)
+    tr_x, tr_y = load_dataset("mnist-sample", split="train")
+    train_set, val_set = train_val_split(tr_x, tr_y, 0.1)
+    model = build_model("lenet", "mnist")
+    train(
+        model, train_set, val_set, epochs=1, lr=1e-3, batch_size=128, progress=False, device=device
+    )
+    test_x, test_y = load_dataset("mnist-sample", split="test")
+    x, y = to_float(test_x[:images]), test_y[:images]
+    out = {}
+    for name in ATTACKS:
+        t0 = time.perf_counter()
+        result = minimal_perturbations(model, x, y, name)
+        out[name] = {
+            "seconds_per_image": (time.perf_counter() - t0) / max(1, len(result.success)),
+            "success_rate": float(result.success.float().mean()),
+        }
+    return out
+
+
+def _peak_child(model_name, dataset, batch, method, queue):
+    torch.set_num_threads(1)
+    step, _ = make_step(model_name, dataset, batch, method, torch.device("cpu"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    step()
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)  # KiB->MiB
+
+
+def bench_memory(model_name, dataset, batch, device, methods) -> dict:
+    out = {}
+    for method in methods:
+        if device.type == "cuda":
+            step, _ = make_step(model_name, dataset, batch, method, device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            out[method] = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            ctx = mp.get_context("spawn")
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_peak_child, args=(model_name, dataset, batch, method, queue))
+            proc.start()
+            out[method] = queue.get()
+            proc.join()
+    return {"peak_mib": out, "batch": batch}
+
+
+def table(results: dict) -> str:
+    lines = []
+    for name, r in results["steps"].items():
+        lines.append(
+            f"\n{name} (batch {r['batch']}): seconds per step, ratio to clean per clean image"
+        )
+        for method, ratio in r["ratio_to_clean"].items():
+            secs = r["seconds"].get(method)
+            lines.append(
+                f"  {method:18s} {'' if secs is None else f'{secs:8.3f} s'}  {ratio:6.2f}x"
+            )
+        lines.append(f"  {'tail_pass':18s} {r['seconds']['tail_pass']:8.3f} s")
+    g = results["gnr"]
+    lines.append(
+        f"\nGNR, {g['images']} images x 30 sigmas: {g['gnr_seconds']:.2f} s; 31 forward "
+        f"passes {g['floor_seconds']:.2f} s; ratio {g['ratio']:.3f}"
+    )
+    if "attacks" in results:
+        lines.append("\nattack seconds per image (LeNet, 1 epoch on the MNIST sample):")
+        for name, a in results["attacks"].items():
+            lines.append(
+                f"  {name:9s} {a['seconds_per_image']:8.3f} s  success {a['success_rate']:.2f}"
+            )
+    for name, m in results.get("memory", {}).items():
+        lines.append(f"\npeak memory of a training step, {name} (batch {m['batch']}), MiB:")
+        for method, mib in m["peak_mib"].items():
+            lines.append(f"  {method:10s} {mib:8.1f}")
+    if "scaling" in results:
+        lines.append("\nscaling of moment / clean (LeNet):")
+        for key, r in results["scaling"].items():
+            lines.append(
+                f"  {key:22s} moment/clean {r['ratio_to_clean']['moment']:.2f}  "
+                f"moment/(clean+tail) {r['ratio_to_clean']['moment_over_floor']:.2f}"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: under a minute")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results.json"))
+    parser.add_argument("--no-compile", action="store_true", help="eager ReLU-mean kernels")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    moments.set_compile(not args.no_compile)
+    quick = args.quick
+    repeats = 2 if quick else 5
+    results = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "compile": not args.no_compile,
+        "quick": quick,
+        "steps": {},
+    }
+    lenet_batch = 100 if quick else 1000
+    methods = ["clean", "moment", "augment2", "augment6"] if quick else METHODS
+    results["steps"]["lenet-mnist"] = bench_steps(
+        "lenet", "mnist", lenet_batch, device, repeats, methods
+    )
+    if not quick:
+        results["steps"]["alexnet-cifar10"] = bench_steps(
+            "alexnet", "cifar10", 128, device, repeats, methods
+        )
+        results["scaling"] = {
+            f"batch {b}, 28x28": bench_steps(
+                "lenet", "mnist", b, device, repeats, ["clean", "moment"]
+            )
+            for b in (250, 500, 1000)
+        }
+        results["scaling"]["batch 500, 32x32x3"] = bench_steps(
+            "lenet", "cifar10", 500, device, repeats, ["clean", "moment"]
+        )
+    results["gnr"] = bench_gnr(device, 200 if quick else 2000, 1 if quick else 3)
+    results["attacks"] = bench_attacks(device, 2 if quick else 10)
+    mem_methods = ["clean", "moment"] if quick else ["clean", "moment", "augment6", "noise"]
+    results["memory"] = {
+        "lenet-mnist": bench_memory("lenet", "mnist", lenet_batch, device, mem_methods)
+    }
+    print(table(results))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

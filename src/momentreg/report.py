@@ -1,0 +1,331 @@
+"""The sweep report: results.csv, the paper's figures and the fair comparison, as Markdown + PNG.
+
+Fair comparison (the paper's Figures 3 and 7): per model and dataset, only runs whose test accuracy
+is at least the clean baseline's (mean over clean seeds) minus a tolerance compete; the most robust
+(highest GNR) run of each method group wins.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from momentreg.attacks import ATTACK_LABELS  # noqa: E402
+from momentreg.plots import plot_consistency  # noqa: E402
+
+__all__ = ["TOLERANCE", "collect", "fair_comparison", "group_of", "write_report"]
+
+# accuracy points a run may lose against the clean baseline and still compete
+TOLERANCE = {
+    "mnist": 0.0,
+    "mnist-sample": 0.0,
+    "fashion-mnist": 0.0,
+    "cifar10": 0.39,
+    "cifar100": 0.75,
+}
+COLUMNS = [
+    "run",
+    "model",
+    "dataset",
+    "method",
+    "sigma",
+    "alpha",
+    "folds",
+    "seed",
+    "epochs",
+    "test_accuracy",
+    "gnr",
+    "train_seconds",
+    "seconds_per_epoch",
+    *[f"energy_{k}" for k in ATTACK_LABELS],
+]
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    """One row per finished run under ``sweep_dir/runs`` (or ``sweep_dir`` itself)."""
+    root = sweep_dir / "runs" if (sweep_dir / "runs").is_dir() else sweep_dir
+    rows = []
+    for run in sorted(p for p in root.iterdir() if (p / "metrics.json").exists()):
+        config = json.loads((run / "config.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        attacks_path = run / "attacks.json"
+        attacks = json.loads(attacks_path.read_text()) if attacks_path.exists() else {}
+        row = {
+            "run": run.name,
+            **{k: config.get(k) for k in COLUMNS[1:8]},
+            **{k: metrics.get(k) for k in COLUMNS[8:13]},
+        }
+        row["epochs"] = metrics.get("epochs")
+        for key in ATTACK_LABELS:
+            row[f"energy_{key}"] = attacks.get(key, {}).get("energy_mean")
+        row["gnr_curve"] = metrics.get("gnr_curve")
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def group_of(row: dict) -> str:
+    """The method group a run competes in: clean, noise, moment, or augment per N."""
+    if row["method"] == "augment":
+        return f"augment N={row['folds']}"
+    return row["method"]
+
+
+def fair_comparison(rows: list[dict], tolerance: float) -> dict:
+    """Among rows of one model/dataset: the highest-GNR row per group with accuracy >= threshold.
+
+    threshold = mean clean accuracy - tolerance. The clean group always has a winner (its most
+    accurate run if none clears the mean). Returns {"baseline_accuracy", "threshold", "selected"}.
+    """
+    clean = [r for r in rows if r["method"] == "clean"]
+    if not clean:
+        raise ValueError("the fair comparison needs at least one clean run")
+    baseline = sum(r["test_accuracy"] for r in clean) / len(clean)
+    threshold = baseline - tolerance
+    selected: dict[str, dict] = {}
+    for row in rows:
+        if row["test_accuracy"] < threshold - 1e-9:
+            continue
+        group = group_of(row)
+        if group not in selected or row["gnr"] > selected[group]["gnr"]:
+            selected[group] = row
+    if "clean" not in selected:
+        selected["clean"] = max(clean, key=lambda r: r["test_accuracy"])
+    order = sorted(selected, key=lambda g: (g != "clean", g))
+    return {
+        "baseline_accuracy": baseline,
+        "threshold": threshold,
+        "selected": {g: selected[g] for g in order},
+    }
+
+
+def describe(row: dict) -> str:
+    if row["method"] == "moment":
+        return f"moment sigma={row['sigma']} alpha={row['alpha']}"
+    if row["method"] == "augment":
+        return f"augment N={row['folds']} sigma={row['sigma']}"
+    if row["method"] == "noise":
+        return f"noise sigma={row['sigma']}"
+    return "clean"
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _plot_vs_sigma(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy and GNR against training sigma per method group (the paper's Figure 2)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    series = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["method"] != "clean":
+            label = f"moment alpha={r['alpha']}" if r["method"] == "moment" else group_of(r)
+            series[label][r["sigma"]].append(r)
+    clean = [r for r in rows if r["method"] == "clean"]
+    for ax, key, name in ((axes[0], "test_accuracy", "test accuracy (%)"), (axes[1], "gnr", "GNR")):
+        for label, by_sigma in sorted(series.items()):
+            sigmas = sorted(by_sigma)
+            ax.plot(
+                sigmas,
+                [_mean(r[key] for r in by_sigma[s]) for s in sigmas],
+                marker="o",
+                label=label,
+            )
+        if clean:
+            ax.axhline(_mean(r[key] for r in clean), color="k", ls="--", label="clean")
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlabel("training sigma")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_fair(selected: dict, path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    groups = list(selected)
+    gnrs = [selected[g]["gnr"] for g in groups]
+    bars = ax.bar(range(len(groups)), gnrs, color=["0.5"] + ["C0"] * (len(groups) - 1))
+    for bar, g in zip(bars, groups, strict=True):
+        r = selected[g]
+        ax.text(
+            bar.get_x() + bar.get_width() / 2,
+            bar.get_height(),
+            f"{describe(r)}\nacc {r['test_accuracy']:.2f}",
+            ha="center",
+            va="bottom",
+            fontsize=6,
+        )
+    ax.set_xticks(range(len(groups)), groups, rotation=20, fontsize=8)
+    ax.set_ylabel("GNR")
+    ax.set_ylim(min(gnrs) - 10, 105)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _fmt(value, spec=".2f") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> Path:
+    """Write results.csv, report.md and its PNG figures into ``out``; returns report.md's path."""
+    rows = collect(sweep_dir)
+    if not rows:
+        raise ValueError(f"no finished runs under {sweep_dir}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "results.csv")
+    md = [
+        f"# Sweep report: {sweep_dir}",
+        "",
+        f"{len(rows)} finished runs; every number below is in `results.csv`.",
+        "",
+    ]
+    by_task = defaultdict(list)
+    for r in rows:
+        by_task[(r["model"], r["dataset"])].append(r)
+    for (model, dataset), task_rows in sorted(by_task.items()):
+        tag = f"{model}-{dataset}"
+        md += [f"## {model} on {dataset}", ""]
+        _plot_vs_sigma(task_rows, out / f"{tag}-vs-sigma.png", f"{model} / {dataset}")
+        md += [f"![accuracy and GNR against training sigma]({tag}-vs-sigma.png)", ""]
+        tol = TOLERANCE.get(dataset, 0.0) if tolerance is None else tolerance
+        if any(r["method"] == "clean" for r in task_rows):
+            fair = fair_comparison(task_rows, tol)
+            sel = fair["selected"]
+            title = (
+                f"most robust run per method with accuracy >= {fair['threshold']:.2f} "
+                f"(clean {fair['baseline_accuracy']:.2f} - {tol})"
+            )
+            _plot_fair(sel, out / f"{tag}-fair.png", title)
+            plot_consistency(
+                {describe(r): r["gnr_curve"] for r in sel.values()},
+                out / f"{tag}-curves.png",
+                f"selected runs, {model} / {dataset}",
+            )
+            md += [
+                "### Fair comparison",
+                "",
+                f"Runs compete when their test accuracy is at least {fair['threshold']:.2f} "
+                f"(mean clean accuracy {fair['baseline_accuracy']:.2f} minus tolerance {tol}).",
+                "",
+                _table(
+                    ["group", "winner", "test accuracy", "GNR", "training s"],
+                    [
+                        [
+                            g,
+                            describe(r),
+                            _fmt(r["test_accuracy"]),
+                            _fmt(r["gnr"]),
+                            _fmt(r["train_seconds"], ".0f"),
+                        ]
+                        for g, r in sel.items()
+                    ],
+                ),
+                "",
+                f"![fair comparison]({tag}-fair.png)",
+                "",
+                f"![consistency of the selected runs]({tag}-curves.png)",
+                "",
+            ]
+        md += [
+            "### All runs",
+            "",
+            _table(
+                [
+                    "run",
+                    "method",
+                    "sigma",
+                    "alpha",
+                    "N",
+                    "seed",
+                    "accuracy",
+                    "GNR",
+                    "epochs",
+                    "training s",
+                ],
+                [
+                    [
+                        r["run"],
+                        r["method"],
+                        r["sigma"],
+                        r["alpha"] if r["method"] == "moment" else "",
+                        r["folds"] if r["method"] == "augment" else "",
+                        r["seed"],
+                        _fmt(r["test_accuracy"]),
+                        _fmt(r["gnr"]),
+                        r["epochs"],
+                        _fmt(r["train_seconds"], ".0f"),
+                    ]
+                    for r in task_rows
+                ],
+            ),
+            "",
+        ]
+        attacked = [r for r in task_rows if any(r[f"energy_{k}"] for k in ATTACK_LABELS)]
+        if attacked:
+            md += [
+                "### Minimal perturbation energies (the paper's Table 1 layout)",
+                "",
+                _table(
+                    ["run", *ATTACK_LABELS.values(), "GNR", "ACC"],
+                    [
+                        [
+                            describe(r),
+                            *[_fmt(r[f"energy_{k}"], ".3g") for k in ATTACK_LABELS],
+                            _fmt(r["gnr"]),
+                            _fmt(r["test_accuracy"]),
+                        ]
+                        for r in attacked
+                    ],
+                ),
+                "",
+            ]
+        cost = defaultdict(list)
+        for r in task_rows:
+            cost[group_of(r)].append(r)
+        md += [
+            "### Training cost",
+            "",
+            _table(
+                ["group", "runs", "mean training s", "mean s / epoch", "mean GNR"],
+                [
+                    [
+                        g,
+                        len(rs),
+                        _fmt(_mean(r["train_seconds"] for r in rs), ".0f"),
+                        _fmt(_mean(r["seconds_per_epoch"] for r in rs), ".1f"),
+                        _fmt(_mean(r["gnr"] for r in rs)),
+                    ]
+                    for g, rs in sorted(cost.items())
+                ],
+            ),
+            "",
+        ]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path

@@ -1,0 +1,301 @@
+"""Sweeps: a TOML grid of ``momentreg train`` runs, resumable, on local processes or a Ray cluster.
+
+A spec holds common settings (scalars, or lists that are crossed) and ``[[methods]]`` blocks with
+each method's own axes, so alpha is swept only for moment and folds only for augment::
+
+    epochs = 3
+    lr = 1e-3
+    seed = [0, 1]
+    [[methods]]
+    method = "clean"
+    [[methods]]
+    method = "moment"
+    sigma = [0.5, 1.0]
+    alpha = [1.0]
+
+Keys are ``momentreg train`` options with ``_`` for ``-`` (``data_dir``, ``batch_size``...). Each
+run lives in ``DIR/runs/<readable-name>-<config-hash>/`` with the layout of ``momentreg train``.
+A run is done when its metrics.json exists, failed when its error.txt does, running while the
+process named in its ``.lock`` lives; anything else is pending and is (re)started with --resume.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from momentreg.errors import MomentregError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+__all__ = ["expand", "load_spec", "PRESETS", "run_dir_name", "sweep", "status"]
+
+_PAPER_AUGMENT = {
+    "method": "augment",
+    "folds": [2, 6, 11, 21],
+    "sigma": [0.125, 0.25, 0.325, 0.5, 1.0],
+}
+_PAPER_MOMENT = {
+    "method": "moment",
+    "alpha": [0.5, 1, 1.5, 2, 5, 10, 20],
+    "sigma": [0.125, 0.25, 0.325, 0.5, 1, 2, 5, 10, 20],
+}
+# The paper's grids: clean baseline, N-fold augmentation and the regularizer, full protocol.
+PRESETS = {
+    f"paper-{dataset}-{model}": {
+        "model": model,
+        "dataset": dataset,
+        "epochs": 100,
+        "methods": [{"method": "clean"}, _PAPER_AUGMENT, _PAPER_MOMENT],
+    }
+    for model, dataset in [
+        ("lenet", "mnist"),
+        ("lenet", "fashion-mnist"),
+        ("lenet", "cifar10"),
+        ("alexnet", "cifar10"),
+        ("alexnet", "cifar100"),
+    ]
+}
+STATES = ("done", "running", "failed", "pending")
+
+
+class SpecError(MomentregError):
+    """A sweep spec that cannot be read or expanded."""
+
+
+def load_spec(spec: str) -> dict:
+    """A preset name or the path of a TOML file -> the spec dict."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{spec}: no such file and no preset ({', '.join(PRESETS)})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{spec} is not valid TOML ({e})") from None
+
+
+def _axes(block: dict) -> list[dict]:
+    keys = list(block)
+    values = [v if isinstance(v, list) else [v] for v in block.values()]
+    if any(len(v) == 0 for v in values):
+        raise SpecError("a list in the sweep spec is empty")
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
+
+
+def expand(spec: dict) -> list[dict]:
+    """The product of the common axes with each method block's axes, as flat run configs."""
+    common = {k: v for k, v in spec.items() if k != "methods"}
+    blocks = spec.get("methods", [{}])
+    if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
+        raise SpecError("'methods' must be a list of tables ([[methods]] blocks)")
+    runs, seen = [], set()
+    for block in blocks:
+        for combo in _axes({**common, **block}):
+            key = json.dumps(combo, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                runs.append(combo)
+    return runs
+
+
+def run_dir_name(config: dict) -> str:
+    """``<method>-<axes>-<hash>``: readable, and unique for the exact config."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    parts = [config.get("method", "clean")]
+    for key, short in (("sigma", "s"), ("alpha", "a"), ("folds", "n"), ("seed", "seed")):
+        if key in config and (key != "alpha" or parts[0] == "moment"):
+            parts.append(f"{short}{config[key]}")
+    return "-".join(str(p) for p in parts) + f"-{digest}"
+
+
+def train_argv(config: dict, out: Path) -> list[str]:
+    """The ``momentreg train`` command line of one run config."""
+    argv = ["train"]
+    for key, value in config.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv += (
+                [flag]
+                if value
+                else ([f"--no-{key.replace('_', '-')}"] if key == "nesterov" else [])
+            )
+        else:
+            argv += [flag, str(value)]
+    return [*argv, "--out", str(out), "--resume", "--quiet"]
+
+
+def validate(configs: list[dict], out: Path) -> None:
+    """Parse every run's command line now, so a typo fails before any training starts."""
+    from momentreg.cli import build_parser
+
+    parser = build_parser()
+    for config in configs:
+        argv = train_argv(config, out / "runs" / run_dir_name(config))
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            raise SpecError(f"invalid run in the spec: {json.dumps(config)}") from None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process lives (a zombie, killed but not yet reaped, counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def run_state(run: Path) -> str:
+    if (run / "metrics.json").exists():
+        return "done"
+    lock = run / ".lock"
+    if lock.exists():
+        try:
+            if pid_alive(int(lock.read_text().split()[0])):
+                return "running"
+        except (ValueError, IndexError):
+            pass
+    if (run / "error.txt").exists():
+        return "failed"
+    return "pending"
+
+
+def status(out: Path) -> dict[str, list[str]]:
+    """State -> run names of the sweep in ``out``."""
+    plan = out / "sweep.json"
+    if not plan.exists():
+        raise SpecError(f"{out} is not a sweep directory (no sweep.json)")
+    names = json.loads(plan.read_text())["runs"]
+    result = {s: [] for s in STATES}
+    for name in names:
+        result[run_state(out / "runs" / name)].append(name)
+    return result
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the sweep process dies, so no orphan trains on."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_one(run: str, argv: list[str], threads: int | None = None) -> str:
+    """Train one run in a child process; returns its final state. Used by both backends."""
+    run_path = Path(run)
+    run_path.mkdir(parents=True, exist_ok=True)
+    (run_path / "error.txt").unlink(missing_ok=True)
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "momentreg", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
+    (run_path / ".lock").write_text(f"{proc.pid} {os.getpid()}\n")
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        message = err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}"
+        (run_path / "error.txt").write_text(f"exit code {proc.returncode}: {message}\n{err}")
+    (run_path / ".lock").unlink(missing_ok=True)
+    return run_state(run_path)
+
+
+def sweep(
+    spec: dict,
+    out: Path,
+    backend: str = "local",
+    workers: int = 1,
+    address: str | None = None,
+    cpus_per_run: int = 1,
+    gpus_per_run: float = 0.0,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Run every pending run of ``spec`` into ``out``; returns counts of what happened."""
+    configs = expand(spec)
+    validate(configs, out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [run_dir_name(c) for c in configs]
+    plan = out / "sweep.json"
+    tmp = plan.with_name(".sweep.json.tmp")
+    tmp.write_text(json.dumps({"spec": spec, "runs": names}, indent=2))
+    os.replace(tmp, plan)
+    todo, counts = [], {"skipped_done": 0, "skipped_running": 0, "skipped_failed": 0}
+    for config, name in zip(configs, names, strict=True):
+        run = out / "runs" / name
+        state = run_state(run)
+        if state == "done" or state == "running" or (state == "failed" and not retry_failed):
+            counts[f"skipped_{state}"] += 1
+        else:
+            todo.append((str(run), train_argv(config, run)))
+    if backend == "local":
+        results = _run_local(todo, workers, progress)
+    elif backend == "ray":
+        results = _run_ray(todo, address, cpus_per_run, gpus_per_run, progress)
+    else:
+        raise SpecError(f"unknown backend {backend!r}: local or ray")
+    counts["ran"] = len(todo)
+    counts["finished"] = sum(r == "done" for r in results)
+    counts["failed"] = sum(r == "failed" for r in results)
+    return counts
+
+
+def _run_local(todo, workers, progress) -> list[str]:
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    results = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(run_one, run, argv, threads) for run, argv in todo]
+        for f in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
+            results.append(f.result())
+    return results
+
+
+def _run_ray(todo, address, cpus_per_run, gpus_per_run, progress) -> list[str]:
+    """Each run is a Ray task with its CPU/GPU needs; ``DIR`` must be on storage all nodes see."""
+    try:
+        import ray
+    except ImportError:
+        raise MomentregError("--backend ray needs Ray: pip install 'momentreg[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run)(run_one)
+        pending = [remote.remote(run, argv, cpus_per_run) for run, argv in todo]
+        results = []
+        bar = tqdm(total=len(pending), desc="runs (ray)", disable=not progress)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            results.extend(ray.get(done))
+            bar.update(len(done))
+        bar.close()
+        return results
+    finally:
+        if started_here:
+            ray.shutdown()

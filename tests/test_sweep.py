@@ -1,0 +1,184 @@
+import csv
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from momentreg.report import fair_comparison, write_report
+from momentreg.sweep import (
+    PRESETS,
+    SpecError,
+    expand,
+    load_spec,
+    pid_alive,
+    run_dir_name,
+    status,
+    sweep,
+)
+
+SPEC = """
+train_limit = 200
+epochs = 1
+batch_size = 50
+lr = 1e-3
+gnr_limit = 20
+[[methods]]
+method = "clean"
+seed = [0, 1]
+[[methods]]
+method = "moment"
+sigma = [0.5, 1.0]
+alpha = 2.0
+[[methods]]
+method = "augment"
+sigma = 0.5
+folds = 2
+[[methods]]
+method = "noise"
+sigma = 0.5
+"""
+TIMING = {"train_seconds", "seconds_per_epoch"}
+
+
+def _spec_file(tmp_path) -> Path:
+    path = tmp_path / "spec.toml"
+    path.write_text(SPEC)
+    return path
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def test_expand_crosses_per_method_axes():
+    runs = expand({"epochs": 2, "seed": [0, 1], "methods": [
+        {"method": "clean"},
+        {"method": "moment", "sigma": [0.5, 1], "alpha": [1, 2]},
+        {"method": "augment", "sigma": 0.5, "folds": [2, 6]},
+    ]})  # fmt: skip
+    assert len(runs) == 2 * (1 + 4 + 2)
+    assert all("alpha" not in r for r in runs if r["method"] != "moment")
+    assert all("folds" not in r for r in runs if r["method"] != "augment")
+    assert len({run_dir_name(r) for r in runs}) == len(runs)
+
+
+def test_paper_presets_have_the_paper_grids():
+    runs = expand(load_spec("paper-mnist-lenet"))
+    assert sum(r["method"] == "augment" for r in runs) == 4 * 5
+    assert sum(r["method"] == "moment" for r in runs) == 7 * 9
+    assert sum(r["method"] == "clean" for r in runs) == 1
+    assert set(PRESETS) >= {"paper-cifar10-alexnet", "paper-cifar100-alexnet"}
+
+
+def test_bad_specs_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochs = [")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_spec(str(bad))
+    with pytest.raises(SpecError, match="no such file and no preset"):
+        load_spec(str(tmp_path / "missing.toml"))
+    with pytest.raises(SpecError, match="invalid run"):
+        sweep({"sigma": -1.0}, tmp_path / "out", progress=False)
+    result = subprocess.run([sys.executable, "-m", "momentreg", "sweep", str(bad), "--out",
+                             str(tmp_path / "o")], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory):
+    """6 tiny runs, killed after 2 finish, then resumed."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    spec, out = _spec_file(tmp), tmp / "local"
+    cmd = [sys.executable, "-m", "momentreg", "sweep", str(spec), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(out.glob("runs/*/metrics.json"))) < 2:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
+    assert len(finished) == 2
+    # the training child dies with its parent (PR_SET_PDEATHSIG)
+    children = [int(lock.read_text().split()[0]) for lock in out.glob("runs/*/.lock")]
+    deadline = time.time() + 20
+    while any(pid_alive(pid) for pid in children) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(pid_alive(pid) for pid in children)
+    states = status(out)
+    assert len(states["done"]) == 2 and len(states["running"]) == 0
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    return out, finished, resumed.stdout
+
+
+def test_killed_sweep_resumes_exactly_the_other_four(local_sweep):
+    out, finished, stdout = local_sweep
+    assert "skipped done 2" in stdout and "ran 4" in stdout and "finished 4" in stdout
+    for name, mtime in finished.items():  # the two finished runs were not trained again
+        assert (out / "runs" / name / "metrics.json").stat().st_mtime_ns == mtime
+    assert len(status(out)["done"]) == 6
+
+
+def test_report_renders_from_a_fresh_sweep(local_sweep, tmp_path):
+    out, _, _ = local_sweep
+    report = write_report(out, tmp_path / "report")
+    text = report.read_text()
+    assert "### Fair comparison" in text and "### Training cost" in text
+    for png in ("vs-sigma", "fair", "curves"):
+        assert (tmp_path / "report" / f"lenet-mnist-sample-{png}.png").stat().st_size > 10_000
+    assert len(_rows(tmp_path / "report" / "results.csv")) == 6
+
+
+def test_ray_backend_gives_the_same_results(local_sweep, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    out, _, _ = local_sweep
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp, log_to_driver=False)
+    try:
+        counts = sweep(expand_spec := load_spec(str(_spec_file(tmp_path))), tmp_path / "ray",
+                       backend="ray", progress=False)  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert counts["finished"] == len(expand(expand_spec)) == 6
+    write_report(out, tmp_path / "local-report")
+    write_report(tmp_path / "ray", tmp_path / "ray-report")
+    assert _rows(tmp_path / "local-report" / "results.csv") == _rows(
+        tmp_path / "ray-report" / "results.csv"
+    )
+
+
+def _row(method, acc, gnr, **kw):
+    return {"method": method, "test_accuracy": acc, "gnr": gnr, "sigma": kw.get("sigma", 0.0),
+            "alpha": kw.get("alpha"), "folds": kw.get("folds"), "name": kw.get("name")}  # fmt: skip
+
+
+def test_fair_comparison_on_a_hand_made_table():
+    rows = [
+        _row("clean", 98.0, 70.0, name="c0"),
+        _row("clean", 99.0, 72.0, name="c1"),  # baseline = mean 98.5
+        _row("moment", 99.1, 90.0, name="m-ok"),
+        _row("moment", 98.4, 99.0, name="m-too-inaccurate"),
+        _row("moment", 98.5, 93.0, name="m-best"),  # exactly at the threshold: competes
+        _row("augment", 99.0, 80.0, folds=2, name="a2"),
+        _row("augment", 98.6, 95.0, folds=21, name="a21"),
+        _row("augment", 97.0, 99.9, folds=21, name="a21-bad"),
+        _row("noise", 90.0, 99.0, name="n-bad"),
+    ]
+    fair = fair_comparison(rows, tolerance=0.0)
+    assert fair["baseline_accuracy"] == pytest.approx(98.5)
+    winners = {g: r["name"] for g, r in fair["selected"].items()}
+    assert winners == {"clean": "c1", "moment": "m-best", "augment N=2": "a2",
+                       "augment N=21": "a21"}  # fmt: skip
+    assert list(fair["selected"])[0] == "clean"
+    loose = fair_comparison(rows, tolerance=1.6)
+    assert loose["selected"]["augment N=21"]["name"] == "a21-bad"
+    assert loose["selected"]["moment"]["name"] == "m-too-inaccurate"
+    assert "noise" not in loose["selected"]
+    with pytest.raises(ValueError, match="clean run"):
+        fair_comparison(rows[2:], 0.0)
