@@ -7,8 +7,8 @@
 2. the floor of the regularizer: clean step + one forward/backward of the tail on the same batch;
 3. GNR over 30 sigmas against its floor of 31 plain forward passes of the same images;
 4. attack cost per image at each attack's default budget (a LeNet trained for one epoch);
-5. peak memory of one training step per method (CUDA: max_memory_allocated; CPU: peak RSS of a
-   fresh child process above its RSS before the step);
+5. peak memory of one training step per method (CUDA: max_memory_allocated; CPU, Linux: peak RSS
+   of a fresh child process above its RSS before the step);
 6. scaling of the moment/clean ratio with batch size and input size.
 """
 
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import platform
-import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,7 +40,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, repeats: int, device, warmup: int = 1) -> float:
+def median_time(fn, repeats: int, device, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -133,13 +133,14 @@ def bench_gnr(device, images: int, repeats: int) -> dict:
     }
 
 
-def bench_attacks(device, images: int) -> dict:
+def bench_attacks(device, images: int, train_images: int) -> dict:
     from momentreg.attacks import ATTACKS, minimal_perturbations
     from momentreg.data import load_dataset, to_float, train_val_split
     from momentreg.training import train
 
     torch.manual_seed(0)
     tr_x, tr_y = load_dataset("mnist-sample", split="train")
+    tr_x, tr_y = tr_x[:train_images], tr_y[:train_images]
     train_set, val_set = train_val_split(tr_x, tr_y, 0.1)
     model = build_model("lenet", "mnist")
     train(
@@ -158,13 +159,25 @@ def bench_attacks(device, images: int) -> dict:
     return out
 
 
-def _peak_child(model_name, dataset, batch, method, queue):
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_of_step(model_name, dataset, batch, method) -> float:
+    """In a fresh process: MiB that two training steps add to the resident set at their peak.
+
+    Linux: the peak (VmHWM) is reset through /proc/self/clear_refs right before the steps.
+    """
     torch.set_num_threads(1)
     step, _ = make_step(model_name, dataset, batch, method, torch.device("cpu"))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status_kib("VmRSS")
     step()
     step()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)  # KiB->MiB
+    return (_status_kib("VmHWM") - before) / 1024
 
 
 def bench_memory(model_name, dataset, batch, device, methods) -> dict:
@@ -176,12 +189,20 @@ def bench_memory(model_name, dataset, batch, device, methods) -> dict:
             step()
             out[method] = torch.cuda.max_memory_allocated(device) / 2**20
         else:
-            ctx = mp.get_context("spawn")
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_peak_child, args=(model_name, dataset, batch, method, queue))
-            proc.start()
-            out[method] = queue.get()
-            proc.join()
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks",
+                    "--memory-child",
+                    f"{model_name},{dataset},{batch},{method}",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=300,
+            )
+            out[method] = float(child.stdout.split()[-1])
     return {"peak_mib": out, "batch": batch}
 
 
@@ -230,7 +251,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results.json"))
     parser.add_argument("--no-compile", action="store_true", help="eager ReLU-mean kernels")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        model_name, dataset, batch, method = args.memory_child.split(",")
+        print(peak_rss_of_step(model_name, dataset, int(batch), method))
+        return
     device = torch.device(args.device)
     moments.set_compile(not args.no_compile)
     quick = args.quick
@@ -263,7 +289,7 @@ def main() -> None:
             "lenet", "cifar10", 500, device, repeats, ["clean", "moment"]
         )
     results["gnr"] = bench_gnr(device, 200 if quick else 2000, 1 if quick else 3)
-    results["attacks"] = bench_attacks(device, 2 if quick else 10)
+    results["attacks"] = bench_attacks(device, 1 if quick else 10, 500 if quick else 10000)
     mem_methods = ["clean", "moment"] if quick else ["clean", "moment", "augment6", "noise"]
     results["memory"] = {
         "lenet-mnist": bench_memory("lenet", "mnist", lenet_batch, device, mem_methods)

@@ -9,7 +9,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import json
 import os
 import sys
 import tempfile
@@ -23,7 +22,8 @@ from momentreg.data import DATASET_NAMES, load_dataset, to_float, train_val_spli
 from momentreg.errors import MomentregError
 from momentreg.models import MODELS, build_model
 from momentreg.robustness import accuracy, gaussian_robustness
-from momentreg.training import CHECKPOINT, METHODS, PROTOCOLS, TrainConfig, atomic_write, train
+from momentreg.rundir import atomic_write, read_json, read_run, write_json
+from momentreg.training import CHECKPOINT, METHODS, PROTOCOLS, TrainConfig, train
 from momentreg.training import load_checkpoint as _load_checkpoint
 
 USAGE_ERROR = 2
@@ -89,19 +89,6 @@ def prepare_out_dir(out: Path, resume: bool, force: bool) -> bool:
 def _clear(out: Path) -> None:
     for name in (CHECKPOINT, "history.csv", "metrics.json", "config.json", "attacks.json"):
         (out / name).unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path} does not exist: is {path.parent} a momentreg run?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MomentregError(f"{path} is corrupted ({e})") from None
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -346,9 +333,7 @@ def cmd_table(args) -> None:
     ]
     rows = []
     for run in args.runs:
-        config = read_json(run / "config.json")
-        metrics = read_json(run / "metrics.json")
-        attacks = read_json(run / "attacks.json") if (run / "attacks.json").exists() else {}
+        config, metrics, attacks = read_run(run)
         energies = [
             f"{attacks[k]['energy_mean']:.3g}" if k in attacks else "" for k in ATTACK_LABELS
         ]

@@ -8,7 +8,6 @@ is at least the clean baseline's (mean over clean seeds) minus a tolerance compe
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -20,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from momentreg.attacks import ATTACK_LABELS  # noqa: E402
 from momentreg.plots import plot_consistency  # noqa: E402
+from momentreg.rundir import read_run  # noqa: E402
 
 __all__ = ["TOLERANCE", "collect", "fair_comparison", "group_of", "write_report"]
 
@@ -54,10 +54,7 @@ def collect(sweep_dir: Path) -> list[dict]:
     root = sweep_dir / "runs" if (sweep_dir / "runs").is_dir() else sweep_dir
     rows = []
     for run in sorted(p for p in root.iterdir() if (p / "metrics.json").exists()):
-        config = json.loads((run / "config.json").read_text())
-        metrics = json.loads((run / "metrics.json").read_text())
-        attacks_path = run / "attacks.json"
-        attacks = json.loads(attacks_path.read_text()) if attacks_path.exists() else {}
+        config, metrics, attacks = read_run(run)
         row = {
             "run": run.name,
             **{k: config.get(k) for k in COLUMNS[1:8]},

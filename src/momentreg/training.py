@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import io
 import math
-import os
 import time
 from pathlib import Path
 
@@ -24,8 +23,9 @@ from tqdm.auto import tqdm
 
 from momentreg.errors import CheckpointError, TrainingError
 from momentreg.regularizer import Split, moment_loss
+from momentreg.rundir import atomic_write, pause_for_tests
 
-__all__ = ["TrainConfig", "PROTOCOLS", "METHODS", "train", "load_checkpoint", "atomic_write"]
+__all__ = ["TrainConfig", "PROTOCOLS", "METHODS", "train", "load_checkpoint"]
 
 METHODS = ("clean", "augment", "noise", "moment")
 CHECKPOINT = "checkpoint.pt"
@@ -98,28 +98,6 @@ PROTOCOLS: dict[str, dict] = {
         early_stop=20,
     ),
 }
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    _pause_for_tests("in-write", path)
-    os.replace(tmp, path)
-
-
-def _pause_for_tests(point: str, where) -> None:
-    """Crash-safety tests set MOMENTREG_TEST_PAUSE=point[:match] to freeze the process here."""
-    spec = os.environ.get("MOMENTREG_TEST_PAUSE")
-    if not spec:
-        return
-    want, _, match = spec.partition(":")
-    if want == point and match in str(where):
-        Path(os.environ["MOMENTREG_TEST_PAUSE_FILE"]).write_text(f"{point} {where}")
-        time.sleep(3600)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -328,7 +306,7 @@ def train(
                 },
             )
             _write_history(out / HISTORY, history)
-            _pause_for_tests("after-epoch", f"{out}/epoch{epoch + 1}")
+            pause_for_tests("after-epoch", f"{out}/epoch{epoch + 1}")
         if stopped:
             break
     if writer is not None:
