@@ -146,6 +146,8 @@ def _plot_vs_sigma(rows: list[dict], path: Path, title: str) -> None:
         if clean:
             ax.axhline(_mean(r[key] for r in clean), color="k", ls="--", label="clean")
         ax.set_xscale("symlog", linthresh=0.1)
+        ticks = sorted({s for by_sigma in series.values() for s in by_sigma})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
         ax.set_xlabel("training sigma")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
