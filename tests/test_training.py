@@ -84,7 +84,7 @@ def test_non_finite_loss_names_epoch_and_batch_and_keeps_checkpoint(tmp_path):
     train(_tiny_net(), (tr_x, tr_y), va, epochs=1, out_dir=tmp_path, **FAST)
     before = (tmp_path / "checkpoint.pt").read_bytes()
     bad = to_float(tr_x)
-    bad[60] = float("nan")  # in the second batch of the (unshuffled) first epoch? shuffled: any
+    bad[60] = float("nan")  # one poisoned image: whichever batch draws it fails
     with pytest.raises(TrainingError, match=r"non-finite loss .* at epoch 1, batch \d+"):
         train(_tiny_net(), (bad, tr_y), va, epochs=3, **FAST)
     with pytest.raises(TrainingError, match="epoch 2"):

@@ -76,17 +76,12 @@ def _foolbox_attack(name: str):
     raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
 
 
-def _norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = delta.flatten(1)
-    return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
-
-
 def _flips(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x).argmax(1) != labels
 
 
-def _eps_search(fmodel, model, attack, norm, x, labels, tol, max_eps, progress):
+def _eps_search(fmodel, attack, x, labels, tol, max_eps, progress):
     """Per-image smallest epsilon (to relative ``tol``) at which ``attack`` succeeds."""
     n = len(x)
     grid = [max_eps * 2.0**-k for k in range(16, -1, -1)]  # 2^-16 .. 1 of max_eps
@@ -212,7 +207,7 @@ def minimal_perturbations(
                 adv, _, _ = fb_attack(fmodel, bx, fb.criteria.Misclassification(by), epsilons=None)
                 d, ok = adv - bx, torch.ones(len(bx), dtype=torch.bool)
             else:
-                d, ok = _eps_search(fmodel, model, fb_attack, norm, bx, by, tol, max_eps, progress)
+                d, ok = _eps_search(fmodel, fb_attack, bx, by, tol, max_eps, progress)
         adv = bx + d
         valid = (adv >= -1e-6).flatten(1).all(1) & (adv <= 1 + 1e-6).flatten(1).all(1)
         ok = ok.to(device) & valid & _flips(model, adv, by)  # re-check every reported perturbation

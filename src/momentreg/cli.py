@@ -22,7 +22,7 @@ from momentreg.data import DATASET_NAMES, load_dataset, to_float, train_val_spli
 from momentreg.errors import MomentregError
 from momentreg.models import MODELS, build_model
 from momentreg.robustness import accuracy, gaussian_robustness
-from momentreg.rundir import atomic_write, read_json, read_run, write_json
+from momentreg.rundir import atomic_write, read_json, write_json
 from momentreg.training import CHECKPOINT, METHODS, PROTOCOLS, TrainConfig, train
 from momentreg.training import load_checkpoint as _load_checkpoint
 
@@ -317,50 +317,16 @@ def format_attack_table(results: dict) -> str:
 
 
 def cmd_table(args) -> None:
-    from momentreg.attacks import ATTACK_LABELS
+    from momentreg.report import TABLE1_HEADER, markdown_table, run_row, table1_row
 
-    header = [
-        "model",
-        "dataset",
-        "method",
-        "sigma",
-        "alpha",
-        "folds",
-        "run",
-        *ATTACK_LABELS.values(),
-        "GNR",
-        "ACC",
-    ]
-    rows = []
-    for run in args.runs:
-        config, metrics, attacks = read_run(run)
-        energies = [
-            f"{attacks[k]['energy_mean']:.3g}" if k in attacks else "" for k in ATTACK_LABELS
-        ]
-        rows.append(
-            [
-                config["model"],
-                config["dataset"],
-                config["method"],
-                config["sigma"],
-                config["alpha"] if config["method"] == "moment" else "",
-                config["folds"] if config["method"] == "augment" else "",
-                run.name,
-                *energies,
-                f"{metrics['gnr']:.2f}",
-                f"{metrics['test_accuracy']:.2f}",
-            ]
-        )
-    markdown = "\n".join(
-        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    )
+    rows = [table1_row(run_row(run)) for run in args.runs]
+    markdown = markdown_table(TABLE1_HEADER, rows)
     print(markdown)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out / "table.md", (markdown + "\n").encode())
         buf = io.StringIO()
-        csv.writer(buf).writerows([header, *rows])
+        csv.writer(buf).writerows([TABLE1_HEADER, *rows])
         atomic_write(args.out / "table.csv", buf.getvalue().encode())
         print(f"wrote {args.out / 'table.md'} and {args.out / 'table.csv'}")
 

@@ -101,8 +101,8 @@ DATASET_NAMES = (SAMPLE, *_IDX, *_CIFAR)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images [N, C, H, W] -> float32 in [0, 1]."""
-    return images.float().div_(255)
+    """uint8 images [N, C, H, W] -> float32 in [0, 1]; float images are only cast to float32."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
 
 
 def train_val_split(

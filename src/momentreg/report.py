@@ -49,23 +49,43 @@ COLUMNS = [
 ]
 
 
+def run_row(run: Path) -> dict:
+    """One finished run as a row with the COLUMNS keys (plus its GNR curve)."""
+    config, metrics, attacks = read_run(run)
+    row = {
+        "run": run.name,
+        **{k: config.get(k) for k in COLUMNS[1:8]},
+        **{k: metrics.get(k) for k in COLUMNS[8:13]},
+    }
+    for key in ATTACK_LABELS:
+        row[f"energy_{key}"] = attacks.get(key, {}).get("energy_mean")
+    row["gnr_curve"] = metrics.get("gnr_curve")
+    return row
+
+
 def collect(sweep_dir: Path) -> list[dict]:
     """One row per finished run under ``sweep_dir/runs`` (or ``sweep_dir`` itself)."""
     root = sweep_dir / "runs" if (sweep_dir / "runs").is_dir() else sweep_dir
-    rows = []
-    for run in sorted(p for p in root.iterdir() if (p / "metrics.json").exists()):
-        config, metrics, attacks = read_run(run)
-        row = {
-            "run": run.name,
-            **{k: config.get(k) for k in COLUMNS[1:8]},
-            **{k: metrics.get(k) for k in COLUMNS[8:13]},
-        }
-        row["epochs"] = metrics.get("epochs")
-        for key in ATTACK_LABELS:
-            row[f"energy_{key}"] = attacks.get(key, {}).get("energy_mean")
-        row["gnr_curve"] = metrics.get("gnr_curve")
-        rows.append(row)
-    return rows
+    return [run_row(run) for run in sorted(root.iterdir()) if (run / "metrics.json").exists()]
+
+
+# The paper's Table 1/4 layout: one row per run, mean attack energies, then GNR and accuracy.
+TABLE1_HEADER = [*COLUMNS[1:7], "run", *ATTACK_LABELS.values(), "GNR", "ACC"]
+
+
+def table1_row(row: dict) -> list[str]:
+    return [
+        row["model"],
+        row["dataset"],
+        row["method"],
+        str(row["sigma"]),
+        str(row["alpha"]) if row["method"] == "moment" else "",
+        str(row["folds"]) if row["method"] == "augment" else "",
+        row["run"],
+        *[_fmt(row[f"energy_{k}"], ".3g") for k in ATTACK_LABELS],
+        _fmt(row["gnr"]),
+        _fmt(row["test_accuracy"]),
+    ]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -182,7 +202,7 @@ def _plot_fair(selected: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
@@ -232,7 +252,7 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
                 f"Runs compete when their test accuracy is at least {fair['threshold']:.2f} "
                 f"(mean clean accuracy {fair['baseline_accuracy']:.2f} minus tolerance {tol}).",
                 "",
-                _table(
+                markdown_table(
                     ["group", "winner", "test accuracy", "GNR", "training s"],
                     [
                         [
@@ -254,7 +274,7 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
         md += [
             "### All runs",
             "",
-            _table(
+            markdown_table(
                 [
                     "run",
                     "method",
@@ -290,7 +310,7 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
             md += [
                 "### Minimal perturbation energies (the paper's Table 1 layout)",
                 "",
-                _table(
+                markdown_table(
                     ["run", *ATTACK_LABELS.values(), "GNR", "ACC"],
                     [
                         [
@@ -310,7 +330,7 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
         md += [
             "### Training cost",
             "",
-            _table(
+            markdown_table(
                 ["group", "runs", "mean training s", "mean s / epoch", "mean GNR"],
                 [
                     [

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from momentreg.data import to_float
 from momentreg.errors import CheckpointError, TrainingError
 from momentreg.regularizer import Split, moment_loss
 from momentreg.rundir import atomic_write, pause_for_tests
@@ -139,17 +140,13 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-
-
 @torch.inference_mode()
 def _validate(model, images, labels, batch_size, device) -> tuple[float, float]:
     model.eval()
     loss, correct = 0.0, 0
     for i in range(0, len(labels), batch_size):
         x, y = (
-            _as_float(images[i : i + batch_size].to(device)),
+            to_float(images[i : i + batch_size].to(device)),
             labels[i : i + batch_size].to(device),
         )
         logits = model(x)
@@ -246,7 +243,7 @@ def train(
             range(steps), desc=f"epoch {epoch + 1}", disable=not progress, leave=False
         ):
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x, y = _as_float(images[idx % n]), labels[idx % n]
+            x, y = to_float(images[idx % n]), labels[idx % n]
             loss, logits = _step_loss(model, x, y, idx >= n, cfg, dev_gen, split)
             if not torch.isfinite(loss):
                 raise TrainingError(
