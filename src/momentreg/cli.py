@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import io
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -84,6 +85,18 @@ def prepare_out_dir(out: Path, resume: bool, force: bool) -> bool:
     except OSError as e:
         raise UsageError(f"--out {out} is not writable ({e.strerror})") from None
     return existed
+
+
+def check_free_space(out: Path, model: torch.nn.Module) -> None:
+    """Refuse to start when the disk cannot hold the checkpoint twice (old and new copy during the
+    atomic write); a checkpoint holds the weights four times (current, best, two Adam moments)."""
+    need = 8 * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise UsageError(
+            f"{out}: {free / 2**20:.1f} MiB free, but checkpoints of this model need about "
+            f"{need / 2**20:.1f} MiB"
+        )
 
 
 def _clear(out: Path) -> None:
@@ -171,6 +184,9 @@ def run_training(args: argparse.Namespace, out: Path) -> dict:
     if args.resume and (out / "metrics.json").exists():
         return read_json(out / "metrics.json")  # finished: nothing to train or evaluate again
     train_set, val_set, test_set = load_splits(args)
+    torch.manual_seed(cfg.seed)
+    model = build_model(args.model, args.dataset)
+    check_free_space(next(p for p in (out, *out.parents) if p.exists()), model)
     if args.force and not args.resume and existed:
         _clear(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,8 +203,6 @@ def run_training(args: argparse.Namespace, out: Path) -> dict:
         **dataclasses.asdict(cfg),
     }
     write_json(out / "config.json", config)
-    torch.manual_seed(cfg.seed)
-    model = build_model(args.model, args.dataset)
     t0 = time.perf_counter()
     history = train(
         model,
@@ -394,7 +408,7 @@ def format_demo_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def _setting(text: str) -> tuple[str, object]:
+def parse_setting(text: str) -> tuple[str, object]:
     from momentreg.sweep import tomllib
 
     key, sep, value = text.partition("=")
@@ -502,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-run", type=nonneg_float, default=0.0, help="ray: GPUs per run")
     p.add_argument(
         "--set",
-        type=_setting,
+        type=parse_setting,
         action="append",
         metavar="KEY=VALUE",
         help="override a spec setting, e.g. --set data_dir=DIR --set epochs=20",

@@ -21,7 +21,18 @@ from momentreg.attacks import ATTACK_LABELS  # noqa: E402
 from momentreg.plots import plot_consistency  # noqa: E402
 from momentreg.rundir import read_run  # noqa: E402
 
-__all__ = ["TOLERANCE", "collect", "fair_comparison", "group_of", "write_report"]
+__all__ = [
+    "TOLERANCE",
+    "collect",
+    "describe",
+    "fair_comparison",
+    "fair_table",
+    "group_of",
+    "markdown_table",
+    "plot_fair",
+    "plot_vs_sigma",
+    "write_report",
+]
 
 # accuracy points a run may lose against the clean baseline and still compete
 TOLERANCE = {
@@ -82,9 +93,9 @@ def table1_row(row: dict) -> list[str]:
         str(row["alpha"]) if row["method"] == "moment" else "",
         str(row["folds"]) if row["method"] == "augment" else "",
         row["run"],
-        *[_fmt(row[f"energy_{k}"], ".3g") for k in ATTACK_LABELS],
-        _fmt(row["gnr"]),
-        _fmt(row["test_accuracy"]),
+        *[fmt(row[f"energy_{k}"], ".3g") for k in ATTACK_LABELS],
+        fmt(row["gnr"]),
+        fmt(row["test_accuracy"]),
     ]
 
 
@@ -102,11 +113,12 @@ def group_of(row: dict) -> str:
     return row["method"]
 
 
-def fair_comparison(rows: list[dict], tolerance: float) -> dict:
+def fair_comparison(rows: list[dict], tolerance: float, group=group_of) -> dict:
     """Among rows of one model/dataset: the highest-GNR row per group with accuracy >= threshold.
 
-    threshold = mean clean accuracy - tolerance. The clean group always has a winner (its most
-    accurate run if none clears the mean). Returns {"baseline_accuracy", "threshold", "selected"}.
+    threshold = mean clean accuracy - tolerance; ``group(row)`` names a row's group (default: N-fold
+    augmentation per N). The clean group always has a winner (its most accurate run if none clears
+    the mean). Returns {"baseline_accuracy", "threshold", "selected"}.
     """
     clean = [r for r in rows if r["method"] == "clean"]
     if not clean:
@@ -117,9 +129,9 @@ def fair_comparison(rows: list[dict], tolerance: float) -> dict:
     for row in rows:
         if row["test_accuracy"] < threshold - 1e-9:
             continue
-        group = group_of(row)
-        if group not in selected or row["gnr"] > selected[group]["gnr"]:
-            selected[group] = row
+        name = group(row)
+        if name not in selected or row["gnr"] > selected[name]["gnr"]:
+            selected[name] = row
     if "clean" not in selected:
         selected["clean"] = max(clean, key=lambda r: r["test_accuracy"])
     order = sorted(selected, key=lambda g: (g != "clean", g))
@@ -140,12 +152,12 @@ def describe(row: dict) -> str:
     return "clean"
 
 
-def _mean(values):
+def mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else math.nan
 
 
-def _plot_vs_sigma(rows: list[dict], path: Path, title: str) -> None:
+def plot_vs_sigma(rows: list[dict], path: Path, title: str) -> None:
     """Accuracy and GNR against training sigma per method group (the paper's Figure 2)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     series = defaultdict(lambda: defaultdict(list))
@@ -159,12 +171,12 @@ def _plot_vs_sigma(rows: list[dict], path: Path, title: str) -> None:
             sigmas = sorted(by_sigma)
             ax.plot(
                 sigmas,
-                [_mean(r[key] for r in by_sigma[s]) for s in sigmas],
+                [mean(r[key] for r in by_sigma[s]) for s in sigmas],
                 marker="o",
                 label=label,
             )
         if clean:
-            ax.axhline(_mean(r[key] for r in clean), color="k", ls="--", label="clean")
+            ax.axhline(mean(r[key] for r in clean), color="k", ls="--", label="clean")
         ax.set_xscale("symlog", linthresh=0.1)
         ticks = sorted({s for by_sigma in series.values() for s in by_sigma})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
@@ -178,7 +190,7 @@ def _plot_vs_sigma(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _plot_fair(selected: dict, path: Path, title: str) -> None:
+def plot_fair(selected: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     groups = list(selected)
     gnrs = [selected[g]["gnr"] for g in groups]
@@ -202,12 +214,29 @@ def _plot_fair(selected: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def fair_table(selected: dict[str, dict]) -> str:
+    """The fair comparison's winners (group -> row) as a Markdown table."""
+    return markdown_table(
+        ["group", "winner", "test accuracy", "GNR", "training s"],
+        [
+            [
+                g,
+                describe(r),
+                fmt(r["test_accuracy"]),
+                fmt(r["gnr"]),
+                fmt(r["train_seconds"], ".0f"),
+            ]
+            for g, r in selected.items()
+        ],
+    )
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
-def _fmt(value, spec=".2f") -> str:
+def fmt(value, spec=".2f") -> str:
     return "" if value is None else format(value, spec)
 
 
@@ -230,7 +259,7 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
     for (model, dataset), task_rows in sorted(by_task.items()):
         tag = f"{model}-{dataset}"
         md += [f"## {model} on {dataset}", ""]
-        _plot_vs_sigma(task_rows, out / f"{tag}-vs-sigma.png", f"{model} / {dataset}")
+        plot_vs_sigma(task_rows, out / f"{tag}-vs-sigma.png", f"{model} / {dataset}")
         md += [f"![accuracy and GNR against training sigma]({tag}-vs-sigma.png)", ""]
         tol = TOLERANCE.get(dataset, 0.0) if tolerance is None else tolerance
         if any(r["method"] == "clean" for r in task_rows):
@@ -240,7 +269,7 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
                 f"most robust run per method with accuracy >= {fair['threshold']:.2f} "
                 f"(clean {fair['baseline_accuracy']:.2f} - {tol})"
             )
-            _plot_fair(sel, out / f"{tag}-fair.png", title)
+            plot_fair(sel, out / f"{tag}-fair.png", title)
             plot_consistency(
                 {describe(r): r["gnr_curve"] for r in sel.values()},
                 out / f"{tag}-curves.png",
@@ -252,19 +281,7 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
                 f"Runs compete when their test accuracy is at least {fair['threshold']:.2f} "
                 f"(mean clean accuracy {fair['baseline_accuracy']:.2f} minus tolerance {tol}).",
                 "",
-                markdown_table(
-                    ["group", "winner", "test accuracy", "GNR", "training s"],
-                    [
-                        [
-                            g,
-                            describe(r),
-                            _fmt(r["test_accuracy"]),
-                            _fmt(r["gnr"]),
-                            _fmt(r["train_seconds"], ".0f"),
-                        ]
-                        for g, r in sel.items()
-                    ],
-                ),
+                fair_table(sel),
                 "",
                 f"![fair comparison]({tag}-fair.png)",
                 "",
@@ -295,10 +312,10 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
                         r["alpha"] if r["method"] == "moment" else "",
                         r["folds"] if r["method"] == "augment" else "",
                         r["seed"],
-                        _fmt(r["test_accuracy"]),
-                        _fmt(r["gnr"]),
+                        fmt(r["test_accuracy"]),
+                        fmt(r["gnr"]),
                         r["epochs"],
-                        _fmt(r["train_seconds"], ".0f"),
+                        fmt(r["train_seconds"], ".0f"),
                     ]
                     for r in task_rows
                 ],
@@ -315,9 +332,9 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
                     [
                         [
                             describe(r),
-                            *[_fmt(r[f"energy_{k}"], ".3g") for k in ATTACK_LABELS],
-                            _fmt(r["gnr"]),
-                            _fmt(r["test_accuracy"]),
+                            *[fmt(r[f"energy_{k}"], ".3g") for k in ATTACK_LABELS],
+                            fmt(r["gnr"]),
+                            fmt(r["test_accuracy"]),
                         ]
                         for r in attacked
                     ],
@@ -336,9 +353,9 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
                     [
                         g,
                         len(rs),
-                        _fmt(_mean(r["train_seconds"] for r in rs), ".0f"),
-                        _fmt(_mean(r["seconds_per_epoch"] for r in rs), ".1f"),
-                        _fmt(_mean(r["gnr"] for r in rs)),
+                        fmt(mean(r["train_seconds"] for r in rs), ".0f"),
+                        fmt(mean(r["seconds_per_epoch"] for r in rs), ".1f"),
+                        fmt(mean(r["gnr"] for r in rs)),
                     ]
                     for g, rs in sorted(cost.items())
                 ],

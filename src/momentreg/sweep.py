@@ -35,6 +35,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from momentreg.errors import MomentregError
+from momentreg.rundir import read_json, write_json
 
 try:
     import tomllib
@@ -186,7 +187,9 @@ def status(out: Path) -> dict[str, list[str]]:
     plan = out / "sweep.json"
     if not plan.exists():
         raise SpecError(f"{out} is not a sweep directory (no sweep.json)")
-    names = json.loads(plan.read_text())["runs"]
+    names = read_json(plan).get("runs")
+    if not isinstance(names, list):
+        raise SpecError(f"{plan} has no list of runs: is it a momentreg sweep?")
     result = {s: [] for s in STATES}
     for name in names:
         result[run_state(out / "runs" / name)].append(name)
@@ -243,9 +246,7 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)
     names = [run_dir_name(c) for c in configs]
     plan = out / "sweep.json"
-    tmp = plan.with_name(".sweep.json.tmp")
-    tmp.write_text(json.dumps({"spec": spec, "runs": names}, indent=2))
-    os.replace(tmp, plan)
+    write_json(plan, {"spec": spec, "runs": names})
     todo, counts = [], {"skipped_done": 0, "skipped_running": 0, "skipped_failed": 0}
     for config, name in zip(configs, names, strict=True):
         run = out / "runs" / name
@@ -253,7 +254,9 @@ def sweep(
         if state == "done" or state == "running" or (state == "failed" and not retry_failed):
             counts[f"skipped_{state}"] += 1
         else:
-            todo.append((str(run), train_argv(config, run)))
+            todo.append((_cost(config), str(run), train_argv(config, run)))
+    # Longest first, so the slowest run (e.g. 21-fold augmentation) does not start last.
+    todo = [(run, argv) for _, run, argv in sorted(todo, key=lambda t: -t[0])]
     if backend == "local":
         results = _run_local(todo, workers, progress)
     elif backend == "ray":
@@ -264,6 +267,12 @@ def sweep(
     counts["finished"] = sum(r == "done" for r in results)
     counts["failed"] = sum(r == "failed" for r in results)
     return counts
+
+
+def _cost(config: dict) -> float:
+    """A run's training cost relative to one clean epoch (N-fold augmentation: N; moment: ~2)."""
+    per_epoch = {"augment": config.get("folds", 1), "moment": 2}.get(config.get("method"), 1)
+    return config.get("epochs", 100) * per_epoch
 
 
 def _run_local(todo, workers, progress) -> list[str]:

@@ -219,6 +219,7 @@ def train(
         history, best, bad_epochs = ckpt["history"], ckpt["best"], ckpt["bad_epochs"]
         start = ckpt["epoch"]
         if ckpt["stopped"] or start >= cfg.epochs:
+            _write_history(out / HISTORY, history)  # a kill may have left the previous one
             model.load_state_dict(best["state"])
             return history
 
@@ -238,23 +239,26 @@ def train(
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(n * folds, generator=cpu_gen).to(device)
-        total_loss, total_correct = 0.0, 0
+        total_loss, total_correct = 0.0, torch.zeros((), dtype=torch.long, device=device)
         for step in tqdm(
             range(steps), desc=f"epoch {epoch + 1}", disable=not progress, leave=False
         ):
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x, y = to_float(images[idx % n]), labels[idx % n]
             loss, logits = _step_loss(model, x, y, idx >= n, cfg, dev_gen, split)
-            if not torch.isfinite(loss):
+            loss_value = loss.item()  # the step's one host-device sync
+            if not math.isfinite(loss_value):
                 raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {step + 1}; "
+                    f"non-finite loss ({loss_value}) at epoch {epoch + 1}, batch {step + 1}; "
                     + ("the last good checkpoint is kept" if out else "no checkpoint was written")
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += loss.item() * len(y)
-            total_correct += int((logits.argmax(1) == y).sum())
+            total_loss += loss_value * len(y)
+            total_correct += (logits.argmax(1) == y).sum()  # stays on the device
+            if out is not None:
+                pause_for_tests("mid-epoch", f"{out}/epoch{epoch + 1}/step{step + 1}/")
         val_loss, val_acc = _validate(model, val_images, val_labels, cfg.batch_size, device)
         scheduler.step(val_loss)
         if val_loss < best["val_loss"]:
@@ -270,7 +274,7 @@ def train(
         row = {
             "epoch": epoch + 1,
             "train_loss": total_loss / (n * folds),
-            "train_accuracy": 100.0 * total_correct / (n * folds),
+            "train_accuracy": 100.0 * int(total_correct) / (n * folds),
             "val_loss": val_loss,
             "val_accuracy": val_acc,
             "lr": optimizer.param_groups[0]["lr"],
