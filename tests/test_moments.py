@@ -5,6 +5,8 @@ import mpmath
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import integrate, stats
 from torch import nn
 
@@ -91,6 +93,37 @@ def test_no_nan_for_extreme_inputs_in_low_precision(dtype):
     assert torch.isfinite(mean).all() and torch.isfinite(out_var).all()
     mean.float().sum().backward()
     assert torch.isfinite(mu.grad).all()
+
+
+_FLOAT_WIDTHS = {torch.float16: 16, torch.bfloat16: 32, torch.float32: 32, torch.float64: 64}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    dtype=st.sampled_from(list(_FLOAT_WIDTHS)),
+    data=st.data(),
+)
+def test_relu_moments_never_nan_for_any_finite_input(dtype, data):
+    """Any finite mu and variance (0, subnormal, huge, huge |mu|/sigma) give finite moments that
+    obey E[relu] >= max(mu, 0) (Jensen), Var >= 0, and finite gradients."""
+    width = _FLOAT_WIDTHS[dtype]
+    finite = st.floats(allow_nan=False, allow_infinity=False, width=width)
+    mu_list = data.draw(st.lists(finite, min_size=1, max_size=8))
+    var_list = data.draw(st.lists(finite.map(abs), min_size=len(mu_list), max_size=len(mu_list)))
+    mu = torch.tensor(mu_list, dtype=torch.float64).to(dtype)
+    var = torch.tensor(var_list, dtype=torch.float64).to(dtype)
+    if dtype == torch.bfloat16:  # bfloat16 has float32's range: keep the values it can hold
+        ok = torch.isfinite(mu) & torch.isfinite(var)
+        mu, var = mu[ok], var[ok]
+    mu.requires_grad_(True)
+    mean, out_var = relu_moments(mu, var)
+    assert torch.isfinite(mean).all() and torch.isfinite(out_var).all()
+    assert (out_var >= 0).all()
+    m, r = mean.double(), torch.relu(mu.detach()).double()
+    assert (m >= r - 1e-2 * r.abs() - 1e-6).all()  # Jensen, up to the dtype's rounding
+    mean.double().sum().backward()
+    assert torch.isfinite(mu.grad).all()
+    assert torch.isfinite(relu_mean(mu.detach(), var)).all()
 
 
 def test_gradcheck_relu_moments_float64_including_tiny_sigma():

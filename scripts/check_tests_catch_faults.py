@@ -1,0 +1,95 @@
+"""Check that the reliability tests fail when a protection is removed (docs/reliability.md).
+
+Each mutation takes one protection out of the source, runs the test that guards it, and puts the
+file back (also on Ctrl-C). A protection whose test still passes is reported as MISSED.
+
+    python scripts/check_tests_catch_faults.py            # all mutations (about 6 minutes)
+    python scripts/check_tests_catch_faults.py "no tmp cleanup"
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RELIABILITY = "tests/test_reliability.py::"
+# name -> (file, original text, mutated text, the test that must fail)
+SAFE_WRITE = """    tmp = path.with_name(f".{path.name}.tmp")
+    try:"""
+TORN_WRITE = (
+    """    with open(path, "wb") as f:  # straight over the old file, paused halfway
+        f.write(data[: len(data) // 2])
+        f.flush()
+        pause_for_tests("in-write", path)
+        f.write(data[len(data) // 2 :])
+    return
+"""
+    + SAFE_WRITE
+)
+LOAD = "    train_set, val_set, test_set = load_splits(args)\n"
+KILLS = RELIABILITY + "test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_result"
+MUTATIONS = {
+    "non-atomic write": ("src/momentreg/rundir.py", SAFE_WRITE, TORN_WRITE, KILLS),
+    "no tmp cleanup": (
+        "src/momentreg/rundir.py",
+        "        tmp.unlink(missing_ok=True)  # e.g.",
+        "        pass  # e.g.",
+        RELIABILITY + "test_full_disk_during_a_checkpoint_write_keeps_the_old_checkpoint",
+    ),
+    "no history rewrite": (
+        "src/momentreg/training.py",
+        "            _write_history(out / HISTORY, history)  # a kill",
+        "            pass  # a kill",
+        KILLS,
+    ),
+    "no free-space check": (
+        "src/momentreg/cli.py",
+        "    if free < need:",
+        "    if False:",
+        RELIABILITY + "test_too_little_free_space_is_refused_before_anything_is_written",
+    ),
+    "no zero-variance guard": (
+        "src/momentreg/moments.py",
+        "    z = (mu / s).clamp(-1e3, 1e3)",
+        "    z = mu / s",
+        "tests/test_moments.py::test_relu_moments_never_nan_for_any_finite_input",
+    ),
+    "out dir before data": (
+        "src/momentreg/cli.py",
+        LOAD,
+        "    out.mkdir(parents=True, exist_ok=True)\n" + LOAD,
+        RELIABILITY + "test_random_train_command_lines_exit_0_or_2_and_leave_no_partial_run",
+    ),
+    "ValueError not caught": (
+        "src/momentreg/cli.py",
+        "    except (MomentregError, ValueError) as e:",
+        "    except MomentregError as e:",
+        RELIABILITY + "test_random_evaluate_sweep_report_command_lines_exit_0_or_2",
+    ),
+}
+
+
+def check(name: str) -> bool:
+    path, old, new, test = MUTATIONS[name]
+    file = ROOT / path
+    original = file.read_text()
+    if original.count(old) != 1:
+        raise SystemExit(f"{name}: the protected code changed; update this script")
+    file.write_text(original.replace(old, new))
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", test, "-p", "no:cacheprovider"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        file.write_text(original)
+    last = [line for line in result.stdout.splitlines() if line.strip()][-1]
+    print(f"{name}: {'caught' if result.returncode else 'MISSED'} ({last})", flush=True)
+    return result.returncode != 0
+
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(MUTATIONS)
+    sys.exit(0 if all([check(n) for n in names]) else 1)
