@@ -5,9 +5,7 @@
 set -euo pipefail
 data=${1:?usage: $0 MNIST_DIR [RUNS_DIR]}
 runs=${2:-runs/attack-table}
-common=(--model lenet --dataset mnist --data-dir "$data" --epochs 3 --lr 1e-3 --batch-size 128 --quiet)
-momentreg train "${common[@]}" --method clean --out "$runs/clean" --resume
-momentreg train "${common[@]}" --method moment --sigma 1.0 --alpha 1.0 --out "$runs/moment" --resume
+"$(dirname "$0")/lenet-mnist-runs.sh" "$data" "$runs"
 for run in clean moment; do
   momentreg evaluate "$runs/$run" --attacks all --limit 40 --quiet
 done

@@ -122,6 +122,8 @@ def test_demo_quick(tmp_path):
         "200",
         "--folds",
         "2",
+        "--gnr-limit",
+        "50",
         "--quiet",
     )
     assert result.returncode == 0, result.stderr
@@ -152,3 +154,16 @@ def test_unknown_attack_is_a_usage_error(run_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main(["evaluate", str(run_dir), "--attacks", "pgd,cw"])
     assert e.value.code == 2 and "unknown attack 'cw'" in capsys.readouterr().err
+
+
+def test_evaluate_certify_writes_cohens_tsv_and_a_summary(run_dir, capsys):
+    args = ["evaluate", str(run_dir), "--certify", "--sigma", "0.25", "--limit", "3"]
+    assert main([*args, "--n0", "20", "--n", "200", "--batch", "100", "--quiet"]) == 0
+    tsv = (run_dir / "certify-sigma0.25.tsv").read_text().splitlines()
+    assert tsv[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and len(tsv) == 4
+    summary = json.loads((run_dir / "certify.json").read_text())["0.25"]
+    assert summary["images"] == 3 and summary["n"] == 200 and summary["alpha"] == 0.001
+    assert set(summary["certified_accuracy"]) == {"0", "0.25", "0.5", "0.75", "1"}
+    assert "certified accuracy" in capsys.readouterr().out
+    assert main([*args, "--alpha", "1.5"]) == 2
+    assert "--alpha must be below 1" in capsys.readouterr().err

@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from momentreg import expected_logits, head_variance, moment_loss, split_at_first_relu
+from momentreg import (
+    expected_logits,
+    head_moments,
+    head_variance,
+    moment_loss,
+    split_at_first_relu,
+)
 from momentreg.models import Normalize, build_model, lenet
 from momentreg.moments import relu_mean
 
@@ -182,6 +188,7 @@ def test_explicit_split_for_non_sequential_models():
         ("lenet", "mnist", (1, 28, 28), 10),
         ("lenet", "cifar10", (3, 32, 32), 10),
         ("alexnet", "cifar100", (3, 32, 32), 100),
+        ("resnet20", "cifar10", (3, 32, 32), 10),
     ],
 )
 def test_model_registry_shapes(name, dataset, shape, classes):
@@ -196,3 +203,83 @@ def test_registry_rejects_unknown_names():
         build_model("vgg", "mnist")
     with pytest.raises(ValueError, match="unknown dataset"):
         build_model("lenet", "svhn")
+
+
+def _bn_stem(seed=0):
+    """Normalize -> Conv2d -> BatchNorm2d with non-trivial affine parameters and running stats."""
+    g = torch.Generator().manual_seed(seed)
+    conv, bn = nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.copy_(0.5 + torch.rand(3, generator=g))
+        bn.bias.copy_(torch.randn(3, generator=g))
+        bn.running_mean.copy_(torch.randn(3, generator=g))
+        bn.running_var.copy_(0.2 + torch.rand(3, generator=g))
+    return nn.Sequential(Normalize([0.4, 0.5], [0.3, 0.2]), conv, bn).double()
+
+
+def _monte_carlo(fn, x, sigma, samples=20_000):
+    """Mean and variance (and their standard errors) of fn(x + n) over Gaussian noise."""
+    with torch.no_grad():
+        draws = torch.stack([fn(x + sigma * torch.randn_like(x)) for _ in range(samples)])
+    mean, var = draws.mean(0), draws.var(0)
+    return mean, var, (var / samples).sqrt(), var * math.sqrt(2 / (samples - 1))
+
+
+def test_batchnorm_stem_in_eval_mode_matches_monte_carlo():
+    head = _bn_stem().eval()
+    x, sigma = torch.rand(2, 2, 6, 6, dtype=torch.float64), 0.3
+    mean, var = head_moments(head, sigma, x)
+    mc_mean, mc_var, se_mean, se_var = _monte_carlo(head, x, sigma)
+    assert torch.allclose(mean, head(x))
+    assert ((mean - mc_mean).abs() <= 4 * se_mean + 1e-12).all()
+    assert ((var.expand_as(mc_var) - mc_var).abs() <= 4 * se_var).all()
+    assert torch.allclose(head_variance(head, sigma, x), var)  # eval mode: no batch needed
+
+
+def test_batchnorm_stem_in_train_mode_uses_the_batch_statistics_as_its_affine_map():
+    head = _bn_stem().train()
+    x, sigma = torch.rand(8, 2, 6, 6, dtype=torch.float64), 0.3
+    conv_out = head[1](head[0](x))
+    bn = head[2]
+    scale = bn.weight / (conv_out.var(dim=(0, 2, 3), unbiased=False) + bn.eps).sqrt()
+    shift = bn.bias - scale * conv_out.mean(dim=(0, 2, 3))
+
+    def frozen(z):  # the map this batch's BatchNorm applies, held fixed under the noise
+        return head[1](head[0](z)) * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)
+
+    running = bn.running_mean.clone()
+    mean, var = head_moments(head, sigma, x)
+    assert not torch.equal(bn.running_mean, running)  # one training forward, as usual
+    assert torch.allclose(mean, frozen(x), atol=1e-10)
+    _, mc_var, _, se_var = _monte_carlo(frozen, x, sigma)
+    assert ((var.expand_as(mc_var) - mc_var).abs() <= 4 * se_var).all()
+    with pytest.raises(ValueError, match="training mode"):
+        head_variance(head, sigma, x)
+
+
+def test_resnet20_trains_with_the_regularizer_on_cifar_shaped_data():
+    from momentreg.training import train
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (96,), generator=g)
+    net = build_model("resnet20", "cifar10")
+    history = train(
+        net,
+        (images[:64], labels[:64]),
+        (images[64:], labels[64:]),
+        method="moment",
+        sigma=0.25,
+        alpha=1.0,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        batch_size=32,
+        epochs=2,
+        progress=False,
+    )
+    assert len(history) == 2
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in history)
+    net.eval()
+    assert torch.isfinite(expected_logits(net, images[:4].float() / 255, 0.25)).all()

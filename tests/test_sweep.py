@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from momentreg.cli import main
 from momentreg.report import fair_comparison, write_report
 from momentreg.sweep import (
     PRESETS,
@@ -126,10 +127,14 @@ def test_killed_sweep_resumes_exactly_the_other_four(local_sweep):
 
 def test_report_renders_from_a_fresh_sweep(local_sweep, tmp_path):
     out, _, _ = local_sweep
+    run = sorted(out.glob("runs/*"))[0]
+    smoothing = ["--certify", "--limit", "2", "--n0", "10", "--n", "100", "--batch", "100"]
+    assert main(["evaluate", str(run), *smoothing, "--quiet"]) == 0
     report = write_report(out, tmp_path / "report")
     text = report.read_text()
     assert "### Fair comparison" in text and "### Training cost" in text
-    for png in ("vs-sigma", "fair", "curves"):
+    assert "### Randomized smoothing" in text
+    for png in ("vs-sigma", "fair", "curves", "certified"):
         assert (tmp_path / "report" / f"lenet-mnist-sample-{png}.png").stat().st_size > 10_000
     assert len(_rows(tmp_path / "report" / "results.csv")) == 6
 

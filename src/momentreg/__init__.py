@@ -8,7 +8,13 @@ from momentreg.moments import (
     relu_mean,
     relu_moments,
 )
-from momentreg.regularizer import expected_logits, head_variance, moment_loss, split_at_first_relu
+from momentreg.regularizer import (
+    expected_logits,
+    head_moments,
+    head_variance,
+    moment_loss,
+    split_at_first_relu,
+)
 
 __version__ = "0.1.0"
 
@@ -20,6 +26,7 @@ __all__ = [
     "relu_mean",
     "relu_moments",
     "expected_logits",
+    "head_moments",
     "head_variance",
     "moment_loss",
     "split_at_first_relu",

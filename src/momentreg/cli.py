@@ -116,6 +116,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma", type=nonneg_float, default=0.0, help="training noise std (pixels)")
     p.add_argument("--alpha", type=nonneg_float, default=1.0, help="weight of the moment term")
     p.add_argument("--folds", type=pos_int, default=1, help="N of N-fold augmentation")
+    p.add_argument(
+        "--moment-depth",
+        choices=("first", "all"),
+        help="moment: moments to the first ReLU (the paper, default) or through all layers",
+    )
+    p.add_argument(
+        "--moment-loss",
+        choices=("mean", "expected-ce"),
+        help="moment: CE of the expected logits (default) or the expected CE (needs depth all)",
+    )
+    p.add_argument(
+        "--moment-noise",
+        action="store_true",
+        default=None,
+        help="moment: the first term sees freshly noised images (noise training + analytic term)",
+    )
     protocol = "defaults: the paper's protocol for --model (LeNet: Adam 1e-4, batch 1000)"
     g = p.add_argument_group("optimization", protocol)
     g.add_argument("--optimizer", choices=("adam", "sgd"))
@@ -252,16 +268,16 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    """Recompute accuracy (and GNR with --gnr) into metrics.json, and/or attacks into attacks.json.
-
-    With only --attacks, metrics.json is left as it is.
+    """Recompute accuracy (and GNR with --gnr) into metrics.json, and/or attacks into attacks.json,
+    and/or smoothing certificates into certify.json. With only --attacks or --certify, metrics.json
+    is left as it is.
     """
     device = _device(args.device)
     config, model = load_run(args.run, device)
     images, labels = load_dataset(config["dataset"], args.data_dir or config["data_dir"], "test")
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
-    if args.gnr or not args.attacks:
+    if args.gnr or not (args.attacks or args.certify):
         metrics_path = args.run / "metrics.json"
         metrics = read_json(metrics_path) if metrics_path.exists() else {}
         metrics["test_accuracy"] = accuracy(model, to_float(images), labels, device=device)
@@ -283,6 +299,43 @@ def cmd_evaluate(args) -> None:
         print(line + (f"  GNR {metrics['gnr']:.2f}" if args.gnr else ""))
     if args.attacks:
         run_attacks(args, model, to_float(images), labels)
+    if args.certify:
+        run_certify(args, model, to_float(images), labels)
+
+
+def run_certify(args, model, images, labels) -> None:
+    """certify-sigma<S>.tsv (per image) and certify.json (summary per sigma) in the run."""
+    from momentreg.certify import certify_images, format_tsv, summarize
+
+    if not args.alpha < 1:
+        raise UsageError(f"--alpha must be below 1, got {args.alpha}")
+    rows = certify_images(
+        model,
+        images,
+        labels,
+        args.sigma,
+        n0=args.n0,
+        n=args.n,
+        alpha=args.alpha,
+        batch=args.batch,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    atomic_write(args.run / f"certify-sigma{args.sigma:g}.tsv", format_tsv(rows).encode())
+    path = args.run / "certify.json"
+    results = read_json(path) if path.exists() else {}
+    summary = summarize(rows)
+    results[f"{args.sigma:g}"] = {
+        **summary,
+        **{k: getattr(args, k) for k in ("sigma", "n0", "n", "alpha", "seed")},
+    }
+    write_json(path, results)
+    radii = summary["certified_accuracy"]
+    print(
+        f"sigma {args.sigma:g}: certified accuracy "
+        + ", ".join(f"{v:.1f}% at {r}" for r, v in radii.items())
+        + f"; ACR {summary['acr']:.3f}; abstained {summary['abstained']}/{summary['images']}"
+    )
 
 
 def _attack_list(text: str) -> list[str]:
@@ -343,6 +396,98 @@ def cmd_table(args) -> None:
         csv.writer(buf).writerows([TABLE1_HEADER, *rows])
         atomic_write(args.out / "table.csv", buf.getvalue().encode())
         print(f"wrote {args.out / 'table.md'} and {args.out / 'table.csv'}")
+
+
+def _float_list(text: str) -> list[float]:
+    values = [_number(float, 0, strict=True)(t.strip()) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers: {text!r}")
+    return values
+
+
+def cmd_tightness(args) -> None:
+    """Analytic and linearized expected logits against Monte Carlo, per run and sigma."""
+    from momentreg.tightness import tightness
+
+    device = _device(args.device)
+    table = {}
+    for run in args.runs:
+        config, model = load_run(run, device)
+        images, _ = load_dataset(config["dataset"], args.data_dir or config["data_dir"], "test")
+        rows = tightness(
+            model,
+            to_float(images[: args.limit]),
+            args.sigmas,
+            samples=args.samples,
+            batch=args.batch,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+        write_json(run / "tightness.json", {"rows": rows})
+        table[run.name] = rows
+    markdown = format_tightness(table)
+    print(markdown)
+    if args.report:
+        from momentreg.plots import plot_tightness
+
+        prepare_out_dir(args.report.parent, resume=True, force=False)
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        figure = args.report.with_suffix(".png")
+        plot_tightness(table, figure)
+        command = (
+            f"momentreg tightness {' '.join(str(r) for r in args.runs)} --sigmas "
+            f"{','.join(f'{x:g}' for x in args.sigmas)} --limit {args.limit} --samples "
+            f"{args.samples} --seed {args.seed} --report {args.report}"
+        )
+        text = TIGHTNESS_INTRO.format(command=command, limit=args.limit, samples=args.samples)
+        text += f"{markdown}\n\n![relative error]({figure.name})\n"
+        atomic_write(args.report, text.encode())
+        print(f"wrote {args.report} and {figure}")
+
+
+TIGHTNESS_INTRO = """# How faithful is the regularizer's surrogate?
+
+Made by `{command}` (see `momentreg.tightness`). For the first {limit} test images and each input
+noise level sigma, the expected logits E[f(x + n)] are estimated by Monte Carlo ({samples} draws per
+image) and compared with
+
+- **analytic**: tail(T(mu, s)), the paper's one-layer approximation that the regularizer trains
+  with (`momentreg.expected_logits`);
+- **linearized**: Bibi et al. (CVPR 2018)'s two-stage linearization, the tail replaced by its
+  first-order expansion at the clean post-ReLU activations, then Theorem 1 exactly;
+- **all_layers**: means and variances pushed through every layer, ReLUs exactly and max-pooling by
+  Clark's moments, treating units as independent (`expected_logits(..., depth="all")`).
+
+Errors are median relative L2 distances between logit vectors; the noise floor is the Monte Carlo
+standard error on the same scale, below which an error cannot be resolved. Agreement is the share
+of images whose expected argmax matches the Monte Carlo argmax.
+
+"""
+
+
+def format_tightness(table: dict[str, list[dict]]) -> str:
+    from momentreg.tightness import ESTIMATES
+
+    rows = [r for rs in table.values() for r in rs]
+    names = [n for n in ESTIMATES if any(f"{n}_error_median" in r for r in rows)]
+    lines = [
+        "| run | sigma | MC noise floor | "
+        + " | ".join(f"{n} error (median)" for n in names)
+        + " | "
+        + " | ".join(f"{n} argmax agrees (%)" for n in names)
+        + " |",
+        "|---|---:|---:|" + "---:|" * (2 * len(names)),
+    ]
+    for run, rows in table.items():
+        for r in rows:
+            errors = [f"{r[f'{n}_error_median']:.4f}" for n in names]
+            agree = [f"{r[f'{n}_argmax_agreement']:.1f}" for n in names]
+            lines.append(
+                f"| {run} | {r['sigma']:g} | {r['mc_relative_se']:.4f} | "
+                + " | ".join(errors + agree)
+                + " |"
+            )
+    return "\n".join(lines)
 
 
 def cmd_demo(args) -> None:
@@ -498,6 +643,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--attacks", type=_attack_list, help="comma-separated, or all: " + attack_help)
     p.add_argument("--tol", type=pos_float, default=0.01, help="relative tolerance of eps search")
+    g = p.add_argument_group("randomized smoothing (Cohen et al. 2019)")
+    g.add_argument("--certify", action="store_true", help="certified L2 radii, smoothed model")
+    g.add_argument("--sigma", type=pos_float, default=0.25, help="smoothing noise std (pixels)")
+    g.add_argument("--n0", type=pos_int, default=100, help="noise samples to pick the class")
+    g.add_argument("--n", type=pos_int, default=100_000, help="samples to bound its probability")
+    g.add_argument("--alpha", type=pos_float, default=0.001, help="failure probability")
+    g.add_argument("--batch", type=pos_int, default=1000, help="noisy copies per forward pass")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("table", help="the paper's Table 1 layout over runs (Markdown and CSV)")
@@ -535,6 +687,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="accuracy points below clean still compared (default per dataset)",
     )
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("tightness", help="the regularizer's surrogate against Monte Carlo")
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--sigmas", type=_float_list, default=[0.1, 0.25, 0.5, 1.0])
+    p.add_argument("--limit", type=pos_int, default=50, help="the first N test images")
+    p.add_argument("--samples", type=pos_int, default=2000, help="Monte Carlo draws per image")
+    p.add_argument("--batch", type=pos_int, default=20, help="draws per image per forward pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", type=Path, help="override the runs' data directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--report", type=Path, help="also write this Markdown file and a .png beside it")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_tightness)
 
     p = sub.add_parser("demo", help="clean vs augmentation vs moment on the bundled MNIST sample")
     p.add_argument("--out", type=Path, default=Path("momentreg-demo"))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["Normalize", "lenet", "alexnet", "build_model", "DATASETS", "MODELS"]
+__all__ = ["Normalize", "lenet", "alexnet", "resnet20", "build_model", "DATASETS", "MODELS"]
 
 
 class Normalize(nn.Module):
@@ -82,7 +82,51 @@ def alexnet(channels: int, size: int, classes: int, normalize: Normalize) -> nn.
     )
 
 
-MODELS = {"lenet": lenet, "alexnet": alexnet}
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN plus a shortcut (1x1 conv + BN when the
+    shape changes), then ReLU."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(outputs),
+            nn.ReLU(),
+            nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(outputs),
+        )
+        self.shortcut = nn.Identity()
+        if stride != 1 or inputs != outputs:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet20(channels: int, size: int, classes: int, normalize: Normalize) -> nn.Sequential:
+    """ResNet-20 for CIFAR (He et al. 2016): a conv-BN-ReLU stem, 3 stages of 3 basic blocks with
+    16, 32 and 64 channels, global average pooling, FC. The stem is the moment regularizer's
+    head (Normalize, Conv2d, BatchNorm2d)."""
+    blocks, inputs = [], 16
+    for stage, width in enumerate((16, 32, 64)):
+        for i in range(3):
+            blocks.append(BasicBlock(inputs, width, 2 if stage > 0 and i == 0 else 1))
+            inputs = width
+    return nn.Sequential(
+        normalize,
+        nn.Conv2d(channels, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        *blocks,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, classes),
+    )
+
+
+MODELS = {"lenet": lenet, "alexnet": alexnet, "resnet20": resnet20}
 
 
 def build_model(name: str, dataset: str) -> nn.Sequential:

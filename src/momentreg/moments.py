@@ -30,6 +30,9 @@ __all__ = [
     "relu_moments",
     "affine_moments",
     "affine_relu_affine_moments",
+    "max_moments",
+    "maxpool_moments",
+    "network_moments",
     "set_compile",
 ]
 
@@ -141,12 +144,15 @@ def affine_moments(
 
     mean -> layer(mean); var -> the same op with squared weights and no bias. Supported layers:
     ``nn.Linear``, ``nn.Conv2d`` (any stride, padding, dilation, groups, zero padding),
-    ``nn.Flatten``, ``nn.Identity`` and :class:`momentreg.models.Normalize`. ``mean`` may be None
-    to propagate only the variance (the variance does not depend on the mean).
+    ``nn.BatchNorm2d``, ``nn.Flatten``, ``nn.Identity`` and :class:`momentreg.models.Normalize`.
+    ``mean`` may be None to propagate only the variance (the variance does not depend on the mean),
+    except through a BatchNorm in training mode: there the affine map is the normalization by the
+    statistics of the batch ``mean`` [B, C, H, W] (what the layer applies to that batch), so the
+    batch is needed.
     """
     from momentreg.models import Normalize  # local: models imports nothing from here
 
-    m = None if mean is None else layer(mean)
+    m = None if mean is None else layer(mean)  # BatchNorm below reads the input ``mean``
     if isinstance(layer, nn.Linear):
         v = F.linear(var, layer.weight * layer.weight)
     elif isinstance(layer, nn.Conv2d):
@@ -163,11 +169,96 @@ def affine_moments(
         )
     elif isinstance(layer, Normalize):
         v = var / (layer.std * layer.std)
+    elif isinstance(layer, nn.BatchNorm2d):
+        v = var * _batchnorm_scale(layer, mean).view(-1, 1, 1) ** 2
     elif isinstance(layer, (nn.Flatten, nn.Identity)):
         v = layer(var)
     else:
         raise ValueError(f"not an affine layer momentreg can propagate moments through: {layer!r}")
     return m, v
+
+
+def _batchnorm_scale(layer: nn.BatchNorm2d, batch: torch.Tensor | None) -> torch.Tensor:
+    """Per-channel factor gamma / sqrt(var + eps) of a BatchNorm2d's affine map: running variance
+    in eval mode, the biased variance of ``batch`` (the layer's input) in training mode."""
+    if layer.training or layer.running_var is None:
+        if batch is None:
+            raise ValueError(
+                "a BatchNorm2d in training mode normalizes by batch statistics: propagate the "
+                "batch mean with the variance (momentreg.head_moments), or call model.eval()"
+            )
+        var = batch.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        var = layer.running_var
+    scale = torch.rsqrt(var + layer.eps)
+    return scale * layer.weight if layer.weight is not None else scale
+
+
+def max_moments(
+    mean1: torch.Tensor, var1: torch.Tensor, mean2: torch.Tensor, var2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of max(X1, X2) for independent X1 ~ N(mean1, var1), X2 ~ N(mean2, var2),
+    elementwise: Clark (1961)'s formulas, exact for two variables."""
+    dtype = _compute_dtype(mean1)
+    m1, m2 = mean1.to(dtype), mean2.to(dtype)
+    v1, v2 = var1.to(dtype).clamp_min(0), var2.to(dtype).clamp_min(0)
+    theta = _safe_std(v1 + v2, dtype)
+    a = ((m1 - m2) / theta).clamp(-1e3, 1e3)  # as in relu_moments: keeps 0 * inf out
+    cdf, sf, pdf = _cdf(a), _cdf(-a), _pdf(a)
+    mean = m1 * cdf + m2 * sf + theta * pdf
+    # E[max^2] - E[max]^2 written around m2 (shifting both by m2 keeps the cancellation small)
+    d = m1 - m2
+    second = (d * d + v1) * cdf + v2 * sf + d * theta * pdf
+    first = d * cdf + theta * pdf
+    var = (second - first * first).clamp_min(0)
+    return mean.to(mean1.dtype), var.to(mean1.dtype)
+
+
+def maxpool_moments(
+    layer: nn.MaxPool2d, mean: torch.Tensor, var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moments of max-pooling [B, C, H, W] Gaussians assumed independent: Clark's pairwise max,
+    folded over each window and re-approximated as Gaussian after every step (an approximation
+    beyond two entries). Supports any kernel and stride without padding or dilation."""
+    if _pair(layer.padding) != (0, 0) or _pair(layer.dilation) != (1, 1) or layer.ceil_mode:
+        raise ValueError(f"max-pooling moments need padding 0, dilation 1, floor mode: {layer!r}")
+    kernel, stride = _pair(layer.kernel_size), _pair(layer.stride or layer.kernel_size)
+    b, c, h, w = mean.shape
+    var = var.expand_as(mean)
+    out_h, out_w = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
+
+    def windows(t):  # [B, C, k*k, out_h * out_w]
+        cols = F.unfold(t.reshape(b * c, 1, h, w), kernel, stride=stride)
+        return cols.view(b, c, -1, out_h * out_w)
+
+    mw, vw = windows(mean), windows(var)
+    m, v = mw[:, :, 0], vw[:, :, 0]
+    for k in range(1, mw.shape[2]):
+        m, v = max_moments(m, v, mw[:, :, k], vw[:, :, k])
+    return m.view(b, c, out_h, out_w), v.view(b, c, out_h, out_w)
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def network_moments(
+    layers: list[nn.Module], mean: torch.Tensor, var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assumed density filtering: push (mean, per-element var) through every layer, treating each
+    layer's outputs as independent Gaussians. Affine layers as in :func:`affine_moments`, ReLU by
+    :func:`relu_moments` (exact per unit), MaxPool2d by :func:`maxpool_moments`, Dropout (eval) as
+    identity. The correlations that a layer induces are dropped, so deeper estimates drift."""
+    for layer in layers:
+        if isinstance(layer, nn.ReLU):
+            mean, var = relu_moments(mean, var)
+        elif isinstance(layer, nn.MaxPool2d):
+            mean, var = maxpool_moments(layer, mean, var)
+        elif isinstance(layer, nn.Dropout) and not layer.training:
+            continue
+        else:
+            mean, var = affine_moments(layer, mean, var)
+    return mean, var
 
 
 def affine_relu_affine_moments(

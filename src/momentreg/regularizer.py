@@ -15,11 +15,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from momentreg.models import Normalize
-from momentreg.moments import affine_moments, relu_mean
+from momentreg.moments import affine_moments, network_moments, relu_mean
 
-__all__ = ["split_at_first_relu", "head_variance", "expected_logits", "moment_loss"]
+__all__ = [
+    "split_at_first_relu",
+    "head_moments",
+    "head_variance",
+    "expected_logits",
+    "output_moments",
+    "expected_cross_entropy",
+    "moment_loss",
+]
 
-AFFINE_HEAD_LAYERS = (Normalize, nn.Conv2d, nn.Linear, nn.Flatten, nn.Identity)
+AFFINE_HEAD_LAYERS = (Normalize, nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.Flatten, nn.Identity)
 Split = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]
 
 
@@ -81,8 +89,25 @@ def head_variance(head: nn.Module, sigma: float | torch.Tensor, x: torch.Tensor)
     return var
 
 
+def head_moments(
+    head: nn.Module, sigma: float | torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head(x) [B, ...], variance of head(x + n) [1, ...]) in one pass through the head.
+
+    The variance is propagated at batch size 1 next to the mean; a BatchNorm2d in training mode
+    uses the statistics of this batch as its affine map (eval mode: its running statistics).
+    """
+    mean, var = x, (_sigma_tensor(sigma, x.shape[1:], x) ** 2).unsqueeze(0)
+    for layer in _leaves(head):
+        mean, var = affine_moments(layer, mean, var)
+    return mean, var
+
+
 def _split(model: nn.Module, split: Split | None) -> Split:
     return split_at_first_relu(model) if split is None else split
+
+
+DEPTHS = ("first", "all")
 
 
 def expected_logits(
@@ -90,16 +115,45 @@ def expected_logits(
     x: torch.Tensor,
     sigma: float | torch.Tensor,
     split: Split | None = None,
+    depth: str = "first",
 ) -> torch.Tensor:
-    """Approximate E[model(x + n)], n ~ N(0, diag(sigma^2)): tail(relu_mean(head(x), head var)).
+    """Approximate E[model(x + n)], n ~ N(0, diag(sigma^2)).
 
+    depth="first" (the paper): tail(relu_mean(head(x), head variance)), exact up to the first ReLU.
+    depth="all": the mean of :func:`output_moments`, moments pushed through every layer.
     x: [B, *input_shape]; sigma: a float or a tensor broadcastable to input_shape (per-pixel
-    levels); returns [B, classes]. ``split=(head, tail)`` for non-Sequential models: ``head`` an
-    affine module (or Sequential of them) as accepted by :func:`split_at_first_relu`, ``tail`` any
-    callable.
+    levels); returns [B, classes]. ``split=(head, tail)`` for non-Sequential models (depth="first"
+    only): ``head`` an affine module (or Sequential of them) as accepted by
+    :func:`split_at_first_relu`, ``tail`` any callable.
     """
+    if depth == "all":
+        return output_moments(model, x, sigma)[0]
+    if depth != "first":
+        raise ValueError(f"depth must be one of {DEPTHS}, got {depth!r}")
     head, tail = _split(model, split)
-    return tail(relu_mean(head(x), head_variance(head, sigma, x)))
+    return tail(relu_mean(*head_moments(head, sigma, x)))
+
+
+def output_moments(
+    model: nn.Module, x: torch.Tensor, sigma: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance [B, classes] of model(x + n) by assumed density filtering through every
+    layer of an ``nn.Sequential`` (see :func:`momentreg.moments.network_moments`)."""
+    if not isinstance(model, nn.Sequential):
+        raise ValueError("moments through every layer need an nn.Sequential model")
+    var = (_sigma_tensor(sigma, x.shape[1:], x) ** 2).unsqueeze(0)
+    mean, var = network_moments(_leaves(model), x, var)
+    return mean, var.expand_as(mean)
+
+
+MOMENT_LOSSES = ("mean", "expected-ce")
+
+
+def expected_cross_entropy(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """E[CE(z, y)] for logits z ~ N(mean, diag(var)) [B, K], to second order (delta method):
+    CE(mean, y) + 1/2 sum_k var_k p_k (1 - p_k), p = softmax(mean); averaged over the batch."""
+    p = mean.softmax(1)
+    return F.cross_entropy(mean, y) + 0.5 * (var * p * (1 - p)).sum(1).mean()
 
 
 def moment_loss(
@@ -109,19 +163,40 @@ def moment_loss(
     sigma: float | torch.Tensor,
     alpha: float,
     split: Split | None = None,
+    *,
+    depth: str = "first",
+    loss: str = "mean",
+    noisy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CE(model(x), y) + alpha * CE(expected_logits(model, x, sigma), y).
 
-    The head runs once; the clean and expected activations go through the tail in one batched
-    call of size 2B. Returns (total, {"clean": ..., "moment": ..., "logits": clean logits [B, K]}).
-    Note: a BatchNorm in train mode inside the tail sees both halves as one batch.
+    depth="first" (the paper): the head runs once; the clean and expected activations go through
+    the tail in one batched call of size 2B (a BatchNorm in train mode inside the tail sees both
+    halves as one batch). depth="all": the expected logits come from moments through every layer
+    (:func:`output_moments`, about one more pass of the network). loss="expected-ce" (needs
+    depth="all") replaces the second term by the expected cross-entropy under the output
+    variance (:func:`expected_cross_entropy`). ``noisy`` [B, C, H, W] (a hybrid with noise
+    training): the first term sees ``x + noisy`` instead of x. Returns (total, {"clean": ...,
+    "moment": ..., "logits": first-term logits [B, K]}).
     """
     if alpha < 0:
         raise ValueError("alpha must be >= 0")
-    head, tail = _split(model, split)
-    h = head(x)
-    both = tail(torch.cat([torch.relu(h), relu_mean(h, head_variance(head, sigma, x))]))
-    logits, expected = both.split(x.shape[0])
+    if depth not in DEPTHS or loss not in MOMENT_LOSSES:
+        raise ValueError(f"depth must be one of {DEPTHS} and loss one of {MOMENT_LOSSES}")
+    if loss == "expected-ce" and depth != "all":
+        raise ValueError("loss='expected-ce' needs the output variance: use depth='all'")
+    seen = x if noisy is None else x + noisy
+    if depth == "first":
+        head, tail = _split(model, split)
+        h, var = head_moments(head, sigma, x)
+        first = torch.relu(h if noisy is None else head(seen))
+        logits, expected = tail(torch.cat([first, relu_mean(h, var)])).split(x.shape[0])
+        moment = F.cross_entropy(expected, y)
+    else:
+        logits = model(seen)
+        mean, var = output_moments(model, x, sigma)
+        moment = (
+            F.cross_entropy(mean, y) if loss == "mean" else expected_cross_entropy(mean, var, y)
+        )
     clean = F.cross_entropy(logits, y)
-    moment = F.cross_entropy(expected, y)
     return clean + alpha * moment, {"clean": clean, "moment": moment, "logits": logits}

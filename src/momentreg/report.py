@@ -18,8 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from momentreg.attacks import ATTACK_LABELS  # noqa: E402
-from momentreg.plots import plot_consistency  # noqa: E402
-from momentreg.rundir import read_run  # noqa: E402
+from momentreg.plots import plot_certified, plot_consistency  # noqa: E402
+from momentreg.rundir import read_json, read_run  # noqa: E402
 
 __all__ = [
     "TOLERANCE",
@@ -71,6 +71,8 @@ def run_row(run: Path) -> dict:
     for key in ATTACK_LABELS:
         row[f"energy_{key}"] = attacks.get(key, {}).get("energy_mean")
     row["gnr_curve"] = metrics.get("gnr_curve")
+    certify = run / "certify.json"
+    row["certify"] = read_json(certify) if certify.exists() else {}
     return row
 
 
@@ -240,6 +242,34 @@ def fmt(value, spec=".2f") -> str:
     return "" if value is None else format(value, spec)
 
 
+def _certify_section(rows: list[dict], out: Path, tag: str) -> list[str]:
+    """Certified accuracy against radius for the runs with certify.json (Cohen et al. 2019)."""
+    entries = [(r, sigma, c) for r in rows for sigma, c in sorted(r["certify"].items())]
+    if not entries:
+        return []
+    plot_certified(
+        {f"{describe(r)}, smoothing sigma={s}": c["certified_accuracy"] for r, s, c in entries},
+        out / f"{tag}-certified.png",
+        "randomized smoothing: certified accuracy",
+    )
+    radii = list(entries[0][2]["certified_accuracy"])
+    return [
+        "### Randomized smoothing (Cohen et al. 2019)",
+        "",
+        markdown_table(
+            ["run", "smoothing sigma", "images", "n", "ACR", *[f"cert. acc. r={x}" for x in radii]],
+            [
+                [describe(r), s, c["images"], c["n"], fmt(c["acr"], ".3f")]
+                + [fmt(c["certified_accuracy"].get(x)) for x in radii]
+                for r, s, c in entries
+            ],
+        ),
+        "",
+        f"![certified accuracy against radius]({tag}-certified.png)",
+        "",
+    ]
+
+
 def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> Path:
     """Write results.csv, report.md and its PNG figures into ``out``; returns report.md's path."""
     rows = collect(sweep_dir)
@@ -341,6 +371,7 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
                 ),
                 "",
             ]
+        md += _certify_section(task_rows, out, tag)
         cost = defaultdict(list)
         for r in task_rows:
             cost[group_of(r)].append(r)

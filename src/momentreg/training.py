@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from momentreg.data import to_float
 from momentreg.errors import CheckpointError, TrainingError
-from momentreg.regularizer import Split, moment_loss
+from momentreg.regularizer import DEPTHS, MOMENT_LOSSES, Split, moment_loss
 from momentreg.rundir import atomic_write, pause_for_tests
 
 __all__ = ["TrainConfig", "PROTOCOLS", "METHODS", "train", "load_checkpoint"]
@@ -41,6 +41,9 @@ class TrainConfig:
     sigma: float = 0.0
     alpha: float = 1.0
     folds: int = 1
+    moment_depth: str = "first"  # moment: "first" (the paper) or "all" layers
+    moment_loss: str = "mean"  # moment: "mean" or "expected-ce" (needs moment_depth="all")
+    moment_noise: bool = False  # moment: the first term sees a freshly noised batch (hybrid)
     optimizer: str = "adam"
     lr: float = 1e-4
     momentum: float = 0.9
@@ -56,6 +59,12 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.moment_depth not in DEPTHS:
+            raise ValueError(f"unknown moment depth {self.moment_depth!r}; choose from {DEPTHS}")
+        if self.moment_loss not in MOMENT_LOSSES:
+            raise ValueError(f"unknown moment loss {self.moment_loss!r}; choose {MOMENT_LOSSES}")
+        if self.moment_loss == "expected-ce" and self.moment_depth != "all":
+            raise ValueError("moment loss expected-ce needs moment depth all (the output variance)")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
         checks = {
@@ -97,6 +106,17 @@ PROTOCOLS: dict[str, dict] = {
         plateau_factor=0.5,
         plateau_patience=5,
         early_stop=20,
+    ),
+    "resnet20": dict(  # He et al. 2016, with the plateau schedule of the other models
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=1e-4,
+        batch_size=128,
+        plateau_factor=0.1,
+        plateau_patience=10,
+        early_stop=30,
     ),
 }
 
@@ -319,7 +339,20 @@ def train(
 def _step_loss(model, x, y, noisy, cfg: TrainConfig, gen, split):
     """Loss of one batch and the logits it saw. noisy: bool [B], marks augmentation copies."""
     if cfg.method == "moment":
-        loss, parts = moment_loss(model, x, y, cfg.sigma, cfg.alpha, split)
+        noise = None
+        if cfg.moment_noise and cfg.sigma > 0:
+            noise = torch.randn(x.shape, generator=gen, device=x.device).mul_(cfg.sigma)
+        loss, parts = moment_loss(
+            model,
+            x,
+            y,
+            cfg.sigma,
+            cfg.alpha,
+            split,
+            depth=cfg.moment_depth,
+            loss=cfg.moment_loss,
+            noisy=noise,
+        )
         return loss, parts["logits"]
     if cfg.method in ("noise", "augment") and cfg.sigma > 0:
         noise = torch.randn(x.shape, generator=gen, device=x.device).mul_(cfg.sigma)
@@ -329,7 +362,10 @@ def _step_loss(model, x, y, noisy, cfg: TrainConfig, gen, split):
 
 
 def _check_identity(stored: dict, wanted: dict, path: Path) -> None:
-    flat_stored = {**stored.get("config", {}), **{k: v for k, v in stored.items() if k != "config"}}
+    # a setting added after the checkpoint was written counts as its default
+    config = {**dataclasses.asdict(TrainConfig()), **stored.get("config", {})}
+    config.pop("epochs", None)
+    flat_stored = {**config, **{k: v for k, v in stored.items() if k != "config"}}
     flat_wanted = {**wanted["config"], **{k: v for k, v in wanted.items() if k != "config"}}
     diffs = [
         f"{k}: checkpoint {flat_stored.get(k)!r}, this run {flat_wanted.get(k)!r}"
