@@ -9,7 +9,8 @@
 4. attack cost per image at each attack's default budget (a LeNet trained for one epoch);
 5. peak memory of one training step per method (CUDA: max_memory_allocated; CPU, Linux: peak RSS
    of a fresh child process above its RSS before the step);
-6. scaling of the moment/clean ratio with batch size and input size.
+6. scaling of the moment/clean ratio with batch size and input size;
+7. data loading: one epoch's batch preparation as a share of a clean epoch.
 """
 
 from __future__ import annotations
@@ -133,6 +134,36 @@ def bench_gnr(device, images: int, repeats: int) -> dict:
     }
 
 
+def bench_data_loading(device, images: int, batch: int, repeats: int) -> dict:
+    """One clean epoch's batch preparation as training does it (a permutation, then per step an
+    index-select of uint8 images and the conversion to float on the device), against the epoch's
+    clean steps on the same batches: the share of the epoch spent loading data."""
+    from momentreg.data import to_float
+
+    torch.manual_seed(0)
+    data = torch.randint(0, 256, (images, 1, 28, 28), dtype=torch.uint8).to(device)
+    labels = torch.randint(0, 10, (images,)).to(device)
+    steps = -(-images // batch)
+
+    def load_epoch():
+        perm = torch.randperm(images).to(device)
+        for i in range(steps):
+            idx = perm[i * batch : (i + 1) * batch]
+            to_float(data[idx]), labels[idx]
+        _sync(device)
+
+    step, _ = make_step("lenet", "mnist", batch, "clean", device)
+    t_load = median_time(load_epoch, repeats, device)
+    t_steps = steps * median_time(step, repeats, device)
+    return {
+        "images": images,
+        "batch": batch,
+        "load_seconds": t_load,
+        "steps_seconds": t_steps,
+        "share": t_load / (t_load + t_steps),
+    }
+
+
 def bench_attacks(device, images: int, train_images: int) -> dict:
     from momentreg.attacks import ATTACKS, minimal_perturbations
     from momentreg.data import load_dataset, to_float, train_val_split
@@ -223,6 +254,12 @@ def table(results: dict) -> str:
         f"\nGNR, {g['images']} images x 30 sigmas: {g['gnr_seconds']:.2f} s; 31 forward "
         f"passes {g['floor_seconds']:.2f} s; ratio {g['ratio']:.3f}"
     )
+    d = results["data_loading"]
+    lines.append(
+        f"\ndata loading, one clean epoch of {d['images']} images at batch {d['batch']}: "
+        f"{d['load_seconds']:.3f} s against {d['steps_seconds']:.2f} s of steps, "
+        f"{100 * d['share']:.2f}% of the epoch"
+    )
     if "attacks" in results:
         lines.append("\nattack seconds per image (LeNet, 1 epoch on the MNIST sample):")
         for name, a in results["attacks"].items():
@@ -260,7 +297,7 @@ def main() -> None:
     device = torch.device(args.device)
     moments.set_compile(not args.no_compile)
     quick = args.quick
-    repeats = 2 if quick else 5
+    repeats = 2 if quick else 3
     results = {
         "device": str(device),
         "torch": torch.__version__,
@@ -288,8 +325,9 @@ def main() -> None:
         results["scaling"]["batch 500, 32x32x3"] = bench_steps(
             "lenet", "cifar10", 500, device, repeats, ["clean", "moment"]
         )
-    results["gnr"] = bench_gnr(device, 200 if quick else 2000, 1 if quick else 3)
-    results["attacks"] = bench_attacks(device, 1 if quick else 10, 500 if quick else 10000)
+    results["gnr"] = bench_gnr(device, 200 if quick else 1000, 1)
+    results["data_loading"] = bench_data_loading(device, 2000 if quick else 10000, 128, repeats)
+    results["attacks"] = bench_attacks(device, 1 if quick else 4, 500 if quick else 2000)
     mem_methods = ["clean", "moment"] if quick else ["clean", "moment", "augment6", "noise"]
     results["memory"] = {
         "lenet-mnist": bench_memory("lenet", "mnist", lenet_batch, device, mem_methods)

@@ -22,6 +22,7 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert {"moment", "augment6", "moment_over_floor"} <= set(lenet["ratio_to_clean"])
     assert lenet["ratio_to_clean"]["clean"] == 1.0
     assert {"gnr_seconds", "floor_seconds", "ratio"} <= set(data["gnr"])
+    assert 0 < data["data_loading"]["share"] < 1
     assert set(data["attacks"]) == {"pgd", "lbfgs", "fgsm", "aga", "aua", "deepfool"}
     assert {"clean", "moment"} <= set(data["memory"]["lenet-mnist"]["peak_mib"])
     assert "ratio" in result.stdout
