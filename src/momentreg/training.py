@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import io
 import math
+import os
 import time
 from pathlib import Path
 
@@ -244,6 +245,7 @@ def train(
             return history
 
     writer = _tensorboard_writer(out) if tensorboard else None
+    pausing = out is not None and "MOMENTREG_TEST_PAUSE" in os.environ  # crash tests only
     elapsed = history[-1]["train_seconds"] if history else 0.0
     folds = cfg.folds if cfg.method == "augment" else 1
     steps = math.ceil(n * folds / cfg.batch_size)
@@ -277,7 +279,7 @@ def train(
             optimizer.step()
             total_loss += loss_value * len(y)
             total_correct += (logits.argmax(1) == y).sum()  # stays on the device
-            if out is not None:
+            if pausing:
                 pause_for_tests("mid-epoch", f"{out}/epoch{epoch + 1}/step{step + 1}/")
         val_loss, val_acc = _validate(model, val_images, val_labels, cfg.batch_size, device)
         scheduler.step(val_loss)
