@@ -67,12 +67,9 @@ def attack_winners(rows: list[dict]) -> dict[str, dict]:
     method with no run that accurate is represented by its most accurate run."""
     chosen = report.fair_comparison(rows, 0.0, group=lambda r: r["method"])["selected"]
     for method in {r["method"] for r in rows} - set(chosen):
-        chosen[method] = max((r for r in rows if r["method"] == method), key=_accuracy)
+        runs = [r for r in rows if r["method"] == method]
+        chosen[method] = max(runs, key=lambda r: r["test_accuracy"])
     return chosen
-
-
-def _accuracy(row: dict) -> float:
-    return row["test_accuracy"]
 
 
 def run_attacks(runs: Path, images: dict[str, int], device: str) -> None:
