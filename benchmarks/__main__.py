@@ -4,7 +4,8 @@
 
 1. training step time per method (LeNet/MNIST batch 1000, AlexNet/CIFAR batch 128), as a ratio to
    a clean step; N-fold augmentation per *clean* image (N x the time of an augmentation step);
-2. the floor of the regularizer: clean step + one forward/backward of the tail on the same batch;
+2. the floor of the regularizer: clean step + one forward/backward of the tail on the same batch
+   (the backward down to the tail's input, which the moment term needs to train the first layer);
 3. GNR over 30 sigmas against its floor of 31 plain forward passes of the same images;
 4. attack cost per image at each attack's default budget (a LeNet trained for one epoch);
 5. peak memory of one training step per method (CUDA: max_memory_allocated; CPU, Linux: peak RSS
@@ -86,8 +87,12 @@ def make_step(model_name, dataset, batch, method, device, size=None):
     head, tail = split_at_first_relu(model)
     with torch.no_grad():
         h = head(x)
+    # The moment term trains the head through the tail, so its backward includes the gradient
+    # with respect to the tail's input, as the clean step's backward does.
+    h.requires_grad_(True)
 
     def tail_pass():  # the floor's extra work: forward+backward of the tail on the same batch
+        h.grad = None
         F.cross_entropy(tail(torch.relu(h)), y).backward()
 
     return step, tail_pass

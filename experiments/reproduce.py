@@ -43,7 +43,7 @@ TASKS = {  # name -> (spec, dataset label)
 # Paper (Table 1, LeNet on MNIST): clean and the regularizer at sigma = 1.0, alpha = 1.
 PAPER = {"clean": (98.50, 77.45), "moment sigma=1.0": (99.00, 97.32)}
 STAGES = ("train", "attack", "export", "doc")
-COPIED = ("config.json", "metrics.json", "attacks.json", "history.csv")
+COPIED = ("config.json", "metrics.json", "attacks.json", "certify.json", "history.csv")
 
 
 def run_sweeps(runs: Path, data_dirs: dict, device: str, workers: int, settings: dict) -> None:
@@ -62,44 +62,56 @@ def run_sweeps(runs: Path, data_dirs: dict, device: str, workers: int, settings:
                 sys.exit(f"{task}: {counts['failed']} runs failed: {status}")
 
 
-def attack_winners(rows: list[dict]) -> dict[str, dict]:
-    """method -> the run that the fair comparison picks (highest GNR at >= clean accuracy); a
-    method with no run that accurate is represented by its most accurate run."""
-    chosen = report.fair_comparison(rows, 0.0, group=lambda r: r["method"])["selected"]
-    for method in {r["method"] for r in rows} - set(chosen):
-        runs = [r for r in rows if r["method"] == method]
-        chosen[method] = max(runs, key=lambda r: r["test_accuracy"])
+def attack_winners(
+    rows: list[dict], group=lambda r: r["method"], tolerance: float = 0.0
+) -> dict[str, dict]:
+    """group (default: method) -> the run that the fair comparison picks (highest GNR at >= clean
+    accuracy - tolerance); a group with no run that accurate is represented by its most accurate
+    run."""
+    chosen = report.fair_comparison(rows, tolerance, group=group)["selected"]
+    for name in {group(r) for r in rows} - set(chosen):
+        runs = [r for r in rows if group(r) == name]
+        chosen[name] = max(runs, key=lambda r: r["test_accuracy"])
     return chosen
 
 
-def run_attacks(runs: Path, images: dict[str, int], device: str) -> None:
-    """Each winner's attacks (``images``: attack -> test images) as ``momentreg evaluate``
-    processes, the winners in parallel; attacks already done on that many images are skipped."""
-    rows = report.collect(runs / "mnist-lenet")
-    jobs = []
-    for row in attack_winners(rows).values():
-        run = runs / "mnist-lenet" / "runs" / row["run"]
-        done = read_json(run / "attacks.json") if (run / "attacks.json").exists() else {}
-        todo = defaultdict(list)
-        for attack, n in images.items():
-            if done.get(attack, {}).get("test_images") != n:
-                todo[n].append(attack)
-        jobs.append(
-            [
-                [sys.executable, "-m", "momentreg", "evaluate", str(run), "--quiet"]
-                + ["--attacks", ",".join(attacks), "--limit", str(n), "--device", device]
-                for n, attacks in todo.items()
-            ]
-        )
-    threads = max(1, (os.cpu_count() or 1) // max(1, len(jobs)))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def attack_commands(run: Path, images: dict[str, int], device: str) -> list[list[str]]:
+    """The ``momentreg evaluate --attacks`` commands that ``run`` still needs (``images``: attack ->
+    test images); attacks already done on that many images are skipped."""
+    done = read_json(run / "attacks.json") if (run / "attacks.json").exists() else {}
+    todo = defaultdict(list)
+    for attack, n in images.items():
+        if done.get(attack, {}).get("test_images") != n:
+            todo[n].append(attack)
+    return [
+        [sys.executable, "-m", "momentreg", "evaluate", str(run), "--quiet"]
+        + ["--attacks", ",".join(attacks), "--limit", str(n), "--device", device]
+        for n, attacks in todo.items()
+    ]
+
+
+def run_jobs(jobs: list[list[list[str]]], workers: int) -> None:
+    """Each job is a list of commands run in turn; up to ``workers`` jobs at once, sharing the
+    CPU cores between them."""
+    workers = max(1, min(workers, len(jobs)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
 
     def run_job(commands):
         for argv in commands:
             subprocess.run(argv, env=env, check=True)
 
-    with ThreadPoolExecutor(max(1, len(jobs))) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         list(pool.map(run_job, jobs))
+
+
+def run_attacks(runs: Path, images: dict[str, int], device: str) -> None:
+    """The attacks on each MNIST winner, the winners in parallel."""
+    rows = report.collect(runs / "mnist-lenet")
+    winners = attack_winners(rows).values()
+    jobs = [
+        attack_commands(runs / "mnist-lenet" / "runs" / r["run"], images, device) for r in winners
+    ]
+    run_jobs(jobs, len(jobs))
 
 
 def record_environment(runs: Path, command: str) -> None:
@@ -120,9 +132,9 @@ def record_environment(runs: Path, command: str) -> None:
     )
 
 
-def export(runs: Path, results: Path) -> None:
+def export(runs: Path, results: Path, tasks=TASKS) -> None:
     """Copy the small files of every finished run to results/<task>/<run>/."""
-    for task in TASKS:
+    for task in tasks:
         root = runs / task / "runs"
         for run in sorted(root.iterdir()) if root.is_dir() else []:
             if not (run / "metrics.json").exists():
@@ -480,39 +492,54 @@ def write_doc(results: Path, doc: Path) -> None:
     print(f"wrote {doc} and {figures}/*.png")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def study_parser(doc: str, name: str, workers: int) -> argparse.ArgumentParser:
+    """The options every study script shares; ``name`` names its runs, results and doc."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--mnist-dir", type=Path, default=ROOT.parent / "shared/datasets/mnist")
     p.add_argument("--fashion-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
-    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "reproduction")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / name)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=1, help="trainings (and attack runs) at once")
-    p.add_argument("--attack-images", type=int, default=400)
-    p.add_argument("--lbfgs-images", type=int, help="L-BFGS on fewer images (default: all)")
-    p.add_argument(
-        "--stages",
-        default=",".join(STAGES),
-        help="comma-separated subset; --stages doc rewrites the page from the committed files",
-    )
-    p.add_argument("--results", type=Path, default=ROOT / "docs/results/reproduction")
-    p.add_argument("--doc", type=Path, default=ROOT / "docs/reproduction.md")
+    p.add_argument("--workers", type=int, default=workers, help="trainings (evaluations) at once")
+    p.add_argument("--results", type=Path, default=ROOT / "docs/results" / name)
+    p.add_argument("--doc", type=Path, default=ROOT / f"docs/{name}.md")
     p.add_argument(
         "--set",
         type=parse_setting,
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a spec setting in both sweeps (for smoke tests: --set epochs=1)",
+        help="override a spec setting in every sweep (for smoke tests: --set epochs=1)",
+    )
+    return p
+
+
+def parse_stages(p: argparse.ArgumentParser, stages: tuple[str, ...]):
+    """(args, the chosen stages) with a --stages option; records the whole command (without
+    --stages: the command that makes everything) in RUNS/command.txt when training."""
+    p.add_argument(
+        "--stages",
+        default=",".join(stages),
+        help="comma-separated subset; --stages doc rewrites the page from the committed files",
     )
     args = p.parse_args()
-    stages = set(args.stages.split(","))
-    if stages - set(STAGES):
-        p.error(f"--stages: choose from {','.join(STAGES)}")
-    if "train" in stages:
+    chosen = set(args.stages.split(","))
+    if chosen - set(stages):
+        p.error(f"--stages: choose from {','.join(stages)}")
+    if "train" in chosen:
         argv = sys.argv[1:]
-        if "--stages" in argv:  # the command that makes everything, not this stage of it
+        if "--stages" in argv:
             del argv[argv.index("--stages") : argv.index("--stages") + 2]
-        record_environment(args.runs, "python experiments/reproduce.py " + " ".join(argv))
+        script = Path(sys.argv[0]).name
+        record_environment(args.runs, f"python experiments/{script} " + " ".join(argv))
+    return args, chosen
+
+
+def main() -> None:
+    p = study_parser(__doc__, "reproduction", workers=1)
+    p.add_argument("--attack-images", type=int, default=400)
+    p.add_argument("--lbfgs-images", type=int, help="L-BFGS on fewer images (default: all)")
+    args, stages = parse_stages(p, STAGES)
+    if "train" in stages:
         data_dirs = {"mnist-lenet": args.mnist_dir, "fashion-lenet": args.fashion_dir}
         run_sweeps(args.runs, data_dirs, args.device, args.workers, dict(args.set))
     if "attack" in stages:

@@ -1,21 +1,26 @@
-"""docs/reproduction.md is what experiments/reproduce.py writes from the committed metrics."""
+"""The study pages (docs/reproduction.md, docs/beyond.md) are what their experiments/ scripts write
+from the committed metrics."""
 
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_committed_reproduction_doc_regenerates_identically(tmp_path):
-    doc = tmp_path / "reproduction.md"
+@pytest.mark.parametrize("study, figures", [("reproduction", 6), ("beyond", 2)])
+def test_committed_study_doc_regenerates_identically(tmp_path, study, figures):
+    script = {"reproduction": "reproduce.py", "beyond": "beyond.py"}[study]
+    doc = tmp_path / f"{study}.md"
     subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "reproduce.py"), "--stages", "doc"]
-        + ["--results", str(ROOT / "docs" / "results" / "reproduction"), "--doc", str(doc)],
+        [sys.executable, str(ROOT / "experiments" / script), "--stages", "doc"]
+        + ["--results", str(ROOT / "docs" / "results" / study), "--doc", str(doc)],
         check=True,
         capture_output=True,
     )
-    assert doc.read_text() == (ROOT / "docs" / "reproduction.md").read_text()
-    figures = {p.name for p in (tmp_path / "reproduction").glob("*.png")}
-    assert figures == {p.name for p in (ROOT / "docs" / "reproduction").glob("*.png")}
-    assert len(figures) == 6
+    assert doc.read_text() == (ROOT / "docs" / f"{study}.md").read_text()
+    made = {p.name for p in (tmp_path / study).glob("*.png")}
+    assert made == {p.name for p in (ROOT / "docs" / study).glob("*.png")}
+    assert len(made) == figures

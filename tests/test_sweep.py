@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from momentreg.cli import main
-from momentreg.report import fair_comparison, write_report
+from momentreg.report import fair_comparison, group_of, write_report
 from momentreg.sweep import (
     PRESETS,
     SpecError,
@@ -66,6 +66,27 @@ def test_expand_crosses_per_method_axes():
     assert all("alpha" not in r for r in runs if r["method"] != "moment")
     assert all("folds" not in r for r in runs if r["method"] != "augment")
     assert len({run_dir_name(r) for r in runs}) == len(runs)
+
+
+def test_moment_variants_and_budgets_get_their_own_names_and_groups():
+    base = {"method": "moment", "sigma": 0.5, "time_budget": 60}
+    variants = [
+        base,
+        {**base, "moment_depth": "all"},
+        {**base, "moment_depth": "all", "moment_loss": "expected-ce"},
+        {**base, "moment_noise": True},
+        {**base, "time_budget": 180},
+    ]
+    names = [run_dir_name(v).rsplit("-", 1)[0] for v in variants]
+    assert names == [
+        "moment-s0.5-t60",
+        "moment-s0.5-all-t60",
+        "moment-s0.5-all-expected-ce-t60",
+        "moment-s0.5-noisy-t60",
+        "moment-s0.5-t180",
+    ]
+    groups = [group_of({"folds": 1, **v}) for v in variants[:4]]
+    assert len(set(groups)) == 4 and groups[0] == "moment"
 
 
 def test_paper_presets_have_the_paper_grids():

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -70,6 +72,25 @@ def test_keeps_best_validation_weights_and_stops_early(tmp_path):
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["finished"] and ckpt["best"]["epoch"] == best["epoch"]
     assert all(torch.equal(net.state_dict()[k], ckpt["best"]["state"][k]) for k in ckpt["model"])
+
+
+def test_time_budget_ends_the_run_in_the_step_that_crosses_it(tmp_path):
+    tr, va = _sample()  # 240 training images: 5 steps per epoch
+    budget = 0.05
+    history = train(_tiny_net(), tr, va, epochs=1000, time_budget=budget, out_dir=tmp_path, **FAST)
+    last = history[-1]
+    steps = last["steps"]
+    assert last["step_seconds"] >= budget
+    assert steps < 1000 * 5 and len(history) == math.ceil(steps / 5)
+    assert [r["steps"] for r in history[:-1]] == [5 * (i + 1) for i in range(len(history) - 1)]
+    # the crossing step ends it: earlier epochs stayed under the budget
+    assert all(r["step_seconds"] < budget for r in history[:-1])
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["finished"] and ckpt["stopped"]
+    again = train(
+        _tiny_net(), tr, va, epochs=1000, time_budget=budget, out_dir=tmp_path, resume=True, **FAST
+    )
+    assert again == history  # a finished budget run does not train on when resumed
 
 
 def test_non_finite_loss_names_epoch_and_batch_and_keeps_checkpoint(tmp_path):

@@ -144,6 +144,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plateau-factor", type=pos_float)
     g.add_argument("--plateau-patience", type=nonneg_int)
     g.add_argument("--early-stop", type=pos_int, help="patience of early stopping (epochs)")
+    g.add_argument(
+        "--time-budget",
+        type=pos_float,
+        help="stop once the training steps took this many seconds (validation not counted)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-limit", type=pos_int, help="use only the first N training images")
     p.add_argument("--val-fraction", type=pos_float, default=0.1)
@@ -239,6 +244,8 @@ def run_training(args: argparse.Namespace, out: Path) -> dict:
         epochs=len(history),
         best_epoch=max(history, key=lambda r: -r["val_loss"])["epoch"],
         train_seconds=history[-1]["train_seconds"],
+        steps=history[-1].get("steps"),  # absent in checkpoints older than the budget
+        step_seconds=history[-1].get("step_seconds"),
         seconds_per_epoch=history[-1]["train_seconds"] / len(history),
         wall_seconds=time.perf_counter() - t0,
     )

@@ -71,6 +71,14 @@ def run_row(run: Path) -> dict:
     for key in ATTACK_LABELS:
         row[f"energy_{key}"] = attacks.get(key, {}).get("energy_mean")
     row["gnr_curve"] = metrics.get("gnr_curve")
+    for key, default in (
+        ("moment_depth", "first"),
+        ("moment_loss", "mean"),
+        ("moment_noise", False),
+    ):
+        row[key] = config.get(key, default)
+    row["time_budget"] = config.get("time_budget") or None
+    row["steps"], row["step_seconds"] = metrics.get("steps"), metrics.get("step_seconds")
     certify = run / "certify.json"
     row["certify"] = read_json(certify) if certify.exists() else {}
     return row
@@ -112,7 +120,19 @@ def group_of(row: dict) -> str:
     """The method group a run competes in: clean, noise, moment, or augment per N."""
     if row["method"] == "augment":
         return f"augment N={row['folds']}"
+    if row["method"] == "moment":
+        return "moment" + moment_variant(row)
     return row["method"]
+
+
+def moment_variant(row: dict) -> str:
+    """'' for the paper's regularizer, else e.g. ' (all layers, expected CE, noisy)'."""
+    parts = [
+        *(["all layers"] if row.get("moment_depth", "first") == "all" else []),
+        *(["expected CE"] if row.get("moment_loss", "mean") == "expected-ce" else []),
+        *(["noisy"] if row.get("moment_noise") else []),
+    ]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def fair_comparison(rows: list[dict], tolerance: float, group=group_of) -> dict:
@@ -146,7 +166,7 @@ def fair_comparison(rows: list[dict], tolerance: float, group=group_of) -> dict:
 
 def describe(row: dict) -> str:
     if row["method"] == "moment":
-        return f"moment sigma={row['sigma']} alpha={row['alpha']}"
+        return f"moment sigma={row['sigma']} alpha={row['alpha']}" + moment_variant(row)
     if row["method"] == "augment":
         return f"augment N={row['folds']} sigma={row['sigma']}"
     if row["method"] == "noise":

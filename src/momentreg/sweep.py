@@ -121,6 +121,15 @@ def run_dir_name(config: dict) -> str:
     for key, short in (("sigma", "s"), ("alpha", "a"), ("folds", "n"), ("seed", "seed")):
         if key in config and (key != "alpha" or parts[0] == "moment"):
             parts.append(f"{short}{config[key]}")
+    if parts[0] == "moment":
+        parts += [
+            v
+            for k, v in (("moment_depth", "all"), ("moment_loss", "expected-ce"))
+            if config.get(k) == v
+        ]
+        parts += ["noisy"] if config.get("moment_noise") else []
+    if config.get("time_budget"):
+        parts.append(f"t{config['time_budget']}")
     return "-".join(str(p) for p in parts) + f"-{digest}"
 
 
@@ -270,7 +279,10 @@ def sweep(
 
 
 def _cost(config: dict) -> float:
-    """A run's training cost relative to one clean epoch (N-fold augmentation: N; moment: ~2)."""
+    """A run's training cost relative to one clean epoch (N-fold augmentation: N; moment: ~2); a
+    time-budgeted run costs its budget (seconds), so the largest budgets start first."""
+    if config.get("time_budget"):
+        return config["time_budget"]
     per_epoch = {"augment": config.get("folds", 1), "moment": 2}.get(config.get("method"), 1)
     return config.get("epochs", 100) * per_epoch
 

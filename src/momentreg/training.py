@@ -55,6 +55,7 @@ class TrainConfig:
     plateau_factor: float = 0.9
     plateau_patience: int = 3
     early_stop: int = 10
+    time_budget: float = 0.0  # stop once the training steps took this many seconds (0: no limit)
     seed: int = 0
 
     def validate(self) -> None:
@@ -80,6 +81,7 @@ class TrainConfig:
             "plateau_factor": 0 < self.plateau_factor < 1,
             "plateau_patience": self.plateau_patience >= 0,
             "early_stop": self.early_stop >= 1,
+            "time_budget": self.time_budget >= 0 and math.isfinite(self.time_budget),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -143,7 +145,8 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 def _write_history(path: Path, history: list[dict]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    columns = list(dict.fromkeys(k for row in history for k in row))  # older rows may lack some
+    writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(history)
     atomic_write(path, buf.getvalue().encode())
@@ -201,7 +204,10 @@ def train(
     ``out_dir`` a checkpoint and ``history.csv`` are written atomically after every epoch;
     ``resume=True`` continues from that checkpoint and ends with the same weights as an
     uninterrupted run. ``identity`` (e.g. model and dataset names) is stored in the checkpoint and
-    must match on resume, as must every config field but ``epochs``.
+    must match on resume, as must every config field but ``epochs``. With ``time_budget`` the run
+    ends inside the epoch in which its training steps (timed on the host, the step's loss read back)
+    have taken that many seconds (the first step of the call, which compiles, is not counted); that
+    partial epoch is validated and checkpointed like any other.
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     cfg.validate()
@@ -247,6 +253,11 @@ def train(
     writer = _tensorboard_writer(out) if tensorboard else None
     pausing = out is not None and "MOMENTREG_TEST_PAUSE" in os.environ  # crash tests only
     elapsed = history[-1]["train_seconds"] if history else 0.0
+    # The time budget counts training steps only (not validation or checkpoint writes), and not
+    # the first step of each call: it pays one-time costs such as compiling the ReLU kernels.
+    step_count = history[-1].get("steps", 0) if history else 0
+    step_seconds = history[-1].get("step_seconds", 0.0) if history else 0.0
+    warm = False
     folds = cfg.folds if cfg.method == "augment" else 1
     steps = math.ceil(n * folds / cfg.batch_size)
     stopped = False
@@ -262,9 +273,11 @@ def train(
         model.train()
         perm = torch.randperm(n * folds, generator=cpu_gen).to(device)
         total_loss, total_correct = 0.0, torch.zeros((), dtype=torch.long, device=device)
+        seen, out_of_time = 0, False
         for step in tqdm(
             range(steps), desc=f"epoch {epoch + 1}", disable=not progress, leave=False
         ):
+            t_step = time.perf_counter()
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x, y = to_float(images[idx % n]), labels[idx % n]
             loss, logits = _step_loss(model, x, y, idx >= n, cfg, dev_gen, split)
@@ -279,8 +292,15 @@ def train(
             optimizer.step()
             total_loss += loss_value * len(y)
             total_correct += (logits.argmax(1) == y).sum()  # stays on the device
+            seen += len(y)
+            step_count += 1
+            step_seconds += time.perf_counter() - t_step if warm else 0.0
+            warm = True
             if pausing:
                 pause_for_tests("mid-epoch", f"{out}/epoch{epoch + 1}/step{step + 1}/")
+            if cfg.time_budget and step_seconds >= cfg.time_budget:
+                out_of_time = True  # the last epoch is a partial one
+                break
         val_loss, val_acc = _validate(model, val_images, val_labels, cfg.batch_size, device)
         scheduler.step(val_loss)
         if val_loss < best["val_loss"]:
@@ -295,20 +315,22 @@ def train(
         elapsed += time.perf_counter() - t0
         row = {
             "epoch": epoch + 1,
-            "train_loss": total_loss / (n * folds),
-            "train_accuracy": 100.0 * int(total_correct) / (n * folds),
+            "train_loss": total_loss / seen,
+            "train_accuracy": 100.0 * int(total_correct) / seen,
             "val_loss": val_loss,
             "val_accuracy": val_acc,
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - t0,
             "train_seconds": elapsed,
+            "steps": step_count,
+            "step_seconds": step_seconds,
         }
         history.append(row)
         epoch_bar.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.2f}")
         if writer is not None:
             for key, value in row.items():
                 writer.add_scalar(key, value, epoch + 1)
-        stopped = bad_epochs >= cfg.early_stop
+        stopped = bad_epochs >= cfg.early_stop or out_of_time
         if out is not None:
             finished = stopped or epoch + 1 == cfg.epochs
             _save_checkpoint(

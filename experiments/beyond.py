@@ -1,0 +1,412 @@
+"""Beyond the paper (issue 10): which training recipe buys the most robustness per unit of training
+compute? Writes docs/beyond.md.
+
+    python experiments/beyond.py --mnist-dir ../shared/datasets/mnist \
+        --fashion-dir /usr/share/datasets/fashion-mnist [--workers 2]
+
+Stages, each resumable (rerun the same command after a crash):
+  1. train: experiments/beyond.toml on MNIST, then on Fashion-MNIST (never both at once: every run
+     has a wall-clock budget, so the machine must carry the same load throughout);
+  2. evaluate: at the largest budget, the six attacks and randomized-smoothing certification for
+     the most robust run of each method group that keeps the clean run's accuracy;
+  3. export: every finished run's config, metrics, attacks, certificates and history copied to
+     docs/results/beyond/ (checkpoints stay in --runs);
+  4. doc: docs/beyond.md and its figures, from those copies alone.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from reproduce import (  # noqa: E402
+    attack_commands,
+    attack_winners,
+    export,
+    parse_stages,
+    run_jobs,
+    study_parser,
+)
+
+from momentreg import report  # noqa: E402
+from momentreg.attacks import ATTACK_LABELS, ATTACKS  # noqa: E402
+from momentreg.rundir import read_json  # noqa: E402
+from momentreg.sweep import load_spec, sweep  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "experiments" / "beyond.toml"
+DATASETS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+STAGES = ("train", "evaluate", "export", "doc")
+SMOOTHING_SIGMA = 0.25
+# accuracy points a run may lose against the clean run of its budget and still compete; the
+# headline rule is HEADLINE (GNR alone rewards a model that predicts one class everywhere)
+TOLERANCES = (0.0, 0.5, 1.0, 2.0)
+HEADLINE = 1.0
+
+
+def train(runs: Path, data_dirs: dict, device: str, workers: int, settings: dict) -> None:
+    for dataset, data_dir in data_dirs.items():
+        spec = {**load_spec(str(SPEC)), "dataset": dataset, "data_dir": str(data_dir)}
+        spec.update(device=device, **settings)
+        counts = sweep(spec, runs / dataset, workers=workers, progress=False)
+        print(f"{dataset}: {counts}", flush=True)
+        if counts["failed"]:
+            sys.exit(
+                f"{dataset}: {counts['failed']} runs failed: momentreg sweep status "
+                f"{runs / dataset}"
+            )
+
+
+def at_largest_budget(rows: list[dict]) -> list[dict]:
+    top = max(r["time_budget"] for r in rows)
+    return [r for r in rows if r["time_budget"] == top]
+
+
+def winners(rows: list[dict]) -> dict[str, dict]:
+    """group -> the run that the headline rule picks at the largest budget."""
+    return attack_winners(at_largest_budget(rows), group=report.group_of, tolerance=HEADLINE)
+
+
+def evaluate(runs: Path, args) -> None:
+    """Attacks and certification of every dataset's winners, ``args.workers`` models at once."""
+    images = {a: args.attack_images for a in ATTACKS}
+    images["lbfgs"] = args.lbfgs_images
+    sigma = f"{SMOOTHING_SIGMA:g}"
+    jobs = []
+    for dataset in DATASETS:
+        for row in winners(report.collect(runs / dataset)).values():
+            run = runs / dataset / "runs" / row["run"]
+            commands = attack_commands(run, images, args.device)
+            done = row["certify"].get(sigma, {})
+            if (done.get("images"), done.get("n")) != (args.certify_images, args.certify_n):
+                commands.append(
+                    [sys.executable, "-m", "momentreg", "evaluate", str(run), "--quiet"]
+                    + ["--certify", "--sigma", sigma, "--n", str(args.certify_n)]
+                    + ["--limit", str(args.certify_images), "--device", args.device]
+                )
+            jobs.append(commands)
+    run_jobs(jobs, args.workers)
+
+
+# -- the document ---------------------------------------------------------------------------------
+
+ANALYTIC = "moment"  # the groups whose name starts with it use the analytic expectation
+
+
+def _order(group: str) -> tuple:
+    rank = ["clean", "noise", "augment N=2", "augment N=6"]
+    return (rank.index(group) if group in rank else len(rank), group)
+
+
+def _by(rows: list[dict], key) -> dict[str, list[dict]]:
+    """key(row) -> its rows, in the order of the groups (clean, noise, augment, moment...)."""
+    out: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (_order(report.group_of(r)), r["sigma"], r["seed"])):
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
+def label(row: dict) -> str:
+    """One training recipe (all budgets): the run's description, and its seed unless 0."""
+    return report.describe(row) + (f" seed={row['seed']}" if row["seed"] else "")
+
+
+def step_costs(rows: list[dict]) -> dict[str, float]:
+    """group -> median seconds per training step over its runs (steps after the first)."""
+    return {
+        g: statistics.median(r["step_seconds"] / (r["steps"] - 1) for r in rs)
+        for g, rs in _by(rows, report.group_of).items()
+    }
+
+
+def best_per_budget(rows: list[dict]) -> dict[float, dict]:
+    """budget -> {"clean": the clean run, tolerance: the most robust run that loses at most that
+    many accuracy points against the clean run of the same budget, for each of TOLERANCES}."""
+    out = {}
+    for budget in sorted({r["time_budget"] for r in rows}):
+        rs = [r for r in rows if r["time_budget"] == budget]
+        out[budget] = {"clean": next(r for r in rs if r["method"] == "clean")}
+        for tolerance in TOLERANCES:
+            fair = report.fair_comparison(rs, tolerance, group=report.group_of)["selected"]
+            out[budget][tolerance] = max(fair.values(), key=lambda r: r["gnr"])
+    return out
+
+
+LEARNED = 50.0  # test accuracy (%) below which a run counts as not having learned
+
+
+def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
+    """GNR and accuracy against the training-time budget, one line per recipe, and the best run
+    per budget under the headline rule; runs that did not learn are left out (GNR is 100 for a
+    model that predicts one class everywhere)."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=110)
+    left_out = sorted({label(r) for r in rows if r["test_accuracy"] < LEARNED})
+    learned = [r for r in rows if label(r) not in left_out]
+    for name, rs in _by(learned, label).items():
+        rs = sorted(rs, key=lambda r: r["time_budget"])
+        style = "-" if rs[0]["method"] == ANALYTIC else "--"
+        for ax, key in zip(axes, ("gnr", "test_accuracy"), strict=True):
+            ax.plot(
+                [r["time_budget"] for r in rs], [r[key] for r in rs], style, marker="o", label=name
+            )
+    best = best_per_budget(rows)
+    axes[0].plot(
+        list(best),
+        [w[HEADLINE]["gnr"] for w in best.values()],
+        color="black",
+        linewidth=3,
+        alpha=0.25,
+        label=f"best run, accuracy loss <= {HEADLINE:g}",
+    )
+    for ax, name in zip(axes, ("GNR", "test accuracy (%)"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xticks(list(best), [f"{b:g}" for b in best])
+        ax.minorticks_off()
+        ax.set_xlabel("training budget (seconds of training steps, log scale)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if left_out:
+        title += f"\nleft out, below {LEARNED:g}% accuracy: " + "; ".join(left_out)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _f(value, spec=".2f") -> str:
+    return report.fmt(value, spec) or "n/a"
+
+
+def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]:
+    title = DATASETS[dataset]
+    budgets = sorted({r["time_budget"] for r in rows})
+    costs = step_costs(rows)
+    recipes = _by(rows, label)
+    plot_frontier(rows, figures / f"{dataset}-frontier.png", f"LeNet / {title}")
+
+    def cell(recipe, budget):
+        r = next((r for r in recipes[recipe] if r["time_budget"] == budget), None)
+        if r is None:
+            return "n/a"
+        return f"{_f(r['test_accuracy'])} / {_f(r['gnr'])} ({r['steps']})"
+
+    md = [
+        f"## {title}",
+        "",
+        "### Cost and results at each budget",
+        "",
+        "Each cell: test accuracy (%) / GNR (training steps done within the budget). Step cost: "
+        "the median over the group's runs of seconds per training step, and its ratio to clean.",
+        "",
+        report.markdown_table(
+            ["run", "s/step", "x clean", *[f"{b:g} s" for b in budgets]],
+            [
+                [name, f"{costs[g]:.3f}", f"{costs[g] / costs['clean']:.2f}"]
+                + [cell(name, b) for b in budgets]
+                for name, rs in recipes.items()
+                for g in [report.group_of(rs[0])]
+            ],
+        ),
+        "",
+        f"![robustness-vs-compute frontier](beyond/{dataset}-frontier.png)",
+        "",
+        "### Best method per compute budget",
+        "",
+        "The most robust run (accuracy / GNR) among those that lose at most the given number "
+        "of accuracy points against the clean run trained for the same budget; the headline "
+        f"rule is {HEADLINE:g} point.",
+        "",
+        report.markdown_table(
+            ["budget", "clean", *[f"best, loss <= {t:g}" for t in TOLERANCES]],
+            [
+                [f"{b:g} s", _acc_gnr(w["clean"])]
+                + [f"{label(w[t])}: {_acc_gnr(w[t])}" for t in TOLERANCES]
+                for b, w in best_per_budget(rows).items()
+            ],
+        ),
+        "",
+    ]
+    evaluated = [r for r in winners(rows).values() if r["energy_pgd"] is not None or r["certify"]]
+    if evaluated:
+        sigma = f"{SMOOTHING_SIGMA:g}"
+        clean = next((r for r in evaluated if r["method"] == "clean"), None)
+        md += [
+            f"### Attacks and certificates at {budgets[-1]:g} s",
+            "",
+            "The fair-comparison pick of each group (its most accurate run when none keeps the "
+            "clean accuracy). Attacks: mean energy of the minimal perturbation (mean squared "
+            f"perturbation per pixel) over the correctly classified of the first "
+            f"{_images(evaluated)} test images, in brackets the ratio to clean. Randomized "
+            f"smoothing at sigma {sigma} (Cohen et al. 2019): ACR and certified accuracy at radius "
+            f"0.5 on the first {_certified(evaluated, sigma)} test images.",
+            "",
+            report.markdown_table(
+                ["group", "run", *ATTACK_LABELS.values(), "ACR", "cert. acc. r=0.5", "GNR", "ACC"],
+                [
+                    [report.group_of(r), report.describe(r)]
+                    + [_energy(r, clean, k) for k in ATTACK_LABELS]
+                    + [
+                        _f(r["certify"].get(sigma, {}).get("acr"), ".3f"),
+                        _f(r["certify"].get(sigma, {}).get("certified_accuracy", {}).get("0.5")),
+                        _f(r["gnr"]),
+                        _f(r["test_accuracy"]),
+                    ]
+                    for r in sorted(evaluated, key=lambda r: _order(report.group_of(r)))
+                ],
+            ),
+            "",
+        ]
+    return md
+
+
+def _acc_gnr(row: dict) -> str:
+    return f"{_f(row['test_accuracy'])} / {_f(row['gnr'])}"
+
+
+def _images(rows: list[dict]) -> str:
+    counts = {a: v for r in rows for a, v in r["attack_images"].items()}
+    common = max(set(counts.values()), key=list(counts.values()).count)
+    others = [f"{ATTACK_LABELS[a]}: {n}" for a, n in counts.items() if n != common]
+    return f"{common}" + (f" ({', '.join(others)})" if others else "")
+
+
+def _certified(rows: list[dict], sigma: str) -> str:
+    done = [r["certify"][sigma] for r in rows if sigma in r["certify"]]
+    return f"{done[0]['images']} (n = {done[0]['n']} noise draws each)" if done else "n/a"
+
+
+def _energy(row: dict, clean: dict | None, key: str) -> str:
+    value = row[f"energy_{key}"]
+    if value is None:
+        return "n/a"
+    if clean is None or row is clean or not clean[f"energy_{key}"]:
+        return f"{value:.3g}"
+    return f"{value:.3g} ({value / clean[f'energy_{key}']:.1f}x)"
+
+
+def _conclusions(all_rows: dict[str, list[dict]]) -> list[str]:
+    """What the numbers say; every figure is computed from the rows."""
+    out = ["## What we conclude", ""]
+    for dataset, rows in all_rows.items():
+        best = best_per_budget(rows)
+        costs = step_costs(rows)
+        picks = {b: w[HEADLINE] for b, w in best.items()}
+        wins = [b for b, r in picks.items() if r["method"] == ANALYTIC]
+        line = (
+            f"- **{DATASETS[dataset]}.** Best run per budget (accuracy loss <= {HEADLINE:g} "
+            "point): "
+            + "; ".join(f"{b:g} s: {label(r)} ({_acc_gnr(r)})" for b, r in picks.items())
+            + f". An analytic variant wins at {len(wins)} of {len(picks)} budgets. The best "
+            "analytic run under the same rule, and its GNR gap to the winner: "
+        )
+        gaps = []
+        for b, w in best.items():
+            rs = [r for r in rows if r["time_budget"] == b and r["method"] == ANALYTIC]
+            fair = report.fair_comparison(rs + [w["clean"]], HEADLINE, group=report.group_of)
+            analytic = [r for r in fair["selected"].values() if r["method"] == ANALYTIC]
+            if analytic:
+                a = max(analytic, key=lambda r: r["gnr"])
+                gaps.append(f"{b:g} s: {label(a)}, {a['gnr'] - picks[b]['gnr']:+.2f}")
+            else:
+                gaps.append(f"{b:g} s: none keeps the accuracy")
+        line += "; ".join(gaps) + ". Step cost against clean: "
+        line += ", ".join(
+            f"{g} {c / costs['clean']:.2f}x" for g, c in costs.items() if g != "clean"
+        )
+        out.append(line + ".")
+    return out + [""]
+
+
+def write_doc(results: Path, doc: Path) -> None:
+    figures = doc.with_suffix("")
+    figures.mkdir(parents=True, exist_ok=True)
+    env = read_json(results / "environment.json")
+    command = (results / "command.txt").read_text().strip()
+    spec = load_spec(str(SPEC))
+    all_rows, sections = {}, []
+    for dataset in DATASETS:
+        if not (results / dataset).is_dir():
+            continue
+        rows = report.collect(results / dataset)
+        for r in rows:
+            path = results / dataset / r["run"] / "attacks.json"
+            attacks = read_json(path) if path.exists() else {}
+            r["attack_images"] = {a: v["test_images"] for a, v in attacks.items()}
+        all_rows[dataset] = rows
+        sections += _dataset_section(dataset, rows, figures)
+    hardware = env["gpu"] or f"{env['cpus']} CPU cores"
+    budgets = ", ".join(f"{b:g}" for b in spec["time_budget"])
+    md = [
+        "# Beyond the paper: robustness per unit of training compute",
+        "",
+        "Generated by `experiments/beyond.py` from the metrics committed under "
+        "`docs/results/beyond/`; do not edit by hand. The runs were made with",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"on {hardware} (torch {env['torch']}, Python {env['python']}, {env['date']}). "
+        "`python experiments/beyond.py --stages doc` rewrites this page from the committed "
+        "metrics.",
+        "",
+        "## Setting",
+        "",
+        f"- LeNet (conv 32-64, fc 1024), Adam lr {spec['lr']}, batch {spec['batch_size']}, on "
+        "the official MNIST and Fashion-MNIST files; 10% of the training set is held out for "
+        "validation, and the best-validation epoch is kept.",
+        f"- Matched compute: every run trains for the same wall-clock budget of training steps "
+        f"({budgets} seconds; `--time-budget`), so a method gets as many steps as its step cost "
+        f"allows. The clock counts only training steps (not validation) and not the first step, "
+        "which compiles the ReLU kernels. Runs were two at a time on one core each "
+        f"(`--workers {_workers(command)}`), and the two datasets one after the other, with "
+        "nothing else on the machine.",
+        f"- GNR on the first {spec['gnr_limit']} test images (30 noise levels in [0, 0.5]), "
+        "accuracy on all 10,000. Every method trains at sigma 0.5 (noise also at 0.25), seed 0 "
+        "(noise at 0.5 and the noisy hybrid also seed 1).",
+        "- Groups: `clean`; `noise` (Cohen et al. 2019: fresh noise every step); `augment N` "
+        "(the paper's N-fold augmentation); `moment` (the paper's regularizer, first-layer "
+        "moments); `moment (all layers)` (mean and variance through every layer, assumed density "
+        "filtering with Clark's max for pooling); `moment (all layers, expected CE)` (the "
+        "expected cross-entropy under the Gaussian output, probit approximation); "
+        "`moment (noisy)` (hybrid: the first term sees a freshly noised batch, plus the "
+        "analytic term).",
+        "",
+        *_conclusions(all_rows),
+        *sections,
+    ]
+    doc.write_text("\n".join(md) + "\n")
+    print(f"wrote {doc} and {figures}/*.png")
+
+
+def _workers(command: str) -> str:
+    parts = command.split()
+    return parts[parts.index("--workers") + 1] if "--workers" in parts else "2"
+
+
+def main() -> None:
+    p = study_parser(__doc__, "beyond", workers=2)
+    p.add_argument("--attack-images", type=int, default=40)
+    p.add_argument("--lbfgs-images", type=int, default=10)
+    p.add_argument("--certify-images", type=int, default=100)
+    p.add_argument("--certify-n", type=int, default=1000, help="noise draws per certified image")
+    args, stages = parse_stages(p, STAGES)
+    if "train" in stages:
+        data_dirs = {"mnist": args.mnist_dir, "fashion-mnist": args.fashion_dir}
+        train(args.runs, data_dirs, args.device, args.workers, dict(args.set))
+    if "evaluate" in stages:
+        evaluate(args.runs, args)
+    if "export" in stages:
+        export(args.runs, args.results, DATASETS)
+    if "doc" in stages:
+        write_doc(args.results, args.doc)
+
+
+if __name__ == "__main__":
+    main()
