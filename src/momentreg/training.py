@@ -207,7 +207,8 @@ def train(
     must match on resume, as must every config field but ``epochs``. With ``time_budget`` the run
     ends inside the epoch in which its training steps (timed on the host, the step's loss read back)
     have taken that many seconds (the first step of the call, which compiles, is not counted); that
-    partial epoch is validated and checkpointed like any other.
+    partial epoch is validated and checkpointed like any other. Where it stops depends on the clock,
+    so such a run is not bit-for-bit repeatable.
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     cfg.validate()
