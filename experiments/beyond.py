@@ -167,13 +167,12 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=110)
     left_out = sorted({label(r) for r in rows if r["test_accuracy"] < LEARNED})
     learned = [r for r in rows if label(r) not in left_out]
-    for name, rs in _by(learned, label).items():
+    for i, (name, rs) in enumerate(_by(learned, label).items()):
         rs = sorted(rs, key=lambda r: r["time_budget"])
         style = "-" if rs[0]["method"] == ANALYTIC else "--"
         for ax, key in zip(axes, ("gnr", "test_accuracy"), strict=True):
-            ax.plot(
-                [r["time_budget"] for r in rs], [r[key] for r in rs], style, marker="o", label=name
-            )
+            x, y = [r["time_budget"] for r in rs], [r[key] for r in rs]
+            ax.plot(x, y, style, marker="o", color=plt.cm.tab20.colors[i % 20], label=name)
     best = best_per_budget(rows)
     axes[0].plot(
         list(best),
