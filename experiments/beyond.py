@@ -29,7 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from reproduce import (  # noqa: E402
     attack_commands,
     attack_winners,
+    energy_cell,
     export,
+    image_counts,
     parse_stages,
     run_jobs,
     study_parser,
@@ -287,7 +289,7 @@ def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]
                 ["group", "run", *ATTACK_LABELS.values(), "ACR", "cert. acc. r=0.5", "GNR", "ACC"],
                 [
                     [report.group_of(r), label(r)]
-                    + [_energy(r, clean, k) for k in ATTACK_LABELS]
+                    + [energy_cell(r, clean, k) for k in ATTACK_LABELS]
                     + [
                         _f(r["certify"].get(sigma, {}).get("acr"), ".3f"),
                         _f(r["certify"].get(sigma, {}).get("certified_accuracy", {}).get("0.5")),
@@ -307,10 +309,7 @@ def _acc_gnr(row: dict) -> str:
 
 
 def _images(rows: list[dict]) -> str:
-    counts = {a: v for r in rows for a, v in r["attack_images"].items()}
-    common = max(set(counts.values()), key=list(counts.values()).count)
-    others = [f"{ATTACK_LABELS[a]}: {n}" for a, n in counts.items() if n != common]
-    return f"{common}" + (f" ({', '.join(others)})" if others else "")
+    return image_counts({a: v for r in rows for a, v in r["attack_images"].items()})
 
 
 def _certified(rows: list[dict], sigma: str) -> str:
@@ -323,15 +322,6 @@ def _certified(rows: list[dict], sigma: str) -> str:
         f"{c['images']} test images, n = {c['n']} noise draws each, failure probability "
         f"{c['alpha']:g} (so no radius can exceed {cap:.2f})"
     )
-
-
-def _energy(row: dict, clean: dict | None, key: str) -> str:
-    value = row[f"energy_{key}"]
-    if value is None:
-        return "n/a"
-    if clean is None or row is clean or not clean[f"energy_{key}"]:
-        return f"{value:.3g}"
-    return f"{value:.3g} ({value / clean[f'energy_{key}']:.1f}x)"
 
 
 def _conclusions(all_rows: dict[str, list[dict]]) -> list[str]:

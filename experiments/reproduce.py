@@ -246,7 +246,7 @@ def _task_section(task: str, rows: list[dict], attacks_images, figures: Path) ->
             "### Minimal adversarial perturbations",
             "",
             "Mean energy (mean squared perturbation per pixel) over those of the first "
-            f"{_image_counts(attacks_images)} test images that the model classifies correctly, "
+            f"{image_counts(attacks_images)} test images that the model classifies correctly, "
             "for the fair-comparison winner of each method (`momentreg evaluate RUN --attacks "
             "...`); in brackets the ratio to the clean model.",
             "",
@@ -255,7 +255,7 @@ def _task_section(task: str, rows: list[dict], attacks_images, figures: Path) ->
                 [
                     [
                         report.describe(r),
-                        *[_energy(r, clean, k) for k in ATTACK_LABELS],
+                        *[energy_cell(r, clean, k) for k in ATTACK_LABELS],
                         _f(r["gnr"]),
                         _f(r["test_accuracy"]),
                     ]
@@ -267,14 +267,14 @@ def _task_section(task: str, rows: list[dict], attacks_images, figures: Path) ->
     return md
 
 
-def _image_counts(images: dict[str, int]) -> str:
+def image_counts(images: dict[str, int]) -> str:
     """'400' or '400 (LBF: 100)': the usual count, and the attacks that ran on another."""
     common = max(set(images.values()), key=list(images.values()).count)
     others = [f"{ATTACK_LABELS[a]}: {n}" for a, n in images.items() if n != common]
     return f"{common}" + (f" ({', '.join(others)})" if others else "")
 
 
-def _energy(row: dict, clean: dict | None, key: str) -> str:
+def energy_cell(row: dict, clean: dict | None, key: str) -> str:
     value = row[f"energy_{key}"]
     if value is None:
         return "n/a"
