@@ -141,20 +141,39 @@ def test_relu_mean_broadcasts_a_batch_one_variance():
     assert torch.autograd.gradcheck(relu_mean, (mu, var))
 
 
+@pytest.mark.parametrize("var_batch", [1, 5])
+def test_relu_and_mean_is_relu_stacked_on_relu_mean_with_exact_gradients(var_batch):
+    mu = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    var = (torch.rand(var_batch, 3, dtype=torch.float64) + 0.1).requires_grad_(True)
+    want = torch.cat([torch.relu(mu), relu_mean(mu, var)])
+    assert torch.equal(moments.relu_and_mean(mu, var), want)
+    assert torch.autograd.gradcheck(moments.relu_and_mean, (mu, var))
+
+
+def test_relu_and_mean_rejects_a_variance_of_another_batch():
+    with pytest.raises(ValueError, match="batch size 1 or 4"):
+        moments.relu_and_mean(torch.zeros(4, 3), torch.ones(2, 3))
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile needs a C++ compiler")
-def test_compile_matches_eager():
+@pytest.mark.parametrize("fn", [relu_mean, moments.relu_and_mean], ids=["mean", "stacked"])
+def test_compile_matches_eager(fn):
     mu = torch.randn(64, 8, requires_grad=True)
-    var = torch.rand(1, 8) + 0.01
-    eager = relu_mean(mu, var)
-    (g_eager,) = torch.autograd.grad(eager.sum(), mu)
+    var = (torch.rand(1, 8) + 0.01).requires_grad_(True)
+    weights = torch.randn(128 if fn is moments.relu_and_mean else 64, 8)
+
+    def run():
+        out = fn(mu, var)
+        return (out, *torch.autograd.grad((out * weights).sum(), (mu, var)))
+
+    eager = run()
     moments.set_compile(True)
     try:
-        compiled = relu_mean(mu, var)
-        (g_compiled,) = torch.autograd.grad(compiled.sum(), mu)
+        compiled = run()
     finally:
         moments.set_compile(False)
-    assert torch.allclose(eager, compiled, atol=1e-6)
-    assert torch.allclose(g_eager, g_compiled, atol=1e-6)
+    for e, c in zip(eager, compiled, strict=True):
+        assert torch.allclose(e, c, rtol=1e-5, atol=1e-6)
 
 
 def _mc_moments(fn, mean, var, n, gen):

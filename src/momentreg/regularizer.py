@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from momentreg.models import Normalize
-from momentreg.moments import affine_moments, network_moments, relu_mean
+from momentreg.moments import affine_moments, network_moments, relu_and_mean, relu_mean
 
 __all__ = [
     "split_at_first_relu",
@@ -189,8 +189,11 @@ def moment_loss(
     if depth == "first":
         head, tail = _split(model, split)
         h, var = head_moments(head, sigma, x)
-        first = torch.relu(h if noisy is None else head(seen))
-        logits, expected = tail(torch.cat([first, relu_mean(h, var)])).split(x.shape[0])
+        if noisy is None:
+            stacked = relu_and_mean(h, var)  # [relu(h); E[relu]], fused
+        else:
+            stacked = torch.cat([torch.relu(head(seen)), relu_mean(h, var)])
+        logits, expected = tail(stacked).split(x.shape[0])
         moment = F.cross_entropy(expected, y)
     else:
         logits = model(seen)
