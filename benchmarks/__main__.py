@@ -1,4 +1,4 @@
-"""momentreg benchmarks: one process, medians of repeated timed runs after warm-up, ratios.
+"""momentreg benchmarks: one process, medians of interleaved timed rounds after warm-up, ratios.
 
     python -m benchmarks [--quick] [--device cpu|cuda] [--json benchmarks/results.json]
 
@@ -8,16 +8,20 @@
    (the backward down to the tail's input, which the moment term needs to train the first layer);
 3. GNR over 30 sigmas against its floor of 31 plain forward passes of the same images;
 4. attack cost per image at each attack's default budget (a LeNet trained for one epoch);
-5. peak memory of one training step per method (CUDA: max_memory_allocated; CPU, Linux: peak RSS
-   of a fresh child process above its RSS before the step);
+5. peak memory of training steps per method (CUDA: max_memory_allocated above what was allocated
+   before the step; CPU, Linux: peak RSS of a fresh child process over 3 steps above its RSS
+   before them, also for clean and moment steps with glibc's malloc defaults);
 6. scaling of the moment/clean ratio with batch size and input size;
-7. data loading: one epoch's batch preparation as a share of a clean epoch.
+7. data loading: one epoch's batch preparation as a share of a clean epoch;
+8. on CPU: the LeNet clean and moment steps with glibc's malloc defaults, before the process
+   keeps its freed memory as the ``momentreg`` command does (momentreg/malloc.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from momentreg import moments
+from momentreg.malloc import keep_freed_memory
 from momentreg.models import DATASETS, build_model
 from momentreg.regularizer import split_at_first_relu
 from momentreg.robustness import gaussian_robustness
@@ -42,17 +47,21 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, repeats: int, device, warmup: int = 2) -> float:
+def median_times(fns: dict, repeats: int, device, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function over ``repeats`` interleaved rounds, after ``warmup``
+    rounds: a change in the machine's load between rounds reaches every function alike."""
     for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _config(method: str) -> TrainConfig:
@@ -99,12 +108,13 @@ def make_step(model_name, dataset, batch, method, device, size=None):
 
 
 def bench_steps(model_name, dataset, batch, device, repeats, methods, size=None) -> dict:
-    out = {}
+    fns = {}
     for method in methods:
         step, tail_pass = make_step(model_name, dataset, batch, method, device, size)
-        out[method] = median_time(step, repeats, device)
+        fns[method] = step
         if method == "clean":
-            out["tail_pass"] = median_time(tail_pass, repeats, device)
+            fns["tail_pass"] = tail_pass
+    out = median_times(fns, repeats, device)
     clean = out["clean"]
     ratios = {}
     for method in methods:
@@ -129,13 +139,12 @@ def bench_gnr(device, images: int, repeats: int) -> dict:
     def gnr():
         gaussian_robustness(model, x, batch_size=batch, device=device)
 
-    t_floor = median_time(floor, repeats, device, warmup=0)
-    t_gnr = median_time(gnr, repeats, device, warmup=0)
+    t = median_times({"floor": floor, "gnr": gnr}, repeats, device, warmup=0)
     return {
         "images": images,
-        "gnr_seconds": t_gnr,
-        "floor_seconds": t_floor,
-        "ratio": t_gnr / t_floor,
+        "gnr_seconds": t["gnr"],
+        "floor_seconds": t["floor"],
+        "ratio": t["gnr"] / t["floor"],
     }
 
 
@@ -158,8 +167,8 @@ def bench_data_loading(device, images: int, batch: int, repeats: int) -> dict:
         _sync(device)
 
     step, _ = make_step("lenet", "mnist", batch, "clean", device)
-    t_load = median_time(load_epoch, repeats, device)
-    t_steps = steps * median_time(step, repeats, device)
+    t = median_times({"load": load_epoch, "step": step}, repeats, device)
+    t_load, t_steps = t["load"], steps * t["step"]
     return {
         "images": images,
         "batch": batch,
@@ -202,8 +211,9 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_rss_of_step(model_name, dataset, batch, method) -> float:
-    """In a fresh process: MiB that two training steps add to the resident set at their peak.
+def peak_rss_of_step(model_name, dataset, batch, method, steps) -> float:
+    """In a fresh process: MiB that ``steps`` training steps add to the resident set at their
+    peak (with kept freed memory, later steps show what the heap loses to fragmentation).
 
     Linux: the peak (VmHWM) is reset through /proc/self/clear_refs right before the steps.
     """
@@ -211,35 +221,53 @@ def peak_rss_of_step(model_name, dataset, batch, method) -> float:
     step, _ = make_step(model_name, dataset, batch, method, torch.device("cpu"))
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _status_kib("VmRSS")
-    step()
-    step()
+    for _ in range(steps):
+        step()
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def bench_memory(model_name, dataset, batch, device, methods) -> dict:
-    out = {}
-    for method in methods:
-        if device.type == "cuda":
+GLIBC_DEFAULTS = "+glibc-malloc"  # a memory entry run without keep_freed_memory
+
+
+def bench_memory(model_name, dataset, batch, device, entries, steps) -> dict:
+    """MiB a training step adds at its peak, per entry (a method, or a method + GLIBC_DEFAULTS).
+    CPU: one fresh child process per entry, all at once (peak resident sets do not depend on
+    timing). CUDA: allocated memory above what was allocated before the step."""
+    if device.type == "cuda":
+        out = {}
+        for method in entries:
             step, _ = make_step(model_name, dataset, batch, method, device)
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
             step()
-            out[method] = torch.cuda.max_memory_allocated(device) / 2**20
-        else:
-            child = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks",
-                    "--memory-child",
-                    f"{model_name},{dataset},{batch},{method}",
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=300,
-            )
-            out[method] = float(child.stdout.split()[-1])
-    return {"peak_mib": out, "batch": batch}
+            out[method] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            del step
+        return {"peak_mib": out, "batch": batch, "steps": 1}
+    compile_flag = "1" if moments._compile_wanted else "0"
+    children = {}
+    for entry in entries:
+        method = entry.removesuffix(GLIBC_DEFAULTS)
+        keep = "0" if entry.endswith(GLIBC_DEFAULTS) else "1"
+        children[entry] = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks", "--memory-child"]
+            + [f"{model_name},{dataset},{batch},{method},{steps}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "MOMENTREG_COMPILE": compile_flag,
+                "MOMENTREG_KEEP_FREED_MEMORY": keep,
+            },
+        )
+    out = {}
+    for entry, child in children.items():
+        stdout, stderr = child.communicate(timeout=300)
+        if child.returncode != 0:
+            raise RuntimeError(f"memory child for {entry} failed:\n{stderr}")
+        out[entry] = float(stdout.split()[-1])
+    return {"peak_mib": out, "batch": batch, "steps": steps}
 
 
 def table(results: dict) -> str:
@@ -254,6 +282,15 @@ def table(results: dict) -> str:
                 f"  {method:18s} {'' if secs is None else f'{secs:8.3f} s'}  {ratio:6.2f}x"
             )
         lines.append(f"  {'tail_pass':18s} {r['seconds']['tail_pass']:8.3f} s")
+    if "malloc_default" in results:
+        r, kept = results["malloc_default"], results["steps"]["lenet-mnist"]
+        lines.append(f"\nglibc malloc defaults (batch {r['batch']}), seconds per step:")
+        for method in ("clean", "tail_pass", "moment"):
+            lines.append(
+                f"  {method:18s} {r['seconds'][method]:8.3f} s, freed memory kept "
+                f"{kept['seconds'][method]:8.3f} s"
+            )
+        lines.append(f"  moment/(clean+tail) {r['ratio_to_clean']['moment_over_floor']:.2f}")
     g = results["gnr"]
     lines.append(
         f"\nGNR, {g['images']} images x 30 sigmas: {g['gnr_seconds']:.2f} s; 31 forward "
@@ -272,9 +309,11 @@ def table(results: dict) -> str:
                 f"  {name:9s} {a['seconds_per_image']:8.3f} s  success {a['success_rate']:.2f}"
             )
     for name, m in results.get("memory", {}).items():
-        lines.append(f"\npeak memory of a training step, {name} (batch {m['batch']}), MiB:")
-        for method, mib in m["peak_mib"].items():
-            lines.append(f"  {method:10s} {mib:8.1f}")
+        lines.append(
+            f"\npeak memory of {m['steps']} training steps, {name} (batch {m['batch']}), MiB:"
+        )
+        for entry, mib in m["peak_mib"].items():
+            lines.append(f"  {entry:20s} {mib:8.1f}")
     if "scaling" in results:
         lines.append("\nscaling of moment / clean (LeNet):")
         for key, r in results["scaling"].items():
@@ -296,51 +335,94 @@ def main() -> None:
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        model_name, dataset, batch, method = args.memory_child.split(",")
-        print(peak_rss_of_step(model_name, dataset, int(batch), method))
+        model_name, dataset, batch, method, steps = args.memory_child.split(",")
+        keep_freed_memory()  # as the momentreg command runs (off: MOMENTREG_KEEP_FREED_MEMORY=0)
+        print(peak_rss_of_step(model_name, dataset, int(batch), method, int(steps)))
         return
     device = torch.device(args.device)
     moments.set_compile(not args.no_compile)
-    quick = args.quick
-    repeats = 2 if quick else 3
+    t_start = time.perf_counter()
+    results = run(device, args.quick, compiled=not args.no_compile)
+    results["benchmark_seconds"] = time.perf_counter() - t_start
+    print(table(results))
+    print(f"\nbenchmark took {results['benchmark_seconds']:.0f} s")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+def run(device: torch.device, quick: bool, compiled: bool) -> dict:
+    """Every section in order; ``section_seconds`` records how long each took."""
+    repeats = 3 if quick else 5
+    lenet_batch = 100 if quick else 1000
+    methods = ["clean", "moment", "augment2", "augment6"] if quick else METHODS
     results = {
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
-        "compile": not args.no_compile,
+        "compile": compiled,
         "quick": quick,
         "steps": {},
+        "section_seconds": {},
     }
-    lenet_batch = 100 if quick else 1000
-    methods = ["clean", "moment", "augment2", "augment6"] if quick else METHODS
-    results["steps"]["lenet-mnist"] = bench_steps(
-        "lenet", "mnist", lenet_batch, device, repeats, methods
+
+    def section(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        results["section_seconds"][name] = time.perf_counter() - t0
+        return out
+
+    if device.type == "cpu" and not quick:  # glibc's defaults first: the setting is one-way
+        results["malloc_default"] = section(
+            "malloc_default",
+            lambda: bench_steps("lenet", "mnist", lenet_batch, device, 3, ["clean", "moment"]),
+        )
+    results["keep_freed_memory"] = keep_freed_memory()
+    results["steps"]["lenet-mnist"] = section(
+        "steps lenet-mnist",
+        lambda: bench_steps("lenet", "mnist", lenet_batch, device, repeats, methods),
     )
     if not quick:
-        results["steps"]["alexnet-cifar10"] = bench_steps(
-            "alexnet", "cifar10", 128, device, repeats, methods
+        results["steps"]["alexnet-cifar10"] = section(
+            "steps alexnet-cifar10",
+            lambda: bench_steps("alexnet", "cifar10", 128, device, repeats, methods),
         )
-        results["scaling"] = {
-            f"batch {b}, 28x28": bench_steps(
-                "lenet", "mnist", b, device, repeats, ["clean", "moment"]
+        results["scaling"] = section(
+            "scaling",
+            lambda: {
+                "batch 250, 28x28": bench_steps(
+                    "lenet", "mnist", 250, device, repeats, ["clean", "moment"]
+                ),
+                "batch 500, 28x28": bench_steps(
+                    "lenet", "mnist", 500, device, repeats, ["clean", "moment"]
+                ),
+                "batch 1000, 28x28": results["steps"]["lenet-mnist"],
+                "batch 500, 32x32x3": bench_steps(
+                    "lenet", "cifar10", 500, device, repeats, ["clean", "moment"]
+                ),
+            },
+        )
+    results["gnr"] = section("gnr", lambda: bench_gnr(device, 200 if quick else 500, 1))
+    results["data_loading"] = section(
+        "data_loading",
+        lambda: bench_data_loading(device, 2000 if quick else 10000, 128, repeats),
+    )
+    results["attacks"] = section(
+        "attacks", lambda: bench_attacks(device, 1 if quick else 4, 500 if quick else 2000)
+    )
+    entries = ["clean", "moment"]
+    if not quick:
+        entries += ["augment6", "noise", "clean" + GLIBC_DEFAULTS, "moment" + GLIBC_DEFAULTS]
+    results["memory"] = section(
+        "memory",
+        lambda: {
+            "lenet-mnist": bench_memory(
+                "lenet", "mnist", lenet_batch, device, entries, 2 if quick else 3
             )
-            for b in (250, 500, 1000)
-        }
-        results["scaling"]["batch 500, 32x32x3"] = bench_steps(
-            "lenet", "cifar10", 500, device, repeats, ["clean", "moment"]
-        )
-    results["gnr"] = bench_gnr(device, 200 if quick else 1000, 1)
-    results["data_loading"] = bench_data_loading(device, 2000 if quick else 10000, 128, repeats)
-    results["attacks"] = bench_attacks(device, 1 if quick else 4, 500 if quick else 2000)
-    mem_methods = ["clean", "moment"] if quick else ["clean", "moment", "augment6", "noise"]
-    results["memory"] = {
-        "lenet-mnist": bench_memory("lenet", "mnist", lenet_batch, device, mem_methods)
-    }
-    print(table(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
+        },
+    )
+    return results
 
 
 if __name__ == "__main__":

@@ -25,4 +25,9 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert 0 < data["data_loading"]["share"] < 1
     assert set(data["attacks"]) == {"pgd", "lbfgs", "fgsm", "aga", "aua", "deepfool"}
     assert {"clean", "moment"} <= set(data["memory"]["lenet-mnist"]["peak_mib"])
+    assert isinstance(data["keep_freed_memory"], bool)
+    assert {"steps lenet-mnist", "gnr", "data_loading", "attacks", "memory"} == set(
+        data["section_seconds"]
+    )
+    assert data["benchmark_seconds"] >= sum(data["section_seconds"].values())
     assert "ratio" in result.stdout

@@ -21,6 +21,7 @@ import torch
 from momentreg import __version__
 from momentreg.data import DATASET_NAMES, load_dataset, to_float, train_val_split
 from momentreg.errors import MomentregError
+from momentreg.malloc import keep_freed_memory
 from momentreg.models import MODELS, build_model
 from momentreg.robustness import accuracy, gaussian_robustness
 from momentreg.rundir import atomic_write, read_json, write_json
@@ -727,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # CPU steps reuse their activations' pages (momentreg/malloc.py)
     try:
         args.func(args)
     except (MomentregError, ValueError) as e:
