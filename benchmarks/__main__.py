@@ -13,7 +13,8 @@
    before them, also for clean and moment steps with glibc's malloc defaults);
 6. scaling of the moment/clean ratio with batch size and input size;
 7. data loading: one epoch's batch preparation as a share of a clean epoch;
-8. on CPU: the LeNet clean and moment steps with glibc's malloc defaults, before the process
+8. the ReLU mean alone, fused and unfused, against one elementwise multiply of its size;
+9. on CPU: the LeNet clean and moment steps with glibc's malloc defaults, before the process
    keeps its freed memory as the ``momentreg`` command does (momentreg/malloc.py).
 """
 
@@ -122,6 +123,33 @@ def bench_steps(model_name, dataset, batch, device, repeats, methods, size=None)
         ratios[method] = folds * out[method] / clean  # per clean image
     ratios["moment_over_floor"] = out["moment"] / (clean + out["tail_pass"])
     return {"seconds": out, "ratio_to_clean": ratios, "batch": batch}
+
+
+def bench_kernels(device, batch: int, repeats: int) -> dict:
+    """The ReLU mean alone on LeNet's first-layer output [batch, 32, 28, 28], forward+backward:
+    the fused ``relu_and_mean`` against the same result unfused (ReLU, ``relu_mean``,
+    concatenation, two gradients of mu summed), and one elementwise multiply of that size (the
+    issue's floor for the elementwise work)."""
+    torch.manual_seed(0)
+    shape = (batch, 32, 28, 28)
+    mu = torch.randn(shape, device=device, requires_grad=True)
+    var = (torch.rand(1, *shape[1:], device=device) + 0.1).requires_grad_(True)
+    grad = torch.randn(2 * batch, *shape[1:], device=device)
+    other = torch.randn(shape, device=device)
+
+    def fused():
+        mu.grad = var.grad = None
+        moments.relu_and_mean(mu, var).backward(grad)
+
+    def unfused():
+        mu.grad = var.grad = None
+        torch.cat([torch.relu(mu), moments.relu_mean(mu, var)]).backward(grad)
+
+    def multiply():
+        mu.detach() * other
+
+    t = median_times({"fused": fused, "unfused": unfused, "multiply": multiply}, repeats, device)
+    return {"batch": batch, "seconds": t, "fused_over_multiply": t["fused"] / t["multiply"]}
 
 
 def bench_gnr(device, images: int, repeats: int) -> dict:
@@ -270,58 +298,107 @@ def bench_memory(model_name, dataset, batch, device, entries, steps) -> dict:
     return {"peak_mib": out, "batch": batch, "steps": steps}
 
 
-def table(results: dict) -> str:
-    lines = []
-    for name, r in results["steps"].items():
-        lines.append(
-            f"\n{name} (batch {r['batch']}): seconds per step, ratio to clean per clean image"
-        )
-        for method, ratio in r["ratio_to_clean"].items():
-            secs = r["seconds"].get(method)
-            lines.append(
-                f"  {method:18s} {'' if secs is None else f'{secs:8.3f} s'}  {ratio:6.2f}x"
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _floor_ratio(r: dict) -> str:
+    return f"{r['ratio_to_clean']['moment_over_floor']:.2f}"
+
+
+def markdown(results: dict) -> str:
+    """The results as the markdown tables docs/performance.md embeds (and the run prints)."""
+    steps = results["steps"]
+    out = ["### Training step, ratio to a clean step (per clean image)", ""]
+    out.append(_row("method", *(f"{name}, batch {r['batch']}" for name, r in steps.items())))
+    out.append(_row("---", *("---:" for _ in steps)))
+    for method in next(iter(steps.values()))["ratio_to_clean"]:
+        if method != "moment_over_floor":
+            cells = (
+                f"{r['ratio_to_clean'][method]:.2f} ({r['seconds'][method]:.3f} s)"
+                for r in steps.values()
             )
-        lines.append(f"  {'tail_pass':18s} {r['seconds']['tail_pass']:8.3f} s")
+            out.append(_row(method, *cells))
+    out.append(
+        _row("one extra tail pass", *(f"{r['seconds']['tail_pass']:.3f} s" for r in steps.values()))
+    )
+    out.append(
+        _row("moment / (clean + tail pass)", *(f"**{_floor_ratio(r)}**" for r in steps.values()))
+    )
     if "malloc_default" in results:
-        r, kept = results["malloc_default"], results["steps"]["lenet-mnist"]
-        lines.append(f"\nglibc malloc defaults (batch {r['batch']}), seconds per step:")
+        default, kept = results["malloc_default"], steps["lenet-mnist"]
+        title = "glibc's malloc defaults against kept freed memory"
+        out += ["", f"### {title} (LeNet, batch {default['batch']})"]
+        out += ["", _row("seconds per step", "glibc defaults", "freed memory kept")]
+        out.append(_row("---", "---:", "---:"))
         for method in ("clean", "tail_pass", "moment"):
-            lines.append(
-                f"  {method:18s} {r['seconds'][method]:8.3f} s, freed memory kept "
-                f"{kept['seconds'][method]:8.3f} s"
+            out.append(
+                _row(method, f"{default['seconds'][method]:.3f}", f"{kept['seconds'][method]:.3f}")
             )
-        lines.append(f"  moment/(clean+tail) {r['ratio_to_clean']['moment_over_floor']:.2f}")
-    g = results["gnr"]
-    lines.append(
-        f"\nGNR, {g['images']} images x 30 sigmas: {g['gnr_seconds']:.2f} s; 31 forward "
-        f"passes {g['floor_seconds']:.2f} s; ratio {g['ratio']:.3f}"
-    )
-    d = results["data_loading"]
-    lines.append(
-        f"\ndata loading, one clean epoch of {d['images']} images at batch {d['batch']}: "
-        f"{d['load_seconds']:.3f} s against {d['steps_seconds']:.2f} s of steps, "
-        f"{100 * d['share']:.2f}% of the epoch"
-    )
-    if "attacks" in results:
-        lines.append("\nattack seconds per image (LeNet, 1 epoch on the MNIST sample):")
-        for name, a in results["attacks"].items():
-            lines.append(
-                f"  {name:9s} {a['seconds_per_image']:8.3f} s  success {a['success_rate']:.2f}"
-            )
-    for name, m in results.get("memory", {}).items():
-        lines.append(
-            f"\npeak memory of {m['steps']} training steps, {name} (batch {m['batch']}), MiB:"
+        out.append(_row("moment / (clean + tail pass)", _floor_ratio(default), _floor_ratio(kept)))
+    k = results["kernels"]
+    out += ["", f"### The ReLU mean alone, forward+backward, [{k['batch']}, 32, 28, 28]", ""]
+    out.append(_row("fused [relu; T]", "unfused", "one elementwise multiply", "fused / multiply"))
+    out.append(_row("---:", "---:", "---:", "---:"))
+    t = k["seconds"]
+    out.append(
+        _row(
+            f"{t['fused']:.3f} s",
+            f"{t['unfused']:.3f} s",
+            f"{t['multiply']:.3f} s",
+            f"{k['fused_over_multiply']:.1f}",
         )
-        for entry, mib in m["peak_mib"].items():
-            lines.append(f"  {entry:20s} {mib:8.1f}")
+    )
     if "scaling" in results:
-        lines.append("\nscaling of moment / clean (LeNet):")
+        out += ["", "### Scaling with batch size and input size (LeNet)", ""]
+        out.append(_row("setting", "clean", "moment", "moment / clean", "moment / (clean + tail)"))
+        out.append(_row("---", "---:", "---:", "---:", "---:"))
         for key, r in results["scaling"].items():
-            lines.append(
-                f"  {key:22s} moment/clean {r['ratio_to_clean']['moment']:.2f}  "
-                f"moment/(clean+tail) {r['ratio_to_clean']['moment_over_floor']:.2f}"
+            sec = r["seconds"]
+            out.append(
+                _row(
+                    key,
+                    f"{sec['clean']:.3f} s",
+                    f"{sec['moment']:.3f} s",
+                    f"{r['ratio_to_clean']['moment']:.2f}",
+                    _floor_ratio(r),
+                )
             )
-    return "\n".join(lines)
+    g, d = results["gnr"], results["data_loading"]
+    out += ["", "### Evaluation and data loading", ""]
+    out.append(_row("measure", "time", "floor or whole", "ratio"))
+    out.append(_row("---", "---:", "---:", "---:"))
+    out.append(
+        _row(
+            f"GNR, {g['images']} images x 30 sigmas / 31 forward passes",
+            f"{g['gnr_seconds']:.2f} s",
+            f"{g['floor_seconds']:.2f} s",
+            f"{g['ratio']:.2f}",
+        )
+    )
+    out.append(
+        _row(
+            f"batch preparation, {d['images']} images at batch {d['batch']} / clean epoch",
+            f"{d['load_seconds']:.3f} s",
+            f"{d['load_seconds'] + d['steps_seconds']:.2f} s",
+            f"{100 * d['share']:.2f}%",
+        )
+    )
+    a = results["attacks"]
+    out += ["", "### Attacks, seconds per image (LeNet, one epoch on the MNIST sample)", ""]
+    out += [_row(*a), _row(*("---:" for _ in a))]
+    out.append(_row(*(f"{v['seconds_per_image']:.2f}" for v in a.values())))
+    for name, m in results["memory"].items():
+        out += ["", f"### Peak memory of {m['steps']} training steps, {name}, batch {m['batch']}"]
+        out += ["", _row(*m["peak_mib"]), _row(*("---:" for _ in m["peak_mib"]))]
+        out.append(_row(*(f"{v:.0f} MiB" for v in m["peak_mib"].values())))
+    out += [
+        "",
+        f"Device {results['device']}, torch {results['torch']}, {results['threads']} threads, "
+        f"compile {'on' if results['compile'] else 'off'}, freed memory kept: "
+        f"{results['keep_freed_memory']}; the run took {results['benchmark_seconds']:.0f} s.",
+    ]
+    return "\n".join(out) + "\n"
 
 
 def main() -> None:
@@ -332,8 +409,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results.json"))
     parser.add_argument("--no-compile", action="store_true", help="eager ReLU-mean kernels")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="JSON",
+        help="print the tables of a results file; run nothing",
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())), end="")
+        return
     if args.memory_child:
         model_name, dataset, batch, method, steps = args.memory_child.split(",")
         keep_freed_memory()  # as the momentreg command runs (off: MOMENTREG_KEEP_FREED_MEMORY=0)
@@ -344,8 +430,7 @@ def main() -> None:
     t_start = time.perf_counter()
     results = run(device, args.quick, compiled=not args.no_compile)
     results["benchmark_seconds"] = time.perf_counter() - t_start
-    print(table(results))
-    print(f"\nbenchmark took {results['benchmark_seconds']:.0f} s")
+    print(markdown(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.json}")
@@ -403,6 +488,7 @@ def run(device: torch.device, quick: bool, compiled: bool) -> dict:
                 ),
             },
         )
+    results["kernels"] = section("kernels", lambda: bench_kernels(device, lenet_batch, repeats))
     results["gnr"] = section("gnr", lambda: bench_gnr(device, 200 if quick else 500, 1))
     results["data_loading"] = section(
         "data_loading",

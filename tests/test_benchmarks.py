@@ -4,6 +4,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TABLES_START = "<!-- tables: python -m benchmarks --markdown benchmarks/results.json -->"
+TABLES_END = "<!-- end of tables -->"
 
 
 def test_quick_benchmark_writes_every_section(tmp_path):
@@ -26,8 +28,36 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert set(data["attacks"]) == {"pgd", "lbfgs", "fgsm", "aga", "aua", "deepfool"}
     assert {"clean", "moment"} <= set(data["memory"]["lenet-mnist"]["peak_mib"])
     assert isinstance(data["keep_freed_memory"], bool)
-    assert {"steps lenet-mnist", "gnr", "data_loading", "attacks", "memory"} == set(
+    assert {"fused", "unfused", "multiply"} == set(data["kernels"]["seconds"])
+    assert {"steps lenet-mnist", "kernels", "gnr", "data_loading", "attacks", "memory"} == set(
         data["section_seconds"]
     )
     assert data["benchmark_seconds"] >= sum(data["section_seconds"].values())
     assert "ratio" in result.stdout
+
+
+def test_performance_doc_embeds_the_committed_results():
+    from benchmarks.__main__ import markdown
+
+    results = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    doc = (ROOT / "docs" / "performance.md").read_text()
+    start = doc.index(TABLES_START) + len(TABLES_START)
+    assert doc[start : doc.index(TABLES_END)].strip() == markdown(results).strip()
+
+
+def test_heap_trace_records_both_allocators(tmp_path):
+    out = tmp_path / "heap.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.heap", "--steps", "10", "--batch", "20"]
+        + ["--method", "clean", "--json", str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    data = json.loads(out.read_text())
+    assert data["glibc_defaults"]["kept"] is False
+    assert data["freed_memory_kept"]["kept"] is True
+    for run in ("glibc_defaults", "freed_memory_kept"):
+        assert len(data[run]["rss_mib_every_10_steps"]) == 1
+        assert data[run]["peak_mib"] >= data[run]["rss_mib_every_10_steps"][0]

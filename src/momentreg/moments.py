@@ -75,7 +75,7 @@ def _stacked_backward_kernel(mu, s, cdf, grad) -> tuple[torch.Tensor, torch.Tens
 
 # torch.compile fuses each kernel into one loop over memory; eager mode runs ~8 separate
 # elementwise ops. Compilation needs a C++ compiler on CPU. The batch reduction of dT/ds stays
-# eager: torch 2.13's inductor reduces over the batch dimension ~8x slower than aten's sum.
+# eager (sum_to_size in the backward): inside the kernel, torch 2.13's inductor made it slower.
 _compile_wanted = os.environ.get("MOMENTREG_COMPILE", "1") not in ("0", "false", "no")
 _compiled: dict[str, object] = {}
 _KERNELS = {
