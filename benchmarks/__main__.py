@@ -232,7 +232,7 @@ def bench_attacks(device, images: int, train_images: int) -> dict:
     return out
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -248,16 +248,16 @@ def peak_rss_of_step(model_name, dataset, batch, method, steps) -> float:
     torch.set_num_threads(1)
     step, _ = make_step(model_name, dataset, batch, method, torch.device("cpu"))
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     for _ in range(steps):
         step()
-    return (_status_kib("VmHWM") - before) / 1024
+    return (status_kib("VmHWM") - before) / 1024
 
 
 GLIBC_DEFAULTS = "+glibc-malloc"  # a memory entry run without keep_freed_memory
 
 
-def bench_memory(model_name, dataset, batch, device, entries, steps) -> dict:
+def bench_memory(model_name, dataset, batch, device, entries, steps, compiled: bool) -> dict:
     """MiB a training step adds at its peak, per entry (a method, or a method + GLIBC_DEFAULTS).
     CPU: one fresh child process per entry, all at once (peak resident sets do not depend on
     timing). CUDA: allocated memory above what was allocated before the step."""
@@ -272,7 +272,6 @@ def bench_memory(model_name, dataset, batch, device, entries, steps) -> dict:
             out[method] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
             del step
         return {"peak_mib": out, "batch": batch, "steps": 1}
-    compile_flag = "1" if moments._compile_wanted else "0"
     children = {}
     for entry in entries:
         method = entry.removesuffix(GLIBC_DEFAULTS)
@@ -285,7 +284,7 @@ def bench_memory(model_name, dataset, batch, device, entries, steps) -> dict:
             text=True,
             env={
                 **os.environ,
-                "MOMENTREG_COMPILE": compile_flag,
+                "MOMENTREG_COMPILE": "1" if compiled else "0",
                 "MOMENTREG_KEEP_FREED_MEMORY": keep,
             },
         )
@@ -497,14 +496,14 @@ def run(device: torch.device, quick: bool, compiled: bool) -> dict:
     results["attacks"] = section(
         "attacks", lambda: bench_attacks(device, 1 if quick else 4, 500 if quick else 2000)
     )
-    entries = ["clean", "moment"]
-    if not quick:
-        entries += ["augment6", "noise", "clean" + GLIBC_DEFAULTS, "moment" + GLIBC_DEFAULTS]
+    entries = ["clean", "moment"] if quick else ["clean", "moment", "augment6", "noise"]
+    if device.type == "cpu" and not quick:
+        entries += ["clean" + GLIBC_DEFAULTS, "moment" + GLIBC_DEFAULTS]
     results["memory"] = section(
         "memory",
         lambda: {
             "lenet-mnist": bench_memory(
-                "lenet", "mnist", lenet_batch, device, entries, 2 if quick else 3
+                "lenet", "mnist", lenet_batch, device, entries, 2 if quick else 3, compiled
             )
         },
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.__main__ import _status_kib, make_step
+from benchmarks.__main__ import make_step, status_kib
 
 
 def trace(method: str, batch: int, steps: int) -> dict:
@@ -32,8 +32,8 @@ def trace(method: str, batch: int, steps: int) -> dict:
     for i in range(steps):
         step()
         if (i + 1) % 10 == 0:
-            rss.append(_status_kib("VmRSS") / 1024)
-    return {"kept": kept, "rss_mib_every_10_steps": rss, "peak_mib": _status_kib("VmHWM") / 1024}
+            rss.append(status_kib("VmRSS") / 1024)
+    return {"kept": kept, "rss_mib_every_10_steps": rss, "peak_mib": status_kib("VmHWM") / 1024}
 
 
 def main() -> None:

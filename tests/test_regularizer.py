@@ -129,8 +129,10 @@ def test_negative_sigma_is_an_error():
 def test_head_variance_is_computed_at_batch_size_one():
     net = build_model("alexnet", "cifar10")
     head, _ = split_at_first_relu(net)
-    var = head_variance(head, 0.1, torch.rand(64, 3, 32, 32))
-    assert var.shape == (1, 64, 8, 8)
+    x = torch.rand(64, 3, 32, 32)
+    assert head_variance(head, 0.1, x).shape == (1, 64, 8, 8)
+    mean, var = head_moments(head, 0.1, x)  # what moment_loss uses
+    assert mean.shape == (64, 64, 8, 8) and var.shape == (1, 64, 8, 8)
 
 
 def test_split_handles_nested_sequentials_and_shares_parameters():
