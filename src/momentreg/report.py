@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from momentreg.attacks import ATTACK_LABELS  # noqa: E402
 from momentreg.plots import plot_certified, plot_consistency  # noqa: E402
 from momentreg.rundir import read_json, read_run  # noqa: E402
+from momentreg.sweep import MOMENT_VARIANTS, moment_variants  # noqa: E402
 
 __all__ = [
     "TOLERANCE",
@@ -71,12 +72,7 @@ def run_row(run: Path) -> dict:
     for key in ATTACK_LABELS:
         row[f"energy_{key}"] = attacks.get(key, {}).get("energy_mean")
     row["gnr_curve"] = metrics.get("gnr_curve")
-    for key, default in (
-        ("moment_depth", "first"),
-        ("moment_loss", "mean"),
-        ("moment_noise", False),
-    ):
-        row[key] = config.get(key, default)
+    row.update({key: config.get(key) for key, *_ in MOMENT_VARIANTS})
     row["time_budget"] = config.get("time_budget") or None
     row["steps"], row["step_seconds"] = metrics.get("steps"), metrics.get("step_seconds")
     certify = run / "certify.json"
@@ -127,12 +123,8 @@ def group_of(row: dict) -> str:
 
 def moment_variant(row: dict) -> str:
     """'' for the paper's regularizer, else e.g. ' (all layers, expected CE, noisy)'."""
-    parts = [
-        *(["all layers"] if row.get("moment_depth", "first") == "all" else []),
-        *(["expected CE"] if row.get("moment_loss", "mean") == "expected-ce" else []),
-        *(["noisy"] if row.get("moment_noise") else []),
-    ]
-    return f" ({', '.join(parts)})" if parts else ""
+    labels = [label for _, label in moment_variants(row)]
+    return f" ({', '.join(labels)})" if labels else ""
 
 
 def fair_comparison(rows: list[dict], tolerance: float, group=group_of) -> dict:

@@ -114,6 +114,20 @@ def expand(spec: dict) -> list[dict]:
     return runs
 
 
+# The moment variants beyond the paper's regularizer: the config key, the value that turns the
+# variant on, its token in run names and its label in reports.
+MOMENT_VARIANTS = (
+    ("moment_depth", "all", "all", "all layers"),
+    ("moment_loss", "expected-ce", "expected-ce", "expected CE"),
+    ("moment_noise", True, "noisy", "noisy"),
+)
+
+
+def moment_variants(config: dict) -> list[tuple[str, str]]:
+    """(run-name token, report label) of each variant ``config`` turns on, in a fixed order."""
+    return [(token, label) for key, on, token, label in MOMENT_VARIANTS if config.get(key) == on]
+
+
 def run_dir_name(config: dict) -> str:
     """``<method>-<axes>-<hash>``: readable, and unique for the exact config."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
@@ -122,12 +136,7 @@ def run_dir_name(config: dict) -> str:
         if key in config and (key != "alpha" or parts[0] == "moment"):
             parts.append(f"{short}{config[key]}")
     if parts[0] == "moment":
-        parts += [
-            v
-            for k, v in (("moment_depth", "all"), ("moment_loss", "expected-ce"))
-            if config.get(k) == v
-        ]
-        parts += ["noisy"] if config.get("moment_noise") else []
+        parts += [token for token, _ in moment_variants(config)]
     if config.get("time_budget"):
         parts.append(f"t{config['time_budget']}")
     return "-".join(str(p) for p in parts) + f"-{digest}"
