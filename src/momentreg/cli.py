@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from momentreg import __version__
-from momentreg.data import DATASET_NAMES, load_dataset, to_float, train_val_split
+from momentreg.data import DATASET_NAMES, IMAGEFOLDER, load_dataset, to_float, train_val_split
 from momentreg.errors import MomentregError
+from momentreg.imagefolder import imagefolder_classes
 from momentreg.malloc import keep_freed_memory
-from momentreg.models import MODELS, build_model
+from momentreg.models import MODELS, build_model, input_spec
 from momentreg.robustness import accuracy, gaussian_robustness
 from momentreg.rundir import atomic_write, read_json, write_json
 from momentreg.training import CHECKPOINT, METHODS, PROTOCOLS, TrainConfig, train
@@ -206,8 +207,12 @@ def run_training(args: argparse.Namespace, out: Path) -> dict:
     if args.resume and (out / "metrics.json").exists():
         return read_json(out / "metrics.json")  # finished: nothing to train or evaluate again
     train_set, val_set, test_set = load_splits(args)
+    spec = None
+    if args.dataset == IMAGEFOLDER:  # the model is shaped by the folder's images
+        classes = len(imagefolder_classes(args.data_dir))
+        spec = input_spec(torch.cat([train_set[0], val_set[0]]), classes)
     torch.manual_seed(cfg.seed)
-    model = build_model(args.model, args.dataset)
+    model = build_model(args.model, args.dataset, spec)
     check_free_space(next(p for p in (out, *out.parents) if p.exists()), model)
     if args.force and not args.resume and existed:
         _clear(out)
@@ -222,6 +227,7 @@ def run_training(args: argparse.Namespace, out: Path) -> dict:
         "device": str(device),
         "gnr_limit": args.gnr_limit,
         "noise_samples": args.noise_samples,
+        "input_spec": spec,
         **dataclasses.asdict(cfg),
     }
     write_json(out / "config.json", config)
@@ -258,7 +264,7 @@ def load_run(run: Path, device) -> tuple[dict, torch.nn.Module]:
     """(config, model with the run's best weights) of a finished or interrupted run."""
     config = read_json(run / "config.json")
     ckpt = _load_checkpoint(run / CHECKPOINT)
-    model = build_model(config["model"], config["dataset"])
+    model = build_model(config["model"], config["dataset"], config.get("input_spec"))
     state = ckpt["best"]["state"] if ckpt["finished"] else ckpt["model"]
     try:
         model.load_state_dict(state)

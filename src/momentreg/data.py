@@ -3,8 +3,9 @@
 ``load_dataset(name, data_dir, split)`` -> (images uint8 [N, C, H, W], labels int64 [N]).
 MNIST and Fashion-MNIST: the IDX gzip files. CIFAR-10/100: the official "python version"
 ``cifar-*-python.tar.gz`` or its extracted ``cifar-*-batches-py`` / ``cifar-100-python``
-folder, read with a restricted unpickler. ``mnist-sample``: a class-balanced subset of real
-MNIST shipped inside the package (built by ``scripts/make_mnist_sample.py``).
+folder, read with a restricted unpickler. ``imagefolder``: ``DIR/{train,test}/<class>/<image>``
+(momentreg.imagefolder). ``mnist-sample``: a class-balanced subset of real MNIST shipped inside
+the package (built by ``scripts/make_mnist_sample.py``).
 """
 
 from __future__ import annotations
@@ -21,13 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from momentreg.errors import MomentregError
+from momentreg.errors import DatasetError
 
 __all__ = ["DatasetError", "load_dataset", "to_float", "train_val_split", "DATASET_NAMES"]
-
-
-class DatasetError(MomentregError):
-    """A dataset is missing, corrupted or could not be downloaded; the message says what to do."""
 
 
 # file -> (sha256 of the decompressed IDX content, md5 of the official .gz archive)
@@ -97,7 +94,8 @@ _CIFAR = {
 }
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 SAMPLE = "mnist-sample"
-DATASET_NAMES = (SAMPLE, *_IDX, *_CIFAR)
+IMAGEFOLDER = "imagefolder"
+DATASET_NAMES = (SAMPLE, *_IDX, *_CIFAR, IMAGEFOLDER)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -130,6 +128,13 @@ def load_dataset(
     data_dir = Path(data_dir)
     if name in _IDX:
         return _load_idx(name, data_dir, split, download)
+    if name == IMAGEFOLDER:
+        if download:
+            raise DatasetError("--download does not apply to imagefolder: it reads your folder")
+        from momentreg.imagefolder import load_imagefolder
+
+        images, labels, _ = load_imagefolder(data_dir, split)
+        return images, labels
     return _load_cifar(name, data_dir, split, download)
 
 

@@ -11,3 +11,7 @@ class CheckpointError(MomentregError):
 
 class TrainingError(MomentregError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+class DatasetError(MomentregError):
+    """A dataset is missing, corrupted or could not be downloaded; the message says what to do."""

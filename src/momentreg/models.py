@@ -8,7 +8,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["Normalize", "lenet", "alexnet", "resnet20", "build_model", "DATASETS", "MODELS"]
+__all__ = [
+    "Normalize",
+    "lenet",
+    "alexnet",
+    "resnet20",
+    "build_model",
+    "input_spec",
+    "DATASETS",
+    "MODELS",
+]
 
 
 class Normalize(nn.Module):
@@ -129,11 +138,32 @@ def resnet20(channels: int, size: int, classes: int, normalize: Normalize) -> nn
 MODELS = {"lenet": lenet, "alexnet": alexnet, "resnet20": resnet20}
 
 
-def build_model(name: str, dataset: str) -> nn.Sequential:
-    """Registry: ``build_model("lenet", "mnist")`` picks channels, size, classes, normalization."""
+def input_spec(images: torch.Tensor, classes: int) -> tuple:
+    """(channels, size, classes, per-channel mean, per-channel std) of training images uint8 or
+    float [N, C, H, W] in [0, 1]: what ``build_model`` needs for a dataset outside ``DATASETS``
+    (an image folder). Square images only, as the models' ``size`` is one side."""
+    _, channels, height, width = images.shape
+    if height != width:
+        raise ValueError(f"the models take square images, these are {width}x{height}")
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    mean = torch.zeros(channels, dtype=torch.float64)
+    square = torch.zeros(channels, dtype=torch.float64)
+    for i in range(0, len(images), 10_000):  # bounded memory for large sets
+        chunk = images[i : i + 10_000].to(torch.float64) / scale
+        mean += chunk.sum((0, 2, 3))
+        square += chunk.square().sum((0, 2, 3))
+    count = len(images) * height * width
+    mean /= count
+    std = (square / count - mean.square()).clamp_min(1e-12).sqrt()
+    return channels, height, classes, tuple(mean.tolist()), tuple(std.tolist())
+
+
+def build_model(name: str, dataset: str, spec: Sequence | None = None) -> nn.Sequential:
+    """Registry: ``build_model("lenet", "mnist")`` picks channels, size, classes, normalization.
+    For a dataset outside ``DATASETS`` (an image folder) pass ``spec``, from ``input_spec``."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-    if dataset not in DATASETS:
+    if spec is None and dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
-    channels, size, classes, mean, std = DATASETS[dataset]
+    channels, size, classes, mean, std = DATASETS[dataset] if spec is None else spec
     return MODELS[name](channels, size, classes, Normalize(mean, std))
