@@ -180,3 +180,17 @@ def test_train_and_evaluate_a_folder_from_the_cli(tmp_path, capsys):
     assert config["input_spec"][:3] == [1, 12, 3]  # what the run needs to rebuild its model
     assert main(["evaluate", str(out), "--quiet"]) == 0
     assert "on 60 images" in capsys.readouterr().out
+
+
+def test_evaluate_stride_takes_a_class_balanced_subset(tmp_path):
+    root = tmp_path / "data"
+    write_folder(root, per_class=20, size=12, mode="L")
+    out = tmp_path / "run"
+    common = ["--dataset", "imagefolder", "--data-dir", str(root), "--quiet"]
+    train = ["train", *common, "--epochs", "1", "--batch-size", "10", "--gnr-limit", "3"]
+    assert main([*train, "--out", str(out)]) == 0
+    certify = ["--certify", "--n0", "10", "--n", "20", "--batch", "20", "--alpha", "0.1"]
+    assert main(["evaluate", str(out), "--quiet", *certify, "--limit", "6", "--stride", "10"]) == 0
+    rows = (out / "certify-sigma0.25.tsv").read_text().splitlines()[1:]
+    assert [int(r.split("\t")[1]) for r in rows] == [0, 0, 1, 1, 2, 2]  # test images 0, 10, ..., 50
+    assert json.loads((out / "certify.json").read_text())["0.25"]["stride"] == 10

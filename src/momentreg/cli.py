@@ -289,8 +289,7 @@ def cmd_evaluate(args) -> None:
     device = _device(args.device)
     config, model = load_run(args.run, device)
     images, labels = load_dataset(config["dataset"], args.data_dir or config["data_dir"], "test")
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
+    images, labels = images[:: args.stride][: args.limit], labels[:: args.stride][: args.limit]
     if args.gnr or not (args.attacks or args.certify):
         metrics_path = args.run / "metrics.json"
         metrics = read_json(metrics_path) if metrics_path.exists() else {}
@@ -341,7 +340,7 @@ def run_certify(args, model, images, labels) -> None:
     summary = summarize(rows)
     results[f"{args.sigma:g}"] = {
         **summary,
-        **{k: getattr(args, k) for k in ("sigma", "n0", "n", "alpha", "seed")},
+        **{k: getattr(args, k) for k in ("sigma", "n0", "n", "alpha", "seed", "stride")},
     }
     write_json(path, results)
     radii = summary["certified_accuracy"]
@@ -379,6 +378,7 @@ def run_attacks(args, model, images, labels) -> None:
             "tol": args.tol,
             "seed": args.seed,
             "test_images": len(labels),
+            "stride": args.stride,
         }
         write_json(path, results)  # after each attack: a crash keeps the finished ones
     print(format_attack_table(results))
@@ -650,6 +650,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--gnr", action="store_true", help="also recompute GNR and its curve")
     p.add_argument("--limit", type=pos_int, help="evaluate on the first N test images")
+    p.add_argument(
+        "--stride",
+        type=pos_int,
+        default=1,
+        help="every K-th test image (before --limit): a class-balanced subset of a test set "
+        "sorted by class, such as an image folder's",
+    )
     p.add_argument("--noise-samples", type=pos_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=Path, help="override the run's data directory")
