@@ -27,11 +27,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from reproduce import (  # noqa: E402
+from study import (  # noqa: E402
     attack_commands,
     attack_winners,
     energy_cell,
     export,
+    fmt,
     image_counts,
     parse_stages,
     provenance,
@@ -202,10 +203,6 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _f(value, spec=".2f") -> str:
-    return report.fmt(value, spec) or "n/a"
-
-
 def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]:
     title = DATASETS[dataset]
     budgets = sorted({r["time_budget"] for r in rows})
@@ -217,7 +214,7 @@ def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]
         r = next((r for r in recipes[recipe] if r["time_budget"] == budget), None)
         if r is None:
             return "n/a"
-        return f"{_f(r['test_accuracy'])} / {_f(r['gnr'])} ({r['steps']})"
+        return f"{fmt(r['test_accuracy'])} / {fmt(r['gnr'])} ({r['steps']})"
 
     md = [
         f"## {title}",
@@ -293,10 +290,10 @@ def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]
                     [report.group_of(r), label(r)]
                     + [energy_cell(r, clean, k) for k in ATTACK_LABELS]
                     + [
-                        _f(r["certify"].get(sigma, {}).get("acr"), ".3f"),
-                        _f(r["certify"].get(sigma, {}).get("certified_accuracy", {}).get("0.5")),
-                        _f(r["gnr"]),
-                        _f(r["test_accuracy"]),
+                        fmt(r["certify"].get(sigma, {}).get("acr"), ".3f"),
+                        fmt(r["certify"].get(sigma, {}).get("certified_accuracy", {}).get("0.5")),
+                        fmt(r["gnr"]),
+                        fmt(r["test_accuracy"]),
                     ]
                     for r in sorted(evaluated, key=lambda r: _order(report.group_of(r)))
                 ],
@@ -307,7 +304,7 @@ def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]
 
 
 def _acc_gnr(row: dict) -> str:
-    return f"{_f(row['test_accuracy'])} / {_f(row['gnr'])}"
+    return f"{fmt(row['test_accuracy'])} / {fmt(row['gnr'])}"
 
 
 def _images(rows: list[dict]) -> str:

@@ -24,16 +24,18 @@ Stages, each resumable (rerun the same command after a crash):
 
 from __future__ import annotations
 
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from reproduce import (
+from study import (
     PAPER,
+    attack_table,
     attack_winners,
-    energy_cell,
+    export,
+    fmt,
     image_counts,
+    method_order,
     parse_stages,
     provenance,
     run_jobs,
@@ -63,7 +65,6 @@ CIFAR_TASKS = ("cifar10-lenet", "cifar10-alexnet")
 STAGES = ("train", "evaluate", "export", "doc")
 TOLERANCE = 0.39  # accuracy points below the clean mean that still compete (paper, Fig. 3b)
 SMOOTHING = {"sigma": 0.25, "n0": 100, "alpha": 0.001}
-COPIED = ("config.json", "metrics.json", "attacks.json", "certify.json", "history.csv")
 
 
 def train(runs: Path, data_dirs: dict, device: str, workers: int | None, settings: dict) -> None:
@@ -125,22 +126,6 @@ def evaluate(runs: Path, images: dict, device: str) -> None:
         run_jobs(jobs, len(jobs))
 
 
-def export(runs: Path, results: Path) -> None:
-    """The small files of every finished run to results/<task>/<run>/."""
-    for task in TASKS:
-        root = runs / task / "runs"
-        for run in sorted(root.iterdir()) if root.is_dir() else []:
-            if not (run / "metrics.json").exists():
-                continue
-            dest = results / task / run.name
-            dest.mkdir(parents=True, exist_ok=True)
-            for path in [run / name for name in COPIED] + sorted(run.glob("certify-sigma*.tsv")):
-                if path.exists():
-                    shutil.copy2(path, dest / path.name)
-    for name in ("command.txt", "environment.json"):
-        shutil.copy2(runs / name, results / name)
-
-
 # -- the document ---------------------------------------------------------------------------------
 
 # The paper's Table 4, CIFAR-10 rows: (GNR, accuracy) of the clean baseline and of the regularizer
@@ -171,17 +156,8 @@ FIG7_TOLERANCE, FIG7_GAIN = 1.68, 15.0  # AlexNet: accuracy window, claimed GNR 
 PARETO_WINDOW = 10.0  # accuracy points below clean within which a trade-off is worth having
 
 
-def _f(value, spec=".2f") -> str:
-    return report.fmt(value, spec) or "n/a"
-
-
 def _mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
-
-
-def _order(row: dict):
-    rank = {"clean": 0, "moment": 1, "augment": 2, "noise": 3}
-    return rank[row["method"]], row["folds"], row["sigma"], row["alpha"], row["seed"]
 
 
 def load_rows(folder: Path) -> list[dict]:
@@ -214,14 +190,14 @@ def _all_runs_table(rows: list[dict]) -> str:
                 r["alpha"] if r["method"] == "moment" else "",
                 r["folds"] if r["method"] == "augment" else "",
                 r["seed"],
-                _f(r["test_accuracy"]),
-                _f(r["gnr"]),
+                fmt(r["test_accuracy"]),
+                fmt(r["gnr"]),
                 r["epochs"],
                 r["best_epoch"],
                 r["stopped_by"],
-                _f(r["train_seconds"], ".0f"),
+                fmt(r["train_seconds"], ".0f"),
             ]
-            for r in sorted(rows, key=_order)
+            for r in sorted(rows, key=method_order)
         ],
     )
 
@@ -364,7 +340,7 @@ def table4_rows(task: str, rows: list[dict]) -> list[list[str]]:
     for key, (gnr, acc) in PAPER_TABLE4[task].items():
         ours = _clean(rows) if key == "clean" else _moment_at(rows, key)
         label = "clean" if key == "clean" else f"moment sigma={key} alpha=1"
-        cells = [_f(_mean(ours, "gnr")), _f(_mean(ours, "test_accuracy"))] if ours else []
+        cells = [fmt(_mean(ours, "gnr")), fmt(_mean(ours, "test_accuracy"))] if ours else []
         out.append([label, f"{gnr:.2f}", f"{acc:.2f}", *(cells or ["failed", "failed"])])
     return out
 
@@ -500,18 +476,7 @@ def _attack_section(rows: list[dict], winners: dict, images: dict[str, int]) -> 
             else " L-BFGS finished on no run within the GPU time this session had."
         ),
         "",
-        report.markdown_table(
-            ["run", *ATTACK_LABELS.values(), "GNR", "ACC"],
-            [
-                [
-                    report.describe(r),
-                    *[energy_cell(r, clean, k) for k in ATTACK_LABELS],
-                    _f(r["gnr"]),
-                    _f(r["test_accuracy"]),
-                ]
-                for r in sorted(attacked, key=_order)
-            ],
-        ),
+        attack_table(attacked, clean),
         "",
     ]
 
@@ -536,11 +501,11 @@ def _certify_section(winners: dict) -> list[str]:
             [
                 [
                     report.describe(r),
-                    *[_f(c["certified_accuracy"][k], ".1f") for k in radii],
-                    _f(c["acr"], ".3f"),
+                    *[fmt(c["certified_accuracy"][k], ".1f") for k in radii],
+                    fmt(c["acr"], ".3f"),
                     f"{c['abstained']}/{c['images']}",
                 ]
-                for r, c in sorted(certified, key=lambda rc: _order(rc[0]))
+                for r, c in sorted(certified, key=lambda rc: method_order(rc[0]))
             ],
         ),
         "",
@@ -564,7 +529,7 @@ def _run_notes(task: str, rows: list[dict]) -> str:
     if missing:
         names = ", ".join(report.describe(c) for c in missing)
         notes.append(f"Ended without metrics (training failed): {names}.")
-    chance = [r for r in sorted(rows, key=_order) if _at_chance(r)]
+    chance = [r for r in sorted(rows, key=method_order) if _at_chance(r)]
     if chance:
         names = ", ".join(report.describe(r) for r in chance)
         notes.append(
@@ -664,7 +629,7 @@ def _mnist_against(rows: list[dict]) -> list[str]:
     ]:
         cells = [f"{paper[0]:.2f}", f"{paper[1]:.2f}"]
         for group in (pick(short), [r for r in pick(rows) if r["alpha"] == 1.0]):
-            cells += [_f(_mean(group, "test_accuracy")), _f(_mean(group, "gnr"))]
+            cells += [fmt(_mean(group, "test_accuracy")), fmt(_mean(group, "gnr"))]
         lines.append([label, *cells])
     return [
         "### Against the paper and our short budget",
@@ -757,7 +722,7 @@ def main() -> None:
         )
         evaluate(args.runs, images, args.device)
     if "export" in stages:
-        export(args.runs, args.results)
+        export(args.runs, args.results, TASKS)
     if "doc" in stages:
         write_doc(args.results, args.doc)
 

@@ -15,24 +15,29 @@ Stages, each resumable (rerun the same command after a crash):
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
-import platform
-import shutil
-import subprocess
 import sys
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
+from study import (
+    PAPER,
+    attack_commands,
+    attack_table,
+    attack_winners,
+    export,
+    fmt,
+    image_counts,
+    method_order,
+    parse_stages,
+    provenance,
+    run_jobs,
+    study_parser,
+)
 
 from momentreg import report
 from momentreg.attacks import ATTACK_LABELS, ATTACKS
-from momentreg.cli import parse_setting
 from momentreg.plots import plot_consistency
-from momentreg.rundir import read_json, write_json
+from momentreg.rundir import read_json
 from momentreg.sweep import load_spec, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,10 +45,7 @@ TASKS = {  # name -> (spec, dataset label)
     "mnist-lenet": (ROOT / "experiments" / "mnist-lenet.toml", "MNIST"),
     "fashion-lenet": (ROOT / "experiments" / "fashion-lenet.toml", "Fashion-MNIST"),
 }
-# Paper (Table 1, LeNet on MNIST): clean and the regularizer at sigma = 1.0, alpha = 1.
-PAPER = {"clean": (98.50, 77.45), "moment sigma=1.0": (99.00, 97.32)}
 STAGES = ("train", "attack", "export", "doc")
-COPIED = ("config.json", "metrics.json", "attacks.json", "certify.json", "history.csv")
 
 
 def run_sweeps(runs: Path, data_dirs: dict, device: str, workers: int, settings: dict) -> None:
@@ -62,48 +64,6 @@ def run_sweeps(runs: Path, data_dirs: dict, device: str, workers: int, settings:
                 sys.exit(f"{task}: {counts['failed']} runs failed: {status}")
 
 
-def attack_winners(
-    rows: list[dict], group=lambda r: r["method"], tolerance: float = 0.0
-) -> dict[str, dict]:
-    """group (default: method) -> the run that the fair comparison picks (highest GNR at >= clean
-    accuracy - tolerance); a group with no run that accurate is represented by its most accurate
-    run."""
-    chosen = report.fair_comparison(rows, tolerance, group=group)["selected"]
-    for name in {group(r) for r in rows} - set(chosen):
-        runs = [r for r in rows if group(r) == name]
-        chosen[name] = max(runs, key=lambda r: r["test_accuracy"])
-    return chosen
-
-
-def attack_commands(run: Path, images: dict[str, int], device: str) -> list[list[str]]:
-    """The ``momentreg evaluate --attacks`` commands that ``run`` still needs (``images``: attack ->
-    test images); attacks already done on that many images are skipped."""
-    done = read_json(run / "attacks.json") if (run / "attacks.json").exists() else {}
-    todo = defaultdict(list)
-    for attack, n in images.items():
-        if done.get(attack, {}).get("test_images") != n:
-            todo[n].append(attack)
-    return [
-        [sys.executable, "-m", "momentreg", "evaluate", str(run), "--quiet"]
-        + ["--attacks", ",".join(attacks), "--limit", str(n), "--device", device]
-        for n, attacks in todo.items()
-    ]
-
-
-def run_jobs(jobs: list[list[list[str]]], workers: int) -> None:
-    """Each job is a list of commands run in turn; up to ``workers`` jobs at once, sharing the
-    CPU cores between them."""
-    workers = max(1, min(workers, len(jobs)))
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
-
-    def run_job(commands):
-        for argv in commands:
-            subprocess.run(argv, env=env, check=True)
-
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(run_job, jobs))
-
-
 def run_attacks(runs: Path, images: dict[str, int], device: str) -> None:
     """The attacks on each MNIST winner, the winners in parallel."""
     rows = report.collect(runs / "mnist-lenet")
@@ -114,45 +74,7 @@ def run_attacks(runs: Path, images: dict[str, int], device: str) -> None:
     run_jobs(jobs, len(jobs))
 
 
-def record_environment(runs: Path, command: str) -> None:
-    """Where and how the runs are made: exported beside their metrics."""
-    cuda = torch.cuda.is_available()
-    runs.mkdir(parents=True, exist_ok=True)
-    (runs / "command.txt").write_text(command + "\n")
-    write_json(
-        runs / "environment.json",
-        {
-            "date": datetime.date.today().isoformat(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if cuda else None,
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
-    )
-
-
-def export(runs: Path, results: Path, tasks=TASKS) -> None:
-    """Copy the small files of every finished run to results/<task>/<run>/."""
-    for task in tasks:
-        root = runs / task / "runs"
-        for run in sorted(root.iterdir()) if root.is_dir() else []:
-            if not (run / "metrics.json").exists():
-                continue
-            dest = results / task / run.name
-            dest.mkdir(parents=True, exist_ok=True)
-            for name in COPIED:
-                if (run / name).exists():
-                    shutil.copy2(run / name, dest / name)
-    for name in ("command.txt", "environment.json"):
-        shutil.copy2(runs / name, results / name)
-
-
 # -- the document ---------------------------------------------------------------------------------
-
-
-def _f(value, spec=".2f") -> str:
-    return report.fmt(value, spec) or "n/a"
 
 
 def _spread(rows: list[dict], key: str) -> str:
@@ -179,19 +101,14 @@ def _all_runs_table(rows: list[dict]) -> str:
                 r["alpha"] if r["method"] == "moment" else "",
                 r["folds"] if r["method"] == "augment" else "",
                 r["seed"],
-                _f(r["test_accuracy"]),
-                _f(r["gnr"]),
+                fmt(r["test_accuracy"]),
+                fmt(r["gnr"]),
                 r["epochs"],
-                _f(r["train_seconds"], ".0f"),
+                fmt(r["train_seconds"], ".0f"),
             ]
-            for r in sorted(rows, key=_order)
+            for r in sorted(rows, key=method_order)
         ],
     )
-
-
-def _order(row: dict):
-    rank = {"clean": 0, "moment": 1, "augment": 2, "noise": 3}
-    return rank[row["method"]], row["folds"], row["sigma"], row["alpha"], row["seed"]
 
 
 def _find(rows, method, **fields) -> list[dict]:
@@ -250,37 +167,10 @@ def _task_section(task: str, rows: list[dict], attacks_images, figures: Path) ->
             "for the fair-comparison winner of each method (`momentreg evaluate RUN --attacks "
             "...`); in brackets the ratio to the clean model.",
             "",
-            report.markdown_table(
-                ["run", *ATTACK_LABELS.values(), "GNR", "ACC"],
-                [
-                    [
-                        report.describe(r),
-                        *[energy_cell(r, clean, k) for k in ATTACK_LABELS],
-                        _f(r["gnr"]),
-                        _f(r["test_accuracy"]),
-                    ]
-                    for r in sorted(attacked, key=_order)
-                ],
-            ),
+            attack_table(attacked, clean),
             "",
         ]
     return md
-
-
-def image_counts(images: dict[str, int]) -> str:
-    """'400' or '400 (LBF: 100)': the usual count, and the attacks that ran on another."""
-    common = max(set(images.values()), key=list(images.values()).count)
-    others = [f"{ATTACK_LABELS[a]}: {n}" for a, n in images.items() if n != common]
-    return f"{common}" + (f" ({', '.join(others)})" if others else "")
-
-
-def energy_cell(row: dict, clean: dict | None, key: str) -> str:
-    value = row[f"energy_{key}"]
-    if value is None:
-        return "n/a"
-    if clean is None or row is clean or not clean[f"energy_{key}"]:
-        return f"{value:.3g}"
-    return f"{value:.3g} ({value / clean[f'energy_{key}']:.1f}x)"
 
 
 def _mean_of(rows: list[dict], key: str) -> float:
@@ -399,7 +289,7 @@ def _conclusions(mnist: list[dict], fashion: list[dict]) -> list[str]:
     if fashion:
         f_clean = _find(fashion, "clean")
         fc_acc, fc_gnr = _mean_of(f_clean, "test_accuracy"), _mean_of(f_clean, "gnr")
-        robust = [r for r in sorted(fashion, key=_order) if r["method"] != "clean"]
+        robust = [r for r in sorted(fashion, key=method_order) if r["method"] != "clean"]
         line = "- **Fashion-MNIST** (never in the paper), against clean "
         line += f"(GNR {fc_gnr:.2f}, {fc_acc:.2f}%): " + "; ".join(
             f"{report.describe(r)}: GNR {r['gnr'] - fc_gnr:+.2f}, accuracy "
@@ -411,29 +301,6 @@ def _conclusions(mnist: list[dict], fashion: list[dict]) -> list[str]:
             line += "the clean run"
         out.append(line + ".")
     return out + [""]
-
-
-def provenance(results: Path, title: str) -> list[str]:
-    """A study page's head: its title, the command and machine that made the runs (from
-    RESULTS/command.txt and environment.json), and how to rewrite the page."""
-    env = read_json(results / "environment.json")
-    command = (results / "command.txt").read_text().strip()
-    script = command.split()[1]  # python experiments/<script> ...
-    hardware = env["gpu"] or f"{env['cpus']} CPU cores"
-    return [
-        f"# {title}",
-        "",
-        f"Generated by `{script}` from the metrics committed under "
-        f"`docs/results/{results.name}/`; do not edit by hand. The runs were made with",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        f"on {hardware} (torch {env['torch']}, Python {env['python']}, {env['date']}). "
-        f"`python {script} --stages doc` rewrites this page from the committed metrics.",
-        "",
-    ]
 
 
 def write_doc(results: Path, doc: Path) -> None:
@@ -500,48 +367,6 @@ def write_doc(results: Path, doc: Path) -> None:
     print(f"wrote {doc} and {figures}/*.png")
 
 
-def study_parser(doc: str, name: str, workers: int) -> argparse.ArgumentParser:
-    """The options every study script shares; ``name`` names its runs, results and doc."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--mnist-dir", type=Path, default=ROOT.parent / "shared/datasets/mnist")
-    p.add_argument("--fashion-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
-    p.add_argument("--runs", type=Path, default=ROOT / "runs" / name)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=workers, help="trainings (evaluations) at once")
-    p.add_argument("--results", type=Path, default=ROOT / "docs/results" / name)
-    p.add_argument("--doc", type=Path, default=ROOT / f"docs/{name}.md")
-    p.add_argument(
-        "--set",
-        type=parse_setting,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec setting in every sweep (for smoke tests: --set epochs=1)",
-    )
-    return p
-
-
-def parse_stages(p: argparse.ArgumentParser, stages: tuple[str, ...]):
-    """(args, the chosen stages) with a --stages option; records the whole command (without
-    --stages: the command that makes everything) in RUNS/command.txt when training."""
-    p.add_argument(
-        "--stages",
-        default=",".join(stages),
-        help="comma-separated subset; --stages doc rewrites the page from the committed files",
-    )
-    args = p.parse_args()
-    chosen = set(args.stages.split(","))
-    if chosen - set(stages):
-        p.error(f"--stages: choose from {','.join(stages)}")
-    if "train" in chosen:
-        argv = sys.argv[1:]
-        if "--stages" in argv:
-            del argv[argv.index("--stages") : argv.index("--stages") + 2]
-        script = Path(sys.argv[0]).name
-        record_environment(args.runs, f"python experiments/{script} " + " ".join(argv))
-    return args, chosen
-
-
 def main() -> None:
     p = study_parser(__doc__, "reproduction", workers=1)
     p.add_argument("--attack-images", type=int, default=400)
@@ -555,7 +380,7 @@ def main() -> None:
         images["lbfgs"] = args.lbfgs_images or args.attack_images
         run_attacks(args.runs, images, args.device)
     if "export" in stages:
-        export(args.runs, args.results)
+        export(args.runs, args.results, TASKS)
     if "doc" in stages:
         write_doc(args.results, args.doc)
 

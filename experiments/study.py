@@ -1,0 +1,219 @@
+"""What the study scripts in experiments/ share: the fair-comparison winners, jobs of
+``momentreg`` commands, the record of where runs were made, the export of their small files, the
+page head and the attack table, and the command-line options and stages every study has.
+
+A study script (reproduce.py, beyond.py, cifar.py) imports this module, never another script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from momentreg import report
+from momentreg.attacks import ATTACK_LABELS
+from momentreg.cli import parse_setting
+from momentreg.rundir import read_json, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+# A run's small files, exported beside the study page (checkpoints stay with the runs).
+COPIED = ("config.json", "metrics.json", "attacks.json", "certify.json", "history.csv")
+# Paper (Table 1, LeNet on MNIST): (accuracy, GNR) of clean and of the regularizer at sigma 1.0,
+# alpha 1.
+PAPER = {"clean": (98.50, 77.45), "moment sigma=1.0": (99.00, 97.32)}
+METHOD_RANK = {"clean": 0, "moment": 1, "augment": 2, "noise": 3}
+
+
+def fmt(value, spec=".2f") -> str:
+    """A number for a table; "n/a" where there is none."""
+    return report.fmt(value, spec) or "n/a"
+
+
+def method_order(row: dict):
+    """Sort key of runs in the study tables: method, N, sigma, alpha, seed."""
+    return METHOD_RANK[row["method"]], row["folds"], row["sigma"], row["alpha"], row["seed"]
+
+
+def attack_winners(
+    rows: list[dict], group=lambda r: r["method"], tolerance: float = 0.0
+) -> dict[str, dict]:
+    """group (default: method) -> the run that the fair comparison picks (highest GNR at >= clean
+    accuracy - tolerance); a group with no run that accurate is represented by its most accurate
+    run."""
+    chosen = report.fair_comparison(rows, tolerance, group=group)["selected"]
+    for name in {group(r) for r in rows} - set(chosen):
+        runs = [r for r in rows if group(r) == name]
+        chosen[name] = max(runs, key=lambda r: r["test_accuracy"])
+    return chosen
+
+
+def attack_commands(run: Path, images: dict[str, int], device: str) -> list[list[str]]:
+    """The ``momentreg evaluate --attacks`` commands that ``run`` still needs (``images``: attack ->
+    test images); attacks already done on that many images are skipped."""
+    done = read_json(run / "attacks.json") if (run / "attacks.json").exists() else {}
+    todo = defaultdict(list)
+    for attack, n in images.items():
+        if done.get(attack, {}).get("test_images") != n:
+            todo[n].append(attack)
+    return [
+        [sys.executable, "-m", "momentreg", "evaluate", str(run), "--quiet"]
+        + ["--attacks", ",".join(attacks), "--limit", str(n), "--device", device]
+        for n, attacks in todo.items()
+    ]
+
+
+def run_jobs(jobs: list[list[list[str]]], workers: int) -> None:
+    """Each job is a list of commands run in turn; up to ``workers`` jobs at once, sharing the
+    CPU cores between them."""
+    workers = max(1, min(workers, len(jobs)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+
+    def run_job(commands):
+        for argv in commands:
+            subprocess.run(argv, env=env, check=True)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run_job, jobs))
+
+
+def record_environment(runs: Path, command: str) -> None:
+    """Where and how the runs are made: exported beside their metrics."""
+    cuda = torch.cuda.is_available()
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / "command.txt").write_text(command + "\n")
+    write_json(
+        runs / "environment.json",
+        {
+            "date": datetime.date.today().isoformat(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if cuda else None,
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+    )
+
+
+def export(runs: Path, results: Path, tasks) -> None:
+    """Copy the small files of every finished run (COPIED and its per-image certification TSVs)
+    to results/<task>/<run>/, with the runs' command.txt and environment.json."""
+    for task in tasks:
+        root = runs / task / "runs"
+        for run in sorted(root.iterdir()) if root.is_dir() else []:
+            if not (run / "metrics.json").exists():
+                continue
+            dest = results / task / run.name
+            dest.mkdir(parents=True, exist_ok=True)
+            for path in [run / name for name in COPIED] + sorted(run.glob("certify-sigma*.tsv")):
+                if path.exists():
+                    shutil.copy2(path, dest / path.name)
+    for name in ("command.txt", "environment.json"):
+        shutil.copy2(runs / name, results / name)
+
+
+def image_counts(images: dict[str, int]) -> str:
+    """'400' or '400 (LBF: 100)': the usual count, and the attacks that ran on another."""
+    common = max(set(images.values()), key=list(images.values()).count)
+    others = [f"{ATTACK_LABELS[a]}: {n}" for a, n in images.items() if n != common]
+    return f"{common}" + (f" ({', '.join(others)})" if others else "")
+
+
+def energy_cell(row: dict, clean: dict | None, key: str) -> str:
+    value = row[f"energy_{key}"]
+    if value is None:
+        return "n/a"
+    if clean is None or row is clean or not clean[f"energy_{key}"]:
+        return f"{value:.3g}"
+    return f"{value:.3g} ({value / clean[f'energy_{key}']:.1f}x)"
+
+
+def attack_table(rows: list[dict], clean: dict | None) -> str:
+    """Table 1's layout: per run the mean energy of each attack (with its ratio to ``clean``),
+    then GNR and accuracy."""
+    return report.markdown_table(
+        ["run", *ATTACK_LABELS.values(), "GNR", "ACC"],
+        [
+            [
+                report.describe(r),
+                *[energy_cell(r, clean, k) for k in ATTACK_LABELS],
+                fmt(r["gnr"]),
+                fmt(r["test_accuracy"]),
+            ]
+            for r in sorted(rows, key=method_order)
+        ],
+    )
+
+
+def provenance(results: Path, title: str) -> list[str]:
+    """A study page's head: its title, the command and machine that made the runs (from
+    RESULTS/command.txt and environment.json), and how to rewrite the page."""
+    env = read_json(results / "environment.json")
+    command = (results / "command.txt").read_text().strip()
+    script = command.split()[1]  # python experiments/<script> ...
+    hardware = env["gpu"] or f"{env['cpus']} CPU cores"
+    return [
+        f"# {title}",
+        "",
+        f"Generated by `{script}` from the metrics committed under "
+        f"`docs/results/{results.name}/`; do not edit by hand. The runs were made with",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"on {hardware} (torch {env['torch']}, Python {env['python']}, {env['date']}). "
+        f"`python {script} --stages doc` rewrites this page from the committed metrics.",
+        "",
+    ]
+
+
+def study_parser(doc: str, name: str, workers: int) -> argparse.ArgumentParser:
+    """The options every study script shares; ``name`` names its runs, results and doc."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--mnist-dir", type=Path, default=ROOT.parent / "shared/datasets/mnist")
+    p.add_argument("--fashion-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / name)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=workers, help="trainings (evaluations) at once")
+    p.add_argument("--results", type=Path, default=ROOT / "docs/results" / name)
+    p.add_argument("--doc", type=Path, default=ROOT / f"docs/{name}.md")
+    p.add_argument(
+        "--set",
+        type=parse_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec setting in every sweep (for smoke tests: --set epochs=1)",
+    )
+    return p
+
+
+def parse_stages(p: argparse.ArgumentParser, stages: tuple[str, ...]):
+    """(args, the chosen stages) with a --stages option; records the whole command (without
+    --stages: the command that makes everything) in RUNS/command.txt when training."""
+    p.add_argument(
+        "--stages",
+        default=",".join(stages),
+        help="comma-separated subset; --stages doc rewrites the page from the committed files",
+    )
+    args = p.parse_args()
+    chosen = set(args.stages.split(","))
+    if chosen - set(stages):
+        p.error(f"--stages: choose from {','.join(stages)}")
+    if "train" in chosen:
+        argv = sys.argv[1:]
+        if "--stages" in argv:
+            del argv[argv.index("--stages") : argv.index("--stages") + 2]
+        script = Path(sys.argv[0]).name
+        record_environment(args.runs, f"python experiments/{script} " + " ".join(argv))
+    return args, chosen
