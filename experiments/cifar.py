@@ -512,7 +512,7 @@ def _certify_section(winners: dict) -> list[str]:
     ]
 
 
-def _run_notes(task: str, rows: list[dict]) -> str:
+def _run_notes(task: str, rows: list[dict], folder: Path) -> str:
     """How many planned runs finished, which were cut, failed or collapsed, computed."""
     keys = ("method", "sigma", "alpha", "folds", "seed")
     defaults = {"sigma": 0.0, "alpha": 1.0, "folds": 1, "seed": 0}
@@ -527,7 +527,16 @@ def _run_notes(task: str, rows: list[dict]) -> str:
         f"{len(improving)} of them with their best epoch among their last two."
     ]
     if missing:
-        names = ", ".join(report.describe(c) for c in missing)
+        errors = {}  # exported failed runs: their config and error.txt
+        for run in sorted(p for p in folder.iterdir() if (p / "error.txt").exists()):
+            config = {**defaults, **read_json(run / "config.json")}
+            reason = (run / "error.txt").read_text().splitlines()[0]
+            errors[tuple(config[k] for k in keys)] = reason.split("error: ")[-1]
+        named = []
+        for c in missing:
+            reason = errors.get(tuple(c[k] for k in keys))
+            named.append(report.describe(c) + (f" ({reason})" if reason else ""))
+        names = "; ".join(named)
         notes.append(f"Ended without metrics (training failed): {names}.")
     chance = [r for r in sorted(rows, key=method_order) if _at_chance(r)]
     if chance:
@@ -578,7 +587,7 @@ def _task_section(task: str, rows: list[dict], folder: Path, figures: Path) -> l
         "",
         f"Spec `experiments/{TASKS[task][0].name}`: {_settings(rows, folder)}.",
         "",
-        _run_notes(task, rows),
+        _run_notes(task, rows, folder),
         "",
         "### All runs",
         "",

@@ -105,16 +105,21 @@ def record_environment(runs: Path, command: str) -> None:
 
 
 def export(runs: Path, results: Path, tasks) -> None:
-    """Copy the small files of every finished run (COPIED and its per-image certification TSVs)
-    to results/<task>/<run>/, with the runs' command.txt and environment.json."""
+    """Copy the small files of every finished run (COPIED and its per-image certification TSVs),
+    and the config and error.txt of every failed one, to results/<task>/<run>/, with the runs'
+    command.txt and environment.json."""
     for task in tasks:
         root = runs / task / "runs"
         for run in sorted(root.iterdir()) if root.is_dir() else []:
-            if not (run / "metrics.json").exists():
+            if (run / "metrics.json").exists():
+                paths = [run / name for name in COPIED] + sorted(run.glob("certify-sigma*.tsv"))
+            elif (run / "error.txt").exists():
+                paths = [run / "config.json", run / "error.txt"]  # a failed run: why it failed
+            else:
                 continue
             dest = results / task / run.name
             dest.mkdir(parents=True, exist_ok=True)
-            for path in [run / name for name in COPIED] + sorted(run.glob("certify-sigma*.tsv")):
+            for path in paths:
                 if path.exists():
                     shutil.copy2(path, dest / path.name)
     for name in ("command.txt", "environment.json"):

@@ -152,7 +152,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="stop once the training steps took this many seconds (validation not counted)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-limit", type=pos_int, help="use only the first N training images")
+    p.add_argument(
+        "--train-limit",
+        type=pos_int,
+        help="use only the first N training images (of an image folder, which is sorted by "
+        "class: N drawn at random with --seed)",
+    )
     p.add_argument("--val-fraction", type=pos_float, default=0.1)
     p.add_argument("--gnr-limit", type=pos_int, help="GNR on the first N test images only")
     p.add_argument("--noise-samples", type=pos_int, default=1, help="noise draws per GNR level")
@@ -177,7 +182,11 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 def load_splits(args) -> tuple[tuple, tuple, tuple]:
     images, labels = load_dataset(args.dataset, args.data_dir, "train", args.download)
-    if args.train_limit:
+    if args.train_limit and args.dataset == IMAGEFOLDER:  # sorted by class: a random subset
+        pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))
+        keep = pick[: args.train_limit].sort().values
+        images, labels = images[keep], labels[keep]
+    elif args.train_limit:
         images, labels = images[: args.train_limit], labels[: args.train_limit]
     train_set, val_set = train_val_split(images, labels, args.val_fraction, seed=args.seed)
     return train_set, val_set, load_dataset(args.dataset, args.data_dir, "test", args.download)
