@@ -167,3 +167,19 @@ def test_evaluate_certify_writes_cohens_tsv_and_a_summary(run_dir, capsys):
     assert "certified accuracy" in capsys.readouterr().out
     assert main([*args, "--alpha", "1.5"]) == 2
     assert "--alpha must be below 1" in capsys.readouterr().err
+
+
+def test_force_clears_every_evaluation_of_the_old_model(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--out", str(out)]) == 0
+    certify = ["--certify", "--n0", "10", "--n", "20", "--batch", "20", "--limit", "3"]
+    assert main(["evaluate", str(out), "--quiet", *certify]) == 0
+    tightness = ["--limit", "2", "--samples", "20", "--sigmas", "0.5", "--quiet"]
+    assert main(["tightness", str(out), *tightness]) == 0
+    stale = ["certify.json", "certify-sigma0.25.tsv", "tightness.json"]
+    assert all((out / name).exists() for name in stale)
+    (out / "notes.txt").write_text("the user's own file")
+    assert main(["train", *QUICK, "--seed", "1", "--force", "--out", str(out)]) == 0
+    assert not any((out / name).exists() for name in stale)  # report would credit them to it
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
+    assert (out / "notes.txt").exists()

@@ -25,7 +25,7 @@ from momentreg.imagefolder import imagefolder_classes
 from momentreg.malloc import keep_freed_memory
 from momentreg.models import MODELS, build_model, input_spec
 from momentreg.robustness import accuracy, gaussian_robustness
-from momentreg.rundir import atomic_write, read_json, write_json
+from momentreg.rundir import atomic_write, clear_run, read_json, write_json
 from momentreg.training import CHECKPOINT, METHODS, PROTOCOLS, TrainConfig, train
 from momentreg.training import load_checkpoint as _load_checkpoint
 
@@ -99,11 +99,6 @@ def check_free_space(out: Path, model: torch.nn.Module) -> None:
             f"{out}: {free / 2**20:.1f} MiB free, but checkpoints of this model need about "
             f"{need / 2**20:.1f} MiB"
         )
-
-
-def _clear(out: Path) -> None:
-    for name in (CHECKPOINT, "history.csv", "metrics.json", "config.json", "attacks.json"):
-        (out / name).unlink(missing_ok=True)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -224,7 +219,7 @@ def run_training(args: argparse.Namespace, out: Path) -> dict:
     model = build_model(args.model, args.dataset, spec)
     check_free_space(next(p for p in (out, *out.parents) if p.exists()), model)
     if args.force and not args.resume and existed:
-        _clear(out)
+        clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {
         "version": __version__,

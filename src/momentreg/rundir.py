@@ -1,19 +1,43 @@
 """The files of a run directory: atomic writes, JSON in and out, and one run as a table row.
 
 A run directory (``momentreg train --out``) holds config.json, checkpoint.pt, history.csv,
-metrics.json and, after ``evaluate --attacks``, attacks.json.
+metrics.json and, with --tensorboard, tensorboard/; ``evaluate --attacks`` adds attacks.json,
+``evaluate --certify`` certify.json and certify-sigma<S>.tsv, ``momentreg tightness``
+tightness.json. ``clear_run`` removes all of them, so nothing of an old model outlives
+``train --force``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 from momentreg.errors import MomentregError
 
-__all__ = ["atomic_write", "write_json", "read_json", "read_run"]
+__all__ = ["atomic_write", "write_json", "read_json", "read_run", "clear_run", "RUN_FILES"]
+
+# Every file that training or an evaluation writes into a run directory.
+RUN_FILES = (
+    "config.json",
+    "checkpoint.pt",
+    "history.csv",
+    "metrics.json",
+    "attacks.json",
+    "certify.json",
+    "tightness.json",
+)
+
+
+def clear_run(run: Path) -> None:
+    """Remove what training and evaluations wrote into ``run`` (and nothing else of the folder)."""
+    for name in RUN_FILES:
+        (run / name).unlink(missing_ok=True)
+    for tsv in run.glob("certify-sigma*.tsv"):
+        tsv.unlink()
+    shutil.rmtree(run / "tensorboard", ignore_errors=True)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
