@@ -1,6 +1,8 @@
 import json
+import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -10,6 +12,7 @@ TABLES_END = "<!-- end of tables -->"
 
 def test_quick_benchmark_writes_every_section(tmp_path):
     out = tmp_path / "bench.json"
+    start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--no-compile", "--json", str(out)],
         cwd=ROOT,
@@ -17,6 +20,7 @@ def test_quick_benchmark_writes_every_section(tmp_path):
         text=True,
         timeout=600,
     )
+    wall = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     lenet = data["steps"]["lenet-mnist"]
@@ -27,12 +31,13 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert 0 < data["data_loading"]["share"] < 1
     assert set(data["attacks"]) == {"pgd", "lbfgs", "fgsm", "aga", "aua", "deepfool"}
     assert {"clean", "moment"} <= set(data["memory"]["lenet-mnist"]["peak_mib"])
-    assert isinstance(data["keep_freed_memory"], bool)
+    assert data["keep_freed_memory"] is (platform.libc_ver()[0] == "glibc")  # kept on glibc
     assert {"fused", "unfused", "multiply"} == set(data["kernels"]["seconds"])
     assert {"steps lenet-mnist", "kernels", "gnr", "data_loading", "attacks", "memory"} == set(
         data["section_seconds"]
     )
-    assert data["benchmark_seconds"] >= sum(data["section_seconds"].values())
+    assert all(seconds > 0 for seconds in data["section_seconds"].values())
+    assert data["benchmark_seconds"] <= wall  # seconds, measured inside the process
     assert "ratio" in result.stdout
 
 

@@ -92,8 +92,9 @@ def test_invalid_arguments_exit_2_with_one_line(tmp_path, args, message, capsys)
         code = main(["train", *QUICK, *args, "--out", str(out)])
         raise SystemExit(code)
     assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("momentreg: error: ")
+    assert message in lines[0]
     assert not out.exists()
 
 

@@ -36,6 +36,13 @@ class UsageError(MomentregError):
     """Bad arguments or paths: exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as the CLI reports every mistake: one line."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"momentreg: error: {message} (see {self.prog} --help)\n")
+
+
 # -- argument types ------------------------------------------------------------------------------
 
 
@@ -636,7 +643,7 @@ def cmd_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="momentreg", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="momentreg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"momentreg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
