@@ -12,10 +12,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from momentreg.models import Normalize
 from momentreg.moments import affine_moments, network_moments, relu_and_mean, relu_mean
+from momentreg.split import graph_moments, trace_split
 
 __all__ = [
     "split_at_first_relu",
@@ -37,17 +38,17 @@ def _leaves(module: nn.Module) -> list[nn.Module]:
     return [module]
 
 
-def split_at_first_relu(model: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
-    """Split an ``nn.Sequential`` (nested ones too) into (affine head, tail) around its first ReLU.
+def split_at_first_relu(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Split ``model`` into (affine head, tail) around its first ReLU: model = tail(relu(head)).
 
-    The two halves share the model's modules (and so its parameters). Raises ``ValueError`` naming
-    the first layer before the ReLU that is not affine, or when there is no ReLU.
+    An ``nn.Sequential`` (nested ones too) is split between its layers; any other module is traced
+    with torch.fx (:func:`momentreg.split.trace_split`: ReLU as module, function or method, heads
+    of affine layers, shape operations and constant arithmetic). The two halves share the model's
+    modules (and so its parameters). Raises ``ValueError`` naming the first operation before the
+    ReLU that is not affine, a skip connection over the ReLU, or the lack of a ReLU.
     """
     if not isinstance(model, nn.Sequential):
-        raise ValueError(
-            f"split_at_first_relu needs an nn.Sequential, got {type(model).__name__}; "
-            "pass split=(head, tail) yourself for other models"
-        )
+        return trace_split(model)
     leaves = _leaves(model)
     for i, layer in enumerate(leaves):
         if isinstance(layer, nn.ReLU):
@@ -84,6 +85,8 @@ def head_variance(head: nn.Module, sigma: float | torch.Tensor, x: torch.Tensor)
     Computed once at batch size 1: it does not depend on x, only on its shape [B, *input_shape].
     """
     var = (_sigma_tensor(sigma, x.shape[1:], x) ** 2).unsqueeze(0)
+    if isinstance(head, fx.GraphModule):  # a traced head: the mean pass comes along
+        return graph_moments(head, x, var)[1]
     for layer in _leaves(head):
         _, var = affine_moments(layer, None, var)
     return var
@@ -98,6 +101,8 @@ def head_moments(
     uses the statistics of this batch as its affine map (eval mode: its running statistics).
     """
     mean, var = x, (_sigma_tensor(sigma, x.shape[1:], x) ** 2).unsqueeze(0)
+    if isinstance(head, fx.GraphModule):
+        return graph_moments(head, mean, var)
     for layer in _leaves(head):
         mean, var = affine_moments(layer, mean, var)
     return mean, var
