@@ -1,4 +1,5 @@
-"""Small real data made by the tests: IDX files, CIFAR pickles, and the shared MNIST location."""
+"""What the tests share: small real data they make (IDX files, CIFAR pickles), the shared MNIST
+location, and models written the way users write them (their own forward, F.relu, residuals)."""
 
 import gzip
 import pickle
@@ -6,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
 needs_mnist = pytest.mark.skipif(
@@ -33,3 +37,48 @@ def cifar_batch(n: int, seed: int, label_key: bytes = b"labels") -> bytes:
         b"batch_label": b"made by the tests",
     }
     return pickle.dumps(batch, protocol=2)
+
+
+class Block(nn.Module):
+    """torchvision's BasicBlock: its own forward, F.relu, a residual sum, optional downsampling."""
+
+    def __init__(self, inputs, outputs, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.downsample = None
+        if stride != 1 or inputs != outputs:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs)
+            )
+
+    def forward(self, x):
+        identity = x
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return F.relu(out + identity)
+
+
+class TinyResNet(nn.Module):
+    """A torchvision-style ResNet: normalization written inline, stem conv-BN-F.relu, blocks."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = Block(8, 8, 1)
+        self.layer2 = Block(8, 16, 2)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1((x - 0.5) / 0.25)))
+        x = self.layer2(self.layer1(x))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(x)
+
+    def reference_tail(self, t):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.layer2(self.layer1(t)), 1), 1))

@@ -9,6 +9,7 @@ from momentreg.moments import (
     relu_moments,
 )
 from momentreg.regularizer import (
+    MomentRegularizer,
     expected_logits,
     head_moments,
     head_variance,
@@ -25,6 +26,7 @@ __all__ = [
     "affine_relu_affine_moments",
     "relu_mean",
     "relu_moments",
+    "MomentRegularizer",
     "expected_logits",
     "head_moments",
     "head_variance",

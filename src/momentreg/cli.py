@@ -23,13 +23,15 @@ from momentreg.data import DATASET_NAMES, IMAGEFOLDER, load_dataset, to_float, t
 from momentreg.errors import MomentregError
 from momentreg.imagefolder import imagefolder_classes
 from momentreg.malloc import keep_freed_memory
-from momentreg.models import MODELS, build_model, input_spec
+from momentreg.models import MODELS, build_model, input_spec, is_factory
+from momentreg.regularizer import check_regularizable
 from momentreg.robustness import accuracy, gaussian_robustness
 from momentreg.rundir import atomic_write, clear_run, read_json, write_json
 from momentreg.training import CHECKPOINT, METHODS, PROTOCOLS, TrainConfig, train
 from momentreg.training import load_checkpoint as _load_checkpoint
 
 USAGE_ERROR = 2
+USER_MODEL_HELP = "the FILE.py:FUNCTION the run was trained with, to allow running it again"
 
 
 class UsageError(MomentregError):
@@ -76,6 +78,14 @@ def _device(name: str) -> torch.device:
         raise UsageError(f"--device: unknown device {name!r} (cpu, cuda, cuda:N or auto)") from None
 
 
+def _model_name(text: str) -> str:
+    if text in MODELS or is_factory(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(sorted(MODELS))}, or FILE.py:FUNCTION)"
+    )
+
+
 # -- output directories ---------------------------------------------------------------------------
 
 
@@ -112,7 +122,14 @@ def check_free_space(out: Path, model: torch.nn.Module) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="lenet", choices=sorted(MODELS))
+    p.add_argument(
+        "--model",
+        default="lenet",
+        type=_model_name,
+        help=f"{', '.join(sorted(MODELS))}, or your own: path/to/file.py:function or "
+        "package.module:function, called as function(channels, size, classes) -> nn.Module "
+        "on images in [0, 1] (trained with the LeNet protocol unless you set it)",
+    )
     p.add_argument("--dataset", default="mnist-sample", choices=DATASET_NAMES)
     p.add_argument("--data-dir", type=Path, help="folder with the official dataset files")
     p.add_argument("--download", action="store_true", help="fetch missing files (checksummed)")
@@ -170,7 +187,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    settings = {**PROTOCOLS[args.model]}
+    settings = {**PROTOCOLS.get(args.model, PROTOCOLS["lenet"])}
     settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
     if args.val_fraction >= 1:
         raise UsageError(f"--val-fraction must be below 1, got {args.val_fraction}")
@@ -224,6 +241,8 @@ def run_training(args: argparse.Namespace, out: Path) -> dict:
         spec = input_spec(torch.cat([train_set[0], val_set[0]]), classes)
     torch.manual_seed(cfg.seed)
     model = build_model(args.model, args.dataset, spec)
+    if cfg.method == "moment":  # a model the regularizer cannot split fails before any writing
+        check_regularizable(model, cfg.moment_depth)
     check_free_space(next(p for p in (out, *out.parents) if p.exists()), model)
     if args.force and not args.resume and existed:
         clear_run(out)
@@ -271,9 +290,16 @@ def run_training(args: argparse.Namespace, out: Path) -> dict:
     return metrics
 
 
-def load_run(run: Path, device) -> tuple[dict, torch.nn.Module]:
-    """(config, model with the run's best weights) of a finished or interrupted run."""
+def load_run(run: Path, device, model_name: str | None = None) -> tuple[dict, torch.nn.Module]:
+    """(config, model with the run's best weights) of a finished or interrupted run. A run whose
+    model comes from a user factory loads only when ``model_name`` names that factory again:
+    building it runs the factory's code, which must be code the user names, not a run folder."""
     config = read_json(run / "config.json")
+    if is_factory(config["model"]) and model_name != config["model"]:
+        raise UsageError(
+            f"{run} was trained on the model of {config['model']}; loading it runs that code, so "
+            f"name it: --model {config['model']}"
+        )
     ckpt = _load_checkpoint(run / CHECKPOINT)
     model = build_model(config["model"], config["dataset"], config.get("input_spec"))
     state = ckpt["best"]["state"] if ckpt["finished"] else ckpt["model"]
@@ -298,7 +324,7 @@ def cmd_evaluate(args) -> None:
     is left as it is.
     """
     device = _device(args.device)
-    config, model = load_run(args.run, device)
+    config, model = load_run(args.run, device, args.model)
     images, labels = load_dataset(config["dataset"], args.data_dir or config["data_dir"], "test")
     images, labels = images[:: args.stride][: args.limit], labels[:: args.stride][: args.limit]
     if args.gnr or not (args.attacks or args.certify):
@@ -437,7 +463,7 @@ def cmd_tightness(args) -> None:
     device = _device(args.device)
     table = {}
     for run in args.runs:
-        config, model = load_run(run, device)
+        config, model = load_run(run, device, args.model)
         images, _ = load_dataset(config["dataset"], args.data_dir or config["data_dir"], "test")
         rows = tightness(
             model,
@@ -671,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-samples", type=pos_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=Path, help="override the run's data directory")
+    p.add_argument("--model", help=USER_MODEL_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--attacks", type=_attack_list, help="comma-separated, or all: " + attack_help)
@@ -728,6 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=pos_int, default=20, help="draws per image per forward pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=Path, help="override the runs' data directory")
+    p.add_argument("--model", help=USER_MODEL_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--report", type=Path, help="also write this Markdown file and a .png beside it")
     p.add_argument("--quiet", action="store_true")

@@ -3,9 +3,14 @@ in its first layer, so noise levels, attacks and bounds are always in pixel unit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -13,8 +18,12 @@ __all__ = [
     "lenet",
     "alexnet",
     "resnet20",
+    "resnet18",
+    "ResNet18",
     "build_model",
     "input_spec",
+    "is_factory",
+    "load_factory",
     "DATASETS",
     "MODELS",
 ]
@@ -135,7 +144,37 @@ def resnet20(channels: int, size: int, classes: int, normalize: Normalize) -> nn
     )
 
 
-MODELS = {"lenet": lenet, "alexnet": alexnet, "resnet20": resnet20}
+class ResNet18(nn.Module):
+    """ResNet-18 for 32x32 images in torchvision's style: its own ``forward`` with ``F.relu``,
+    a 3x3 conv-BN stem (no max-pooling), 4 stages of 2 basic blocks with 64-512 channels, global
+    average pooling, FC; 11.2M parameters for CIFAR-10. Not an ``nn.Sequential``: the regularizer
+    splits it with torch.fx (momentreg.split), its head being Normalize, the stem conv and BN."""
+
+    def __init__(self, channels: int, classes: int, normalize: Normalize):
+        super().__init__()
+        self.normalize = normalize
+        self.conv1 = nn.Conv2d(channels, 64, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages, inputs = [], 64
+        for stage, width in enumerate((64, 128, 256, 512)):
+            blocks = [BasicBlock(inputs, width, 2 if stage > 0 else 1), BasicBlock(width, width, 1)]
+            stages.append(nn.Sequential(*blocks))
+            inputs = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet18(channels: int, size: int, classes: int, normalize: Normalize) -> ResNet18:
+    """:class:`ResNet18` (any input size; its pooling is global)."""
+    return ResNet18(channels, classes, normalize)
+
+
+MODELS = {"lenet": lenet, "alexnet": alexnet, "resnet20": resnet20, "resnet18": resnet18}
 
 
 def input_spec(images: torch.Tensor, classes: int) -> tuple:
@@ -158,12 +197,68 @@ def input_spec(images: torch.Tensor, classes: int) -> tuple:
     return channels, height, classes, tuple(mean.tolist()), tuple(std.tolist())
 
 
-def build_model(name: str, dataset: str, spec: Sequence | None = None) -> nn.Sequential:
+def is_factory(name: str) -> bool:
+    """Whether a model name is a user factory, ``path/to/file.py:function`` or
+    ``package.module:function``, rather than one of ``MODELS``."""
+    return ":" in name
+
+
+def load_factory(name: str) -> Callable[[int, int, int], nn.Module]:
+    """The function named by ``path/to/file.py:function`` or ``package.module:function``.
+    Importing it runs that file's code: call this only for a name the user gave."""
+    where, _, function = name.rpartition(":")
+    if not where or not function:
+        raise ValueError(f"--model {name}: expected path/to/file.py:function or module:function")
+    try:
+        if where.endswith(".py") or "/" in where or "\\" in where:
+            path = Path(where)
+            if not path.is_file():
+                raise ValueError(f"--model {name}: {path} is not a file")
+            unit = importlib.util.spec_from_file_location(f"momentreg_user.{path.stem}", path)
+            module = importlib.util.module_from_spec(unit)
+            sys.modules[unit.name] = module  # pickling and dataclasses look the module up
+            unit.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ValueError:
+        raise
+    except Exception as e:  # the user's module failed to import: say where, not a traceback
+        message = f"--model {name}: importing {where} failed ({type(e).__name__}: {e})"
+        raise ValueError(message) from None
+    factory = getattr(module, function, None)
+    if not callable(factory):
+        raise ValueError(f"--model {name}: {where} has no function {function!r}")
+    return factory
+
+
+def build_model(name: str, dataset: str, spec: Sequence | None = None) -> nn.Module:
     """Registry: ``build_model("lenet", "mnist")`` picks channels, size, classes, normalization.
-    For a dataset outside ``DATASETS`` (an image folder) pass ``spec``, from ``input_spec``."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    For a dataset outside ``DATASETS`` (an image folder) pass ``spec``, from ``input_spec``.
+
+    ``name`` may also be a user factory (``path/to/file.py:function`` or
+    ``package.module:function``): it is called as ``function(channels, size, classes)`` and must
+    return an ``nn.Module`` that takes images in [0, 1] [B, channels, size, size] (momentreg adds
+    no normalization to it) and returns logits [B, classes]."""
+    if not is_factory(name) and name not in MODELS:
+        raise ValueError(
+            f"unknown model {name!r}; choose from {sorted(MODELS)} or FILE.py:FUNCTION"
+        )
     if spec is None and dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
     channels, size, classes, mean, std = DATASETS[dataset] if spec is None else spec
-    return MODELS[name](channels, size, classes, Normalize(mean, std))
+    if not is_factory(name):
+        return MODELS[name](channels, size, classes, Normalize(mean, std))
+    try:
+        model = load_factory(name)(channels, size, classes)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(
+            f"--model {name}: the factory failed for {channels} channels, size {size}, "
+            f"{classes} classes ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"--model {name}: the factory returned {type(model).__name__}, not an nn.Module"
+        )
+    return model

@@ -19,6 +19,8 @@ from momentreg.moments import affine_moments, network_moments, relu_and_mean, re
 from momentreg.split import graph_moments, trace_split
 
 __all__ = [
+    "MomentRegularizer",
+    "check_regularizable",
     "split_at_first_relu",
     "head_moments",
     "head_variance",
@@ -208,3 +210,64 @@ def moment_loss(
         )
     clean = F.cross_entropy(logits, y)
     return clean + alpha * moment, {"clean": clean, "moment": moment, "logits": logits}
+
+
+def check_regularizable(model: nn.Module, depth: str = "first") -> None:
+    """Raise ``ValueError`` now if the regularizer cannot handle ``model`` at ``depth``."""
+    if depth == "all" and not isinstance(model, nn.Sequential):
+        raise ValueError(
+            f"moments through every layer need an nn.Sequential model, not "
+            f"{type(model).__name__}: use --moment-depth first"
+        )
+    if depth == "first":
+        split_at_first_relu(model)
+
+
+class MomentRegularizer(nn.Module):
+    """The paper's loss for any training loop: ``(loss, parts) = reg(x, y)`` with
+    loss = CE(model(x), y) + alpha * CE(E[model(x + n)], y), n ~ N(0, diag(sigma^2)).
+
+    ``model`` is any ``nn.Module`` with an affine head before its first ReLU (split once, here,
+    by :func:`split_at_first_relu`, so a model it cannot split fails now, not mid-training); x
+    [B, *input_shape] in the model's input units, y [B] class indices; parts holds the clean and
+    moment terms and the first term's logits [B, classes] (for accuracy). ``split``, ``depth``
+    and ``loss`` are :func:`moment_loss`'s.
+
+    The module's only child is ``model`` and it keeps no other state, so it works as a plain
+    loss: under ``torch.compile``, under autocast (the ReLU-mean kernels compute in float32), and
+    with DistributedDataParallel by wrapping the regularizer itself,
+    ``DDP(MomentRegularizer(model, ...))``, so that its forward is the one DDP synchronizes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sigma: float | torch.Tensor,
+        alpha: float = 1.0,
+        *,
+        split: Split | None = None,
+        depth: str = "first",
+        loss: str = "mean",
+    ):
+        super().__init__()
+        if alpha < 0:
+            raise ValueError("alpha must be >= 0")
+        self.model = model
+        self.sigma, self.alpha, self.depth, self.loss = sigma, alpha, depth, loss
+        # a plain tuple: the halves share the model's modules and are not registered twice
+        self.split = (split or split_at_first_relu(model)) if depth == "first" else None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return moment_loss(
+            self.model,
+            x,
+            y,
+            self.sigma,
+            self.alpha,
+            self.split,
+            depth=self.depth,
+            loss=self.loss,
+        )
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}, alpha={self.alpha}, depth={self.depth!r}, loss={self.loss!r}"

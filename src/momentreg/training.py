@@ -110,6 +110,17 @@ PROTOCOLS: dict[str, dict] = {
         plateau_patience=5,
         early_stop=20,
     ),
+    "resnet18": dict(  # the usual CIFAR recipe, with the plateau schedule of the other models
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=5e-4,
+        batch_size=128,
+        plateau_factor=0.1,
+        plateau_patience=10,
+        early_stop=30,
+    ),
     "resnet20": dict(  # He et al. 2016, with the plateau schedule of the other models
         optimizer="sgd",
         lr=0.1,
