@@ -39,6 +39,19 @@ def cifar_batch(n: int, seed: int, label_key: bytes = b"labels") -> bytes:
     return pickle.dumps(batch, protocol=2)
 
 
+class MomentLossOf(nn.Module):
+    """x -> moment_loss(net, x, y) as a module, for gradcheck with torch.func.functional_call."""
+
+    def __init__(self, net, y, sigma, alpha):
+        super().__init__()
+        self.net, self.y, self.sigma, self.alpha = net, y, sigma, alpha
+
+    def forward(self, x):
+        from momentreg.regularizer import moment_loss
+
+        return moment_loss(self.net, x, self.y, sigma=self.sigma, alpha=self.alpha)[0]
+
+
 class Block(nn.Module):
     """torchvision's BasicBlock: its own forward, F.relu, a residual sum, optional downsampling."""
 

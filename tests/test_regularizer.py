@@ -14,6 +14,7 @@ from momentreg import (
 )
 from momentreg.models import Normalize, build_model, lenet
 from momentreg.moments import relu_mean
+from tests.helpers import MomentLossOf
 
 
 def _two_layer(d_in=12, hidden=9, classes=4):
@@ -84,17 +85,9 @@ def test_moment_term_is_the_clean_loss_at_sigma_zero_and_moves_away_with_sigma()
     assert 0 < gaps[0] < gaps[1] < gaps[2]
 
 
-class _Loss(nn.Module):
-    def __init__(self, net, y):
-        super().__init__()
-        self.net, self.y = net, y
-
-    def forward(self, x):
-        return moment_loss(self.net, x, self.y, sigma=0.3, alpha=2.0)[0]
-
-
 def test_gradcheck_moment_loss_small_lenet_float64():
-    loss = _Loss(lenet(1, 8, 3, Normalize([0.5], [0.25])).double(), torch.tensor([0, 2]))
+    net = lenet(1, 8, 3, Normalize([0.5], [0.25])).double()
+    loss = MomentLossOf(net, torch.tensor([0, 2]), sigma=0.3, alpha=2.0)
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
     names = ["net.1.weight", "net.4.bias", "net.10.bias"]  # head conv, tail conv, last linear
     params = [loss.get_parameter(n).detach().clone().requires_grad_(True) for n in names]
@@ -163,11 +156,11 @@ def test_non_affine_layer_before_first_relu_is_named(net, name):
         split_at_first_relu(net)
 
 
-def test_model_without_relu_or_not_sequential_is_refused():
+def test_model_without_relu_is_refused_sequential_or_traced():
     with pytest.raises(ValueError, match="no nn.ReLU"):
         split_at_first_relu(nn.Sequential(nn.Linear(2, 2)))
-    with pytest.raises(ValueError, match="split=\\(head, tail\\)"):
-        split_at_first_relu(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="Linear has no ReLU"):
+        split_at_first_relu(nn.Linear(2, 2))  # not Sequential: traced with torch.fx
 
 
 def test_explicit_split_for_non_sequential_models():

@@ -16,7 +16,7 @@ from momentreg.regularizer import (
     split_at_first_relu,
 )
 from momentreg.split import trace_split
-from tests.helpers import TinyResNet
+from tests.helpers import MomentLossOf, TinyResNet
 
 
 class MethodReLU(nn.Module):
@@ -174,18 +174,9 @@ def test_traced_split_gives_the_sequential_numbers(name, dataset, shape):
     assert torch.equal(sequential, traced)
 
 
-class _Loss(nn.Module):
-    def __init__(self, net, y):
-        super().__init__()
-        self.net, self.y = net, y
-
-    def forward(self, x):
-        return moment_loss(self.net, x, self.y, sigma=0.2, alpha=1.5)[0]
-
-
 def test_gradcheck_through_a_traced_split_float64():
     torch.manual_seed(0)
-    loss = _Loss(TinyResNet(classes=3).double().eval(), torch.tensor([0, 2]))
+    loss = MomentLossOf(TinyResNet(classes=3).double().eval(), torch.tensor([0, 2]), 0.2, 1.5)
     x = torch.rand(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     names = ["net.conv1.weight", "net.bn1.weight", "net.layer2.conv1.weight", "net.fc.bias"]
     params = [loss.get_parameter(n).detach().clone().requires_grad_(True) for n in names]
