@@ -44,6 +44,7 @@ from momentreg import report  # noqa: E402
 from momentreg.attacks import ATTACK_LABELS, ATTACKS  # noqa: E402
 from momentreg.rundir import read_json  # noqa: E402
 from momentreg.sweep import load_spec, sweep  # noqa: E402
+from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "experiments" / "beyond.toml"
@@ -224,7 +225,7 @@ def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]
         "Each cell: test accuracy (%) / GNR (training steps done within the budget). Step cost: "
         "the median over the group's runs of seconds per training step, and its ratio to clean.",
         "",
-        report.markdown_table(
+        markdown_table(
             ["run", "s/step", "x clean", *[f"{b:g} s" for b in budgets]],
             [
                 [name, f"{costs[g]:.3f}", f"{costs[g] / costs['clean']:.2f}"]
@@ -242,7 +243,7 @@ def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]
         "of accuracy points against the clean run trained for the same budget; the headline "
         f"rule is {HEADLINE:g} point.",
         "",
-        report.markdown_table(
+        markdown_table(
             ["budget", "clean", *[f"best, loss <= {t:g}" for t in TOLERANCES]],
             [
                 [f"{b:g} s", _acc_gnr(w["clean"])]
@@ -254,7 +255,7 @@ def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]
         "Without a threshold: the runs on the accuracy-GNR Pareto front of each budget (no other "
         f"run that learned, i.e. reached {LEARNED:g}% accuracy, is better on both).",
         "",
-        report.markdown_table(
+        markdown_table(
             ["budget", "Pareto front (accuracy / GNR)"],
             [
                 [
@@ -284,7 +285,7 @@ def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]
             f"smoothing at sigma {sigma} (Cohen et al. 2019): ACR and certified accuracy at radius "
             f"0.5 on the first {_certified(evaluated, sigma)}.",
             "",
-            report.markdown_table(
+            markdown_table(
                 ["group", "run", *ATTACK_LABELS.values(), "ACR", "cert. acc. r=0.5", "GNR", "ACC"],
                 [
                     [report.group_of(r), label(r)]

@@ -49,6 +49,7 @@ from momentreg.imagefolder import load_imagefolder
 from momentreg.plots import plot_consistency
 from momentreg.rundir import read_json
 from momentreg.sweep import expand, load_spec, sweep
+from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 # name -> (spec, model label, dataset label)
@@ -181,7 +182,7 @@ def load_rows(folder: Path) -> list[dict]:
 def _all_runs_table(rows: list[dict]) -> str:
     header = ["method", "sigma", "alpha", "N", "seed", "accuracy", "GNR", "epochs", "best epoch"]
     header += ["stopped by", "training s"]
-    return report.markdown_table(
+    return markdown_table(
         header,
         [
             [
@@ -496,7 +497,7 @@ def _certify_section(winners: dict) -> list[str]:
         "accuracy (%) at each L2 radius and the average certified radius (ACR). Per-image "
         "results: `certify-sigma*.tsv` beside each run's metrics.",
         "",
-        report.markdown_table(
+        markdown_table(
             ["run", *[f"radius {r}" for r in radii], "ACR", "abstained"],
             [
                 [
@@ -617,7 +618,7 @@ def _task_section(task: str, rows: list[dict], folder: Path, figures: Path) -> l
             "Ours are means over seeds; the paper's CIFAR-10 is the official one, ours the JPEG "
             "copy.",
             "",
-            report.markdown_table(
+            markdown_table(
                 ["run", "paper GNR", "paper ACC", "our GNR", "our ACC"], table4_rows(task, rows)
             ),
             "",
@@ -646,7 +647,7 @@ def _mnist_against(rows: list[dict]) -> list[str]:
         "The paper's Table 1; ours after 6 epochs of Adam 1e-3 (docs/reproduction.md); ours with "
         "the paper's protocol (this page). Means over seeds.",
         "",
-        report.markdown_table(
+        markdown_table(
             ["run", "paper ACC", "paper GNR", "6 epochs ACC", "6 epochs GNR"]
             + ["paper protocol ACC", "paper protocol GNR"],
             lines,
@@ -700,7 +701,7 @@ def write_doc(results: Path, doc: Path) -> None:
         "",
         "Each verdict is computed from the metrics below by the rule in its cell.",
         "",
-        report.markdown_table(["claim (paper)", "ours", "verdict"], verdicts),
+        markdown_table(["claim (paper)", "ours", "verdict"], verdicts),
         "",
         "Training seconds below are wall-clock times with all runs sharing one GPU at once, not a "
         "measure of cost; `python -m benchmarks` measures step costs.",

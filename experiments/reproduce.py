@@ -39,6 +39,7 @@ from momentreg.attacks import ATTACK_LABELS, ATTACKS
 from momentreg.plots import plot_consistency
 from momentreg.rundir import read_json
 from momentreg.sweep import load_spec, sweep
+from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = {  # name -> (spec, dataset label)
@@ -92,7 +93,7 @@ def _settings(spec: dict) -> str:
 
 def _all_runs_table(rows: list[dict]) -> str:
     header = ["method", "sigma", "alpha", "N", "seed", "accuracy", "GNR", "epochs", "training s"]
-    return report.markdown_table(
+    return markdown_table(
         header,
         [
             [
@@ -342,7 +343,7 @@ def write_doc(results: Path, doc: Path) -> None:
         "",
         "## Paper against ours",
         "",
-        report.markdown_table(
+        markdown_table(
             ["run", "paper ACC", "paper GNR", "our ACC", "our GNR"],
             [
                 ["clean", *PAPER["clean"], _spread(clean, "test_accuracy"), _spread(clean, "gnr")],

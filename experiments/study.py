@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from momentreg import report
+from momentreg import report, tables
 from momentreg.attacks import ATTACK_LABELS
 from momentreg.cli import parse_setting
 from momentreg.rundir import read_json, write_json
+from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 # A run's small files, exported beside the study page (checkpoints stay with the runs).
@@ -36,7 +37,7 @@ METHOD_RANK = {"clean": 0, "moment": 1, "augment": 2, "noise": 3}
 
 def fmt(value, spec=".2f") -> str:
     """A number for a table; "n/a" where there is none."""
-    return report.fmt(value, spec) or "n/a"
+    return tables.fmt(value, spec) or "n/a"
 
 
 def method_order(row: dict):
@@ -145,7 +146,7 @@ def energy_cell(row: dict, clean: dict | None, key: str) -> str:
 def attack_table(rows: list[dict], clean: dict | None) -> str:
     """Table 1's layout: per run the mean energy of each attack (with its ratio to ``clean``),
     then GNR and accuracy."""
-    return report.markdown_table(
+    return markdown_table(
         ["run", *ATTACK_LABELS.values(), "GNR", "ACC"],
         [
             [

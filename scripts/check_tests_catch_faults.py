@@ -26,7 +26,7 @@ TORN_WRITE = (
 """
     + SAFE_WRITE
 )
-LOAD = "    train_set, val_set, test_set = load_splits(args)\n"
+LOAD = "    train_set, val_set, test_set = load_splits(config)\n"
 KILLS = RELIABILITY + "test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_result"
 MUTATIONS = {
     "non-atomic write": ("src/momentreg/rundir.py", SAFE_WRITE, TORN_WRITE, KILLS),
@@ -43,7 +43,7 @@ MUTATIONS = {
         KILLS,
     ),
     "no free-space check": (
-        "src/momentreg/cli.py",
+        "src/momentreg/run.py",
         "    if free < need:",
         "    if False:",
         RELIABILITY + "test_too_little_free_space_is_refused_before_anything_is_written",
@@ -55,7 +55,7 @@ MUTATIONS = {
         "tests/test_moments.py::test_relu_moments_never_nan_for_any_finite_input",
     ),
     "out dir before data": (
-        "src/momentreg/cli.py",
+        "src/momentreg/run.py",
         LOAD,
         "    out.mkdir(parents=True, exist_ok=True)\n" + LOAD,
         RELIABILITY + "test_random_train_command_lines_exit_0_or_2_and_leave_no_partial_run",

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from momentreg.cli import build_parser, load_splits, main
+from momentreg.cli import main
 from momentreg.data import load_dataset
 from momentreg.imagefolder import cache_dir, load_imagefolder
 from momentreg.models import build_model, input_spec
+from momentreg.run import RunConfig, load_splits
 
 CLASSES = ("cat", "ant", "bee")  # written unsorted: labels must follow the sorted names
 
@@ -198,8 +199,7 @@ def test_evaluate_stride_takes_a_class_balanced_subset(tmp_path):
 
 def test_train_limit_on_a_class_sorted_folder_draws_from_every_class(tmp_path):
     write_folder(tmp_path, per_class=20, size=12, mode="L")
-    args = ["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path), "--train-limit", "30"]
-    parsed = build_parser().parse_args([*args, "--out", str(tmp_path / "run")])
-    (_, train_y), (_, val_y), _ = load_splits(parsed)
+    settings = {"dataset": "imagefolder", "data_dir": str(tmp_path), "train_limit": 30}
+    (_, train_y), (_, val_y), _ = load_splits(RunConfig.from_settings(settings))
     labels = torch.cat([train_y, val_y])
     assert len(labels) == 30 and set(labels.tolist()) == {0, 1, 2}  # the first 30 are 2 classes

@@ -128,7 +128,7 @@ def test_too_little_free_space_is_refused_before_anything_is_written(tmp_path, m
     class Usage:
         free = 1024
 
-    monkeypatch.setattr("momentreg.cli.shutil.disk_usage", lambda path: Usage)
+    monkeypatch.setattr("momentreg.run.shutil.disk_usage", lambda path: Usage)
     out = tmp_path / "run"
     args = ["train", "--train-limit", "60", "--epochs", "1", "--quiet", "--out", str(out)]
     assert main(args) == 2

@@ -6,36 +6,33 @@ Every user mistake ends with ``momentreg: error: <one line>`` and exit code 2, n
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
-import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import torch
-
 from momentreg import __version__
-from momentreg.data import DATASET_NAMES, IMAGEFOLDER, load_dataset, to_float, train_val_split
-from momentreg.errors import MomentregError
-from momentreg.imagefolder import imagefolder_classes
+from momentreg.data import DATASET_NAMES
+from momentreg.errors import MomentregError, UsageError
 from momentreg.malloc import keep_freed_memory
-from momentreg.models import MODELS, build_model, input_spec, is_factory
-from momentreg.regularizer import check_regularizable
-from momentreg.robustness import accuracy, gaussian_robustness
-from momentreg.rundir import atomic_write, clear_run, read_json, write_json
-from momentreg.training import CHECKPOINT, METHODS, PROTOCOLS, TrainConfig, train
-from momentreg.training import load_checkpoint as _load_checkpoint
+from momentreg.models import MODELS, is_factory
+from momentreg.run import (
+    TRAIN_FIELDS,
+    RunConfig,
+    attack_run,
+    certify_run,
+    device_of,
+    evaluate_accuracy,
+    load_run,
+    prepare_out_dir,
+    test_subset,
+    train_run,
+)
+from momentreg.rundir import ERROR, TIGHTNESS_FILE, read_json, write_json
+from momentreg.tables import attack_table, fmt, markdown_table, write_table
+from momentreg.training import METHODS
 
 USAGE_ERROR = 2
 USER_MODEL_HELP = "the FILE.py:FUNCTION the run was trained with, to allow running it again"
-
-
-class UsageError(MomentregError):
-    """Bad arguments or paths: exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,55 +64,12 @@ nonneg_float, pos_float = _number(float, 0), _number(float, 0, strict=True)
 nonneg_int, pos_int = _number(int, 0), _number(int, 0, strict=True)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device: unknown device {name!r} (cpu, cuda, cuda:N or auto)") from None
-
-
 def _model_name(text: str) -> str:
     if text in MODELS or is_factory(text):
         return text
     raise argparse.ArgumentTypeError(
         f"invalid choice: {text!r} (choose from {', '.join(sorted(MODELS))}, or FILE.py:FUNCTION)"
     )
-
-
-# -- output directories ---------------------------------------------------------------------------
-
-
-def prepare_out_dir(out: Path, resume: bool, force: bool) -> bool:
-    """Check --out before any work; returns whether the directory already existed."""
-    existed = out.exists()
-    if existed and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    if existed and any(out.iterdir()) and not (resume or force):
-        raise UsageError(
-            f"--out {out} is not empty: pass --resume to continue or --force to overwrite"
-        )
-    parent = out if existed else next((p for p in out.parents if p.exists()), Path("."))
-    try:  # a real write probe: permission bits say nothing for root or a read-only mount
-        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".momentreg-probe-"))
-    except OSError as e:
-        raise UsageError(f"--out {out} is not writable ({e.strerror})") from None
-    return existed
-
-
-def check_free_space(out: Path, model: torch.nn.Module) -> None:
-    """Refuse to start when the disk cannot hold the checkpoint twice (old and new copy during the
-    atomic write); a checkpoint holds the weights four times (current, best, two Adam moments)."""
-    need = 8 * sum(p.numel() * p.element_size() for p in model.parameters())
-    free = shutil.disk_usage(out).free
-    if free < need:
-        raise UsageError(
-            f"{out}: {free / 2**20:.1f} MiB free, but checkpoints of this model need about "
-            f"{need / 2**20:.1f} MiB"
-        )
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -185,133 +139,33 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    settings = {**PROTOCOLS.get(args.model, PROTOCOLS["lenet"])}
-    settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
-    if args.val_fraction >= 1:
-        raise UsageError(f"--val-fraction must be below 1, got {args.val_fraction}")
-    cfg = TrainConfig(**settings)
+def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:
+    """The RunConfig of ``momentreg train``: its options, or --config FILE (a config.json or a
+    sweep's run config) with no other training option."""
+    names = {f.name for f in dataclasses.fields(RunConfig)} - {"train"} | TRAIN_FIELDS
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.config is not None:
+        changed = [k for k, v in given.items() if v != parser.get_default(k)]
+        if changed:
+            flag = "--" + changed[0].replace("_", "-")
+            raise UsageError(f"--config takes every setting from {args.config}; drop {flag}")
+        given = read_json(args.config)
     try:
-        cfg.validate()
+        return RunConfig.from_settings(given)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return cfg
-
-
-def load_splits(args) -> tuple[tuple, tuple, tuple]:
-    images, labels = load_dataset(args.dataset, args.data_dir, "train", args.download)
-    if args.train_limit and args.dataset == IMAGEFOLDER:  # sorted by class: a random subset
-        pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))
-        keep = pick[: args.train_limit].sort().values
-        images, labels = images[keep], labels[keep]
-    elif args.train_limit:
-        images, labels = images[: args.train_limit], labels[: args.train_limit]
-    train_set, val_set = train_val_split(images, labels, args.val_fraction, seed=args.seed)
-    return train_set, val_set, load_dataset(args.dataset, args.data_dir, "test", args.download)
-
-
-def evaluate_model(model, test_set, gnr_limit, noise_samples, seed, device, progress) -> dict:
-    images, labels = to_float(test_set[0]), test_set[1]
-    acc = accuracy(model, images, labels, device=device)
-    n = gnr_limit or len(labels)
-    gnr, sigmas, consistency = gaussian_robustness(
-        model, images[:n], noise_samples=noise_samples, seed=seed, device=device, progress=progress
-    )
-    return {
-        "test_accuracy": acc,
-        "gnr": gnr,
-        "gnr_images": n,
-        "gnr_noise_samples": noise_samples,
-        "gnr_curve": {"sigmas": sigmas.tolist(), "consistency": consistency.tolist()},
-    }
-
-
-def run_training(args: argparse.Namespace, out: Path) -> dict:
-    """Train one run into ``out`` (config.json, checkpoint.pt, history.csv, metrics.json)."""
-    cfg = resolve_config(args)
-    device = _device(args.device)
-    existed = prepare_out_dir(out, args.resume, args.force)
-    if args.resume and (out / "metrics.json").exists():
-        return read_json(out / "metrics.json")  # finished: nothing to train or evaluate again
-    train_set, val_set, test_set = load_splits(args)
-    spec = None
-    if args.dataset == IMAGEFOLDER:  # the model is shaped by the folder's images
-        classes = len(imagefolder_classes(args.data_dir))
-        spec = input_spec(torch.cat([train_set[0], val_set[0]]), classes)
-    torch.manual_seed(cfg.seed)
-    model = build_model(args.model, args.dataset, spec)
-    if cfg.method == "moment":  # a model the regularizer cannot split fails before any writing
-        check_regularizable(model, cfg.moment_depth)
-    check_free_space(next(p for p in (out, *out.parents) if p.exists()), model)
-    if args.force and not args.resume and existed:
-        clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {
-        "version": __version__,
-        "model": args.model,
-        "dataset": args.dataset,
-        "data_dir": str(args.data_dir) if args.data_dir else None,
-        "train_limit": args.train_limit,
-        "val_fraction": args.val_fraction,
-        "device": str(device),
-        "gnr_limit": args.gnr_limit,
-        "noise_samples": args.noise_samples,
-        "input_spec": spec,
-        **dataclasses.asdict(cfg),
-    }
-    write_json(out / "config.json", config)
-    t0 = time.perf_counter()
-    history = train(
-        model,
-        train_set,
-        val_set,
-        cfg,
-        out_dir=out,
-        resume=args.resume,
-        identity={"model": args.model, "dataset": args.dataset, "version": __version__},
-        device=device,
-        progress=not args.quiet,
-        tensorboard=args.tensorboard,
-    )
-    metrics = evaluate_model(
-        model, test_set, args.gnr_limit, args.noise_samples, cfg.seed, device, not args.quiet
-    )
-    metrics.update(
-        epochs=len(history),
-        best_epoch=max(history, key=lambda r: -r["val_loss"])["epoch"],
-        train_seconds=history[-1]["train_seconds"],
-        steps=history[-1].get("steps"),  # absent in checkpoints older than the budget
-        step_seconds=history[-1].get("step_seconds"),
-        seconds_per_epoch=history[-1]["train_seconds"] / len(history),
-        wall_seconds=time.perf_counter() - t0,
-    )
-    write_json(out / "metrics.json", metrics)
-    return metrics
-
-
-def load_run(run: Path, device, model_name: str | None = None) -> tuple[dict, torch.nn.Module]:
-    """(config, model with the run's best weights) of a finished or interrupted run. A run whose
-    model comes from a user factory loads only when ``model_name`` names that factory again:
-    building it runs the factory's code, which must be code the user names, not a run folder."""
-    config = read_json(run / "config.json")
-    if is_factory(config["model"]) and model_name != config["model"]:
-        raise UsageError(
-            f"{run} was trained on the model of {config['model']}; loading it runs that code, so "
-            f"name it: --model {config['model']}"
-        )
-    ckpt = _load_checkpoint(run / CHECKPOINT)
-    model = build_model(config["model"], config["dataset"], config.get("input_spec"))
-    state = ckpt["best"]["state"] if ckpt["finished"] else ckpt["model"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise MomentregError(f"{run / CHECKPOINT} does not fit {config['model']}: {e}") from None
-    return config, model.to(device)
 
 
 def cmd_train(args) -> None:
-    metrics = run_training(args, args.out)
+    config = run_config(args, args.parser)
+    metrics = train_run(
+        config,
+        args.out,
+        resume=args.resume,
+        force=args.force,
+        progress=not args.quiet,
+        tensorboard=args.tensorboard,
+    )
     print(
         f"test accuracy {metrics['test_accuracy']:.2f}%  GNR {metrics['gnr']:.2f}  "
         f"{metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s -> {args.out}"
@@ -323,69 +177,35 @@ def cmd_evaluate(args) -> None:
     and/or smoothing certificates into certify.json. With only --attacks or --certify, metrics.json
     is left as it is.
     """
-    device = _device(args.device)
+    device = device_of(args.device)
     config, model = load_run(args.run, device, args.model)
-    images, labels = load_dataset(config["dataset"], args.data_dir or config["data_dir"], "test")
-    images, labels = images[:: args.stride][: args.limit], labels[:: args.stride][: args.limit]
+    images, labels = test_subset(config, args.data_dir, args.limit, args.stride)
+    progress = not args.quiet
     if args.gnr or not (args.attacks or args.certify):
-        metrics_path = args.run / "metrics.json"
-        metrics = read_json(metrics_path) if metrics_path.exists() else {}
-        metrics["test_accuracy"] = accuracy(model, to_float(images), labels, device=device)
-        metrics["test_images"] = len(labels)
-        if args.gnr:
-            metrics.update(
-                evaluate_model(
-                    model,
-                    (images, labels),
-                    None,
-                    args.noise_samples,
-                    args.seed,
-                    device,
-                    not args.quiet,
-                )
-            )
-        write_json(metrics_path, metrics)
+        metrics = evaluate_accuracy(
+            args.run, model, images, labels, gnr=args.gnr, noise_samples=args.noise_samples,
+            seed=args.seed, device=device, progress=progress,
+        )  # fmt: skip
         line = f"test accuracy {metrics['test_accuracy']:.2f}% on {len(labels)} images"
         print(line + (f"  GNR {metrics['gnr']:.2f}" if args.gnr else ""))
     if args.attacks:
-        run_attacks(args, model, to_float(images), labels)
+        results = attack_run(
+            args.run, model, images, labels, args.attacks, tol=args.tol, seed=args.seed,
+            stride=args.stride, progress=progress,
+        )  # fmt: skip
+        print(attack_table(results))
     if args.certify:
-        run_certify(args, model, to_float(images), labels)
-
-
-def run_certify(args, model, images, labels) -> None:
-    """certify-sigma<S>.tsv (per image) and certify.json (summary per sigma) in the run."""
-    from momentreg.certify import certify_images, format_tsv, summarize
-
-    if not args.alpha < 1:
-        raise UsageError(f"--alpha must be below 1, got {args.alpha}")
-    rows = certify_images(
-        model,
-        images,
-        labels,
-        args.sigma,
-        n0=args.n0,
-        n=args.n,
-        alpha=args.alpha,
-        batch=args.batch,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
-    atomic_write(args.run / f"certify-sigma{args.sigma:g}.tsv", format_tsv(rows).encode())
-    path = args.run / "certify.json"
-    results = read_json(path) if path.exists() else {}
-    summary = summarize(rows)
-    results[f"{args.sigma:g}"] = {
-        **summary,
-        **{k: getattr(args, k) for k in ("sigma", "n0", "n", "alpha", "seed", "stride")},
-    }
-    write_json(path, results)
-    radii = summary["certified_accuracy"]
-    print(
-        f"sigma {args.sigma:g}: certified accuracy "
-        + ", ".join(f"{v:.1f}% at {r}" for r, v in radii.items())
-        + f"; ACR {summary['acr']:.3f}; abstained {summary['abstained']}/{summary['images']}"
-    )
+        summary = certify_run(
+            args.run, model, images, labels, sigma=args.sigma, n0=args.n0, n=args.n,
+            alpha=args.alpha, batch=args.batch, seed=args.seed, stride=args.stride,
+            progress=progress,
+        )  # fmt: skip
+        radii = summary["certified_accuracy"]
+        print(
+            f"sigma {args.sigma:g}: certified accuracy "
+            + ", ".join(f"{v:.1f}% at {r}" for r, v in radii.items())
+            + f"; ACR {summary['acr']:.3f}; abstained {summary['abstained']}/{summary['images']}"
+        )
 
 
 def _attack_list(text: str) -> list[str]:
@@ -401,52 +221,14 @@ def _attack_list(text: str) -> list[str]:
     return names
 
 
-def run_attacks(args, model, images, labels) -> None:
-    from momentreg.attacks import minimal_perturbations
-
-    path = args.run / "attacks.json"
-    results = read_json(path) if path.exists() else {}
-    for name in args.attacks:
-        result = minimal_perturbations(
-            model, images, labels, name, tol=args.tol, seed=args.seed, progress=not args.quiet
-        )
-        results[name] = {
-            **result.summary(),
-            "tol": args.tol,
-            "seed": args.seed,
-            "test_images": len(labels),
-            "stride": args.stride,
-        }
-        write_json(path, results)  # after each attack: a crash keeps the finished ones
-    print(format_attack_table(results))
-
-
-def format_attack_table(results: dict) -> str:
-    lines = [
-        "| attack | success | energy mean | energy median | L2 median | Linf median |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {r['success_rate']:.3f} | {r['energy_mean']:.3g} | "
-            f"{r['energy_median']:.3g} | {r['l2_median']:.3g} | {r['linf_median']:.3g} |"
-        )
-    return "\n".join(lines)
-
-
 def cmd_table(args) -> None:
-    from momentreg.report import TABLE1_HEADER, markdown_table, run_row, table1_row
+    from momentreg.report import TABLE1_HEADER, run_row, table1_row
 
     rows = [table1_row(run_row(run)) for run in args.runs]
-    markdown = markdown_table(TABLE1_HEADER, rows)
-    print(markdown)
+    print(markdown_table(TABLE1_HEADER, rows))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out / "table.md", (markdown + "\n").encode())
-        buf = io.StringIO()
-        csv.writer(buf).writerows([TABLE1_HEADER, *rows])
-        atomic_write(args.out / "table.csv", buf.getvalue().encode())
-        print(f"wrote {args.out / 'table.md'} and {args.out / 'table.csv'}")
+        markdown, csv_file = write_table(TABLE1_HEADER, rows, args.out)
+        print(f"wrote {markdown} and {csv_file}")
 
 
 def _float_list(text: str) -> list[float]:
@@ -458,87 +240,29 @@ def _float_list(text: str) -> list[float]:
 
 def cmd_tightness(args) -> None:
     """Analytic and linearized expected logits against Monte Carlo, per run and sigma."""
-    from momentreg.tightness import tightness
+    from momentreg.tightness import tightness, tightness_table, write_report
 
-    device = _device(args.device)
+    device = device_of(args.device)
     table = {}
     for run in args.runs:
         config, model = load_run(run, device, args.model)
-        images, _ = load_dataset(config["dataset"], args.data_dir or config["data_dir"], "test")
+        images, _ = test_subset(config, args.data_dir, args.limit)
         rows = tightness(
-            model,
-            to_float(images[: args.limit]),
-            args.sigmas,
-            samples=args.samples,
-            batch=args.batch,
-            seed=args.seed,
+            model, images, args.sigmas, samples=args.samples, batch=args.batch, seed=args.seed,
             progress=not args.quiet,
-        )
-        write_json(run / "tightness.json", {"rows": rows})
+        )  # fmt: skip
+        write_json(run / TIGHTNESS_FILE, {"rows": rows})
         table[run.name] = rows
-    markdown = format_tightness(table)
-    print(markdown)
+    print(tightness_table(table))
     if args.report:
-        from momentreg.plots import plot_tightness
-
         prepare_out_dir(args.report.parent, resume=True, force=False)
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        figure = args.report.with_suffix(".png")
-        plot_tightness(table, figure)
         command = (
             f"momentreg tightness {' '.join(str(r) for r in args.runs)} --sigmas "
             f"{','.join(f'{x:g}' for x in args.sigmas)} --limit {args.limit} --samples "
             f"{args.samples} --seed {args.seed} --report {args.report}"
         )
-        text = TIGHTNESS_INTRO.format(command=command, limit=args.limit, samples=args.samples)
-        text += f"{markdown}\n\n![relative error]({figure.name})\n"
-        atomic_write(args.report, text.encode())
+        figure = write_report(table, args.report, command, args.limit, args.samples)
         print(f"wrote {args.report} and {figure}")
-
-
-TIGHTNESS_INTRO = """# How faithful is the regularizer's surrogate?
-
-Made by `{command}` (see `momentreg.tightness`). For the first {limit} test images and each input
-noise level sigma, the expected logits E[f(x + n)] are estimated by Monte Carlo ({samples} draws per
-image) and compared with
-
-- **analytic**: tail(T(mu, s)), the paper's one-layer approximation that the regularizer trains
-  with (`momentreg.expected_logits`);
-- **linearized**: Bibi et al. (CVPR 2018)'s two-stage linearization, the tail replaced by its
-  first-order expansion at the clean post-ReLU activations, then Theorem 1 exactly;
-- **all_layers**: means and variances pushed through every layer, ReLUs exactly and max-pooling by
-  Clark's moments, treating units as independent (`expected_logits(..., depth="all")`).
-
-Errors are median relative L2 distances between logit vectors; the noise floor is the Monte Carlo
-standard error on the same scale, below which an error cannot be resolved. Agreement is the share
-of images whose expected argmax matches the Monte Carlo argmax.
-
-"""
-
-
-def format_tightness(table: dict[str, list[dict]]) -> str:
-    from momentreg.tightness import ESTIMATES
-
-    rows = [r for rs in table.values() for r in rs]
-    names = [n for n in ESTIMATES if any(f"{n}_error_median" in r for r in rows)]
-    lines = [
-        "| run | sigma | MC noise floor | "
-        + " | ".join(f"{n} error (median)" for n in names)
-        + " | "
-        + " | ".join(f"{n} argmax agrees (%)" for n in names)
-        + " |",
-        "|---|---:|---:|" + "---:|" * (2 * len(names)),
-    ]
-    for run, rows in table.items():
-        for r in rows:
-            errors = [f"{r[f'{n}_error_median']:.4f}" for n in names]
-            agree = [f"{r[f'{n}_argmax_agreement']:.1f}" for n in names]
-            lines.append(
-                f"| {run} | {r['sigma']:g} | {r['mc_relative_se']:.4f} | "
-                + " | ".join(errors + agree)
-                + " |"
-            )
-    return "\n".join(lines)
 
 
 def cmd_demo(args) -> None:
@@ -554,54 +278,31 @@ def cmd_demo(args) -> None:
             method="moment", sigma=args.moment_sigma, alpha=args.alpha
         ),
     }
+    common = dict(
+        dataset="mnist-sample", epochs=args.epochs, lr=1e-3, batch_size=128, seed=args.seed,
+        device=args.device, train_limit=args.train_limit, gnr_limit=args.gnr_limit,
+    )  # fmt: skip
     prepare_out_dir(out, resume=True, force=False)
-    rows = []
+    results = {}
     for i, (label, settings) in enumerate(runs.items()):
-        run_dir = out / f"{i}-{settings['method']}"
-        argv = [
-            "--dataset",
-            "mnist-sample",
-            "--epochs",
-            str(args.epochs),
-            "--lr",
-            "1e-3",
-            "--batch-size",
-            "128",
-            "--seed",
-            str(args.seed),
-            "--device",
-            args.device,
-        ]
-        for key, value in settings.items():
-            argv += [f"--{key}", str(value)]
-        argv += ["--train-limit", str(args.train_limit), "--gnr-limit", str(args.gnr_limit)]
-        run_args = build_parser().parse_args(["train", *argv, "--out", str(run_dir), "--resume"])
-        run_args.quiet = args.quiet
         print(f"[{i + 1}/{len(runs)}] {label}", flush=True)
-        metrics_path = run_dir / "metrics.json"
-        if metrics_path.exists():
-            metrics = read_json(metrics_path)
-        else:
-            metrics = run_training(run_args, run_dir)
-        rows.append((label, metrics))
-    table = format_demo_table(rows)
+        config = RunConfig.from_settings({**common, **settings})
+        run_dir = out / f"{i}-{settings['method']}"
+        results[label] = train_run(config, run_dir, resume=True, progress=not args.quiet)
+    header = ["method", "test accuracy (%)", "GNR", "training seconds"]
+    rows = [
+        [label, fmt(m["test_accuracy"]), fmt(m["gnr"]), fmt(m["train_seconds"], ".0f")]
+        for label, m in results.items()
+    ]
+    table = markdown_table(header, rows, align="lrrr")
     print(table)
     (out / "table.md").write_text(table + "\n")
     plot_consistency(
-        {label: m["gnr_curve"] for label, m in rows},
+        {label: m["gnr_curve"] for label, m in results.items()},
         out / "consistency.png",
         title="LeNet on the bundled MNIST sample",
     )
     print(f"wrote {out / 'table.md'} and {out / 'consistency.png'}")
-
-
-def format_demo_table(rows: list[tuple[str, dict]]) -> str:
-    lines = ["| method | test accuracy (%) | GNR | training seconds |", "|---|---:|---:|---:|"]
-    for label, m in rows:
-        lines.append(
-            f"| {label} | {m['test_accuracy']:.2f} | {m['gnr']:.2f} | {m['train_seconds']:.0f} |"
-        )
-    return "\n".join(lines)
 
 
 def parse_setting(text: str) -> tuple[str, object]:
@@ -627,7 +328,7 @@ def cmd_sweep(args) -> None:
         for state in sweep.STATES:
             print(f"{state:8s} {len(states[state])}")
             for name in states[state] if state in ("running", "failed") else []:
-                error = args.dir / "runs" / name / "error.txt"
+                error = args.dir / "runs" / name / ERROR
                 detail = error.read_text().splitlines()[0] if error.exists() else ""
                 print(f"  {name} {detail}")
         return
@@ -636,9 +337,10 @@ def cmd_sweep(args) -> None:
     spec = {**sweep.load_spec(args.spec), **dict(args.set or [])}
     configs = sweep.expand(spec)
     if args.dry_run:
-        sweep.validate(configs, args.out)
+        sweep.validate(configs)
         for config in configs:
-            print(sweep.run_dir_name(config), " ".join(sweep.train_argv(config, Path("RUN"))[1:]))
+            settings = " ".join(f"{k}={v}" for k, v in config.items())
+            print(sweep.run_dir_name(config), settings)
         print(f"{len(configs)} runs")
         return
     prepare_out_dir(args.out, resume=True, force=False)
@@ -675,10 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one model into --out")
     _train_args(p)
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="take every setting from this JSON file (a run's config.json; what sweeps use)",
+    )
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--force", action="store_true", help="overwrite the run in --out")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, parser=p)
 
     from momentreg.attacks import ATTACKS
 

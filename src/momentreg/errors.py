@@ -15,3 +15,7 @@ class TrainingError(MomentregError):
 
 class DatasetError(MomentregError):
     """A dataset is missing, corrupted or could not be downloaded; the message says what to do."""
+
+
+class UsageError(MomentregError):
+    """Bad arguments or paths given by the user."""

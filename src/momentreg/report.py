@@ -21,6 +21,7 @@ from momentreg.attacks import ATTACK_LABELS  # noqa: E402
 from momentreg.plots import plot_certified, plot_consistency  # noqa: E402
 from momentreg.rundir import read_json, read_run  # noqa: E402
 from momentreg.sweep import MOMENT_VARIANTS, moment_variants  # noqa: E402
+from momentreg.tables import fmt, markdown_table  # noqa: E402
 
 __all__ = [
     "TOLERANCE",
@@ -29,7 +30,6 @@ __all__ = [
     "fair_comparison",
     "fair_table",
     "group_of",
-    "markdown_table",
     "plot_fair",
     "plot_vs_sigma",
     "write_report",
@@ -243,15 +243,6 @@ def fair_table(selected: dict[str, dict]) -> str:
             for g, r in selected.items()
         ],
     )
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-def fmt(value, spec=".2f") -> str:
-    return "" if value is None else format(value, spec)
 
 
 def _certify_section(rows: list[dict], out: Path, tag: str) -> list[str]:

@@ -17,18 +17,32 @@ from pathlib import Path
 
 from momentreg.errors import MomentregError
 
-__all__ = ["atomic_write", "write_json", "read_json", "read_run", "clear_run", "RUN_FILES"]
+__all__ = [
+    "atomic_write",
+    "write_json",
+    "read_json",
+    "read_run",
+    "clear_run",
+    "certify_tsv",
+    "RUN_FILES",
+]
 
-# Every file that training or an evaluation writes into a run directory.
-RUN_FILES = (
-    "config.json",
-    "checkpoint.pt",
-    "history.csv",
-    "metrics.json",
-    "attacks.json",
-    "certify.json",
-    "tightness.json",
-)
+# The files of a run directory: training writes the first four, evaluations the others.
+CONFIG = "config.json"
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.csv"
+METRICS = "metrics.json"
+ATTACKS_FILE = "attacks.json"
+CERTIFY_FILE = "certify.json"
+TIGHTNESS_FILE = "tightness.json"
+ERROR = "error.txt"  # a sweep's record of a failed run
+LOCK = ".lock"  # a sweep's record of the process training a run
+RUN_FILES = (CONFIG, CHECKPOINT, HISTORY, METRICS, ATTACKS_FILE, CERTIFY_FILE, TIGHTNESS_FILE)
+
+
+def certify_tsv(sigma: float) -> str:
+    """The per-image certification file of one smoothing sigma."""
+    return f"certify-sigma{sigma:g}.tsv"
 
 
 def clear_run(run: Path) -> None:
@@ -96,9 +110,9 @@ def read_json(path: Path) -> dict:
 
 def read_run(run: Path) -> tuple[dict, dict, dict]:
     """(config, metrics, attacks) of a finished run; attacks is {} when none were run."""
-    attacks = run / "attacks.json"
+    attacks = run / ATTACKS_FILE
     return (
-        read_json(run / "config.json"),
-        read_json(run / "metrics.json"),
+        read_json(run / CONFIG),
+        read_json(run / METRICS),
         read_json(attacks) if attacks.exists() else {},
     )

@@ -35,7 +35,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from momentreg.errors import MomentregError
-from momentreg.rundir import read_json, write_json
+from momentreg.run import RunConfig
+from momentreg.rundir import CONFIG, ERROR, LOCK, METRICS, read_json, write_json
 
 try:
     import tomllib
@@ -142,33 +143,15 @@ def run_dir_name(config: dict) -> str:
     return "-".join(str(p) for p in parts) + f"-{digest}"
 
 
-def train_argv(config: dict, out: Path) -> list[str]:
-    """The ``momentreg train`` command line of one run config."""
-    argv = ["train"]
-    for key, value in config.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv += (
-                [flag]
-                if value
-                else ([f"--no-{key.replace('_', '-')}"] if key == "nesterov" else [])
-            )
-        else:
-            argv += [flag, str(value)]
-    return [*argv, "--out", str(out), "--resume", "--quiet"]
-
-
-def validate(configs: list[dict], out: Path) -> None:
-    """Parse every run's command line now, so a typo fails before any training starts."""
-    from momentreg.cli import build_parser
-
-    parser = build_parser()
+def validate(configs: list[dict]) -> list[RunConfig]:
+    """Every run's RunConfig, built now, so a typo fails before any training starts."""
+    runs = []
     for config in configs:
-        argv = train_argv(config, out / "runs" / run_dir_name(config))
         try:
-            parser.parse_args(argv)
-        except SystemExit:
-            raise SpecError(f"invalid run in the spec: {json.dumps(config)}") from None
+            runs.append(RunConfig.from_settings(config))
+        except (ValueError, TypeError) as e:
+            raise SpecError(f"invalid run in the spec: {json.dumps(config)} ({e})") from None
+    return runs
 
 
 def pid_alive(pid: int) -> bool:
@@ -186,16 +169,16 @@ def pid_alive(pid: int) -> bool:
 
 
 def run_state(run: Path) -> str:
-    if (run / "metrics.json").exists():
+    if (run / METRICS).exists():
         return "done"
-    lock = run / ".lock"
+    lock = run / LOCK
     if lock.exists():
         try:
             if pid_alive(int(lock.read_text().split()[0])):
                 return "running"
         except (ValueError, IndexError):
             pass
-    if (run / "error.txt").exists():
+    if (run / ERROR).exists():
         return "failed"
     return "pending"
 
@@ -222,11 +205,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_one(run: str, argv: list[str], threads: int | None = None) -> str:
-    """Train one run in a child process; returns its final state. Used by both backends."""
+def run_one(run: str, threads: int | None = None) -> str:
+    """Train one run (its config.json, written by the sweep) in a child process,
+    ``momentreg train --config RUN/config.json --out RUN --resume``; returns its final state.
+    Used by both backends."""
     run_path = Path(run)
-    run_path.mkdir(parents=True, exist_ok=True)
-    (run_path / "error.txt").unlink(missing_ok=True)
+    argv = ["train", "--config", str(run_path / CONFIG), "--out", run, "--resume", "--quiet"]
+    (run_path / ERROR).unlink(missing_ok=True)
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -238,12 +223,12 @@ def run_one(run: str, argv: list[str], threads: int | None = None) -> str:
         text=True,
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
-    (run_path / ".lock").write_text(f"{proc.pid} {os.getpid()}\n")
+    (run_path / LOCK).write_text(f"{proc.pid} {os.getpid()}\n")
     _, err = proc.communicate()
     if proc.returncode != 0:
         message = err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}"
-        (run_path / "error.txt").write_text(f"exit code {proc.returncode}: {message}\n{err}")
-    (run_path / ".lock").unlink(missing_ok=True)
+        (run_path / ERROR).write_text(f"exit code {proc.returncode}: {message}\n{err}")
+    (run_path / LOCK).unlink(missing_ok=True)
     return run_state(run_path)
 
 
@@ -260,21 +245,24 @@ def sweep(
 ) -> dict[str, int]:
     """Run every pending run of ``spec`` into ``out``; returns counts of what happened."""
     configs = expand(spec)
-    validate(configs, out)
+    resolved = validate(configs)
     out.mkdir(parents=True, exist_ok=True)
     names = [run_dir_name(c) for c in configs]
     plan = out / "sweep.json"
     write_json(plan, {"spec": spec, "runs": names})
     todo, counts = [], {"skipped_done": 0, "skipped_running": 0, "skipped_failed": 0}
-    for config, name in zip(configs, names, strict=True):
+    for config, run_config, name in zip(configs, resolved, names, strict=True):
         run = out / "runs" / name
         state = run_state(run)
         if state == "done" or state == "running" or (state == "failed" and not retry_failed):
             counts[f"skipped_{state}"] += 1
         else:
-            todo.append((_cost(config), str(run), train_argv(config, run)))
+            run.mkdir(parents=True, exist_ok=True)
+            if not (run / CONFIG).exists():  # a started run keeps the config it recorded
+                write_json(run / CONFIG, run_config.flat())
+            todo.append((_cost(config), str(run)))
     # Longest first, so the slowest run (e.g. 21-fold augmentation) does not start last.
-    todo = [(run, argv) for _, run, argv in sorted(todo, key=lambda t: -t[0])]
+    todo = [run for _, run in sorted(todo, key=lambda t: -t[0])]
     if backend == "local":
         results = _run_local(todo, workers, progress)
     elif backend == "ray":
@@ -300,7 +288,7 @@ def _run_local(todo, workers, progress) -> list[str]:
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     results = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(run_one, run, argv, threads) for run, argv in todo]
+        futures = [pool.submit(run_one, run, threads) for run in todo]
         for f in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
             results.append(f.result())
     return results
@@ -317,7 +305,7 @@ def _run_ray(todo, address, cpus_per_run, gpus_per_run, progress) -> list[str]:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run)(run_one)
-        pending = [remote.remote(run, argv, cpus_per_run) for run, argv in todo]
+        pending = [remote.remote(run, cpus_per_run) for run in todo]
         results = []
         bar = tqdm(total=len(pending), desc="runs (ray)", disable=not progress)
         while pending:

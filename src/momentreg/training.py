@@ -25,13 +25,11 @@ from tqdm.auto import tqdm
 from momentreg.data import to_float
 from momentreg.errors import CheckpointError, TrainingError
 from momentreg.regularizer import DEPTHS, MOMENT_LOSSES, Split, moment_loss
-from momentreg.rundir import atomic_write, pause_for_tests
+from momentreg.rundir import CHECKPOINT, HISTORY, atomic_write, pause_for_tests
 
 __all__ = ["TrainConfig", "PROTOCOLS", "METHODS", "train", "load_checkpoint"]
 
 METHODS = ("clean", "augment", "noise", "moment")
-CHECKPOINT = "checkpoint.pt"
-HISTORY = "history.csv"
 
 
 @dataclasses.dataclass

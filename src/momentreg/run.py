@@ -1,0 +1,343 @@
+"""One training run as library code: its configuration, training it into a run directory, loading
+it back, and evaluating it. The CLI, the sweeps, the demo and the study scripts all go through here.
+
+    config = RunConfig.from_settings({"model": "lenet", "dataset": "mnist", "data_dir": "mnist/",
+                                      "method": "moment", "sigma": 1.0})
+    metrics = train_run(config, Path("runs/x"))          # config.json ... metrics.json
+    config_dict, model = load_run(Path("runs/x"), "cpu")  # the best weights
+    certify_run(Path("runs/x"), model, *test_subset(config_dict, limit=500, stride=20), sigma=0.25)
+
+A run directory's files are named in ``momentreg.rundir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from momentreg import __version__
+from momentreg.data import DATASET_NAMES, IMAGEFOLDER, load_dataset, to_float, train_val_split
+from momentreg.errors import MomentregError, UsageError
+from momentreg.imagefolder import imagefolder_classes
+from momentreg.models import MODELS, build_model, input_spec, is_factory
+from momentreg.regularizer import check_regularizable
+from momentreg.robustness import accuracy, gaussian_robustness
+from momentreg.rundir import (
+    ATTACKS_FILE,
+    CERTIFY_FILE,
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    atomic_write,
+    certify_tsv,
+    clear_run,
+    read_json,
+    write_json,
+)
+from momentreg.training import PROTOCOLS, TrainConfig, load_checkpoint, train
+
+__all__ = [
+    "RunConfig",
+    "train_run",
+    "load_run",
+    "test_subset",
+    "evaluate_accuracy",
+    "attack_run",
+    "certify_run",
+    "prepare_out_dir",
+]
+
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+_RECORDED = ("version", "input_spec")  # written into config.json by train_run, not settings
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a run: the data and model, evaluation limits, the device, and the
+    TrainConfig. Its flat form (``flat()``; config.json, sweep specs, ``train`` options) names
+    every field at one level."""
+
+    model: str = "lenet"
+    dataset: str = "mnist-sample"
+    data_dir: str | None = None
+    download: bool = False
+    train_limit: int | None = None
+    val_fraction: float = 0.1
+    gnr_limit: int | None = None
+    noise_samples: int = 1
+    device: str = "cpu"
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> RunConfig:
+        """Flat settings -> a validated RunConfig. Training fields not given come from the
+        model's protocol (``training.PROTOCOLS``; a user model gets LeNet's)."""
+        run_fields = {f.name for f in dataclasses.fields(cls)} - {"train"}
+        unknown = set(settings) - run_fields - TRAIN_FIELDS - set(_RECORDED)
+        if unknown:
+            raise ValueError(f"unknown setting {sorted(unknown)[0]!r}")
+        model = settings.get("model", "lenet")
+        train_settings = {**PROTOCOLS.get(model, PROTOCOLS["lenet"])}
+        train_settings.update({k: v for k, v in settings.items() if k in TRAIN_FIELDS})
+        run = {k: v for k, v in settings.items() if k in run_fields}
+        if run.get("data_dir") is not None:
+            run["data_dir"] = str(run["data_dir"])
+        config = cls(**run, train=TrainConfig(**train_settings))
+        config.validate()
+        return config
+
+    def flat(self) -> dict:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields.pop("train")
+        return {**fields, **dataclasses.asdict(self.train)}
+
+    def validate(self) -> None:
+        if self.model not in MODELS and not is_factory(self.model):
+            raise ValueError(f"unknown model {self.model!r}; choose from {sorted(MODELS)}")
+        if self.dataset not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose from {DATASET_NAMES}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("train_limit", "gnr_limit", "noise_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"invalid {name.replace('_', '-')}: {value}")
+        self.train.validate()
+
+
+def device_of(name: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' -> a torch.device that exists on this machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device {name!r} (cpu, cuda, cuda:N or auto)") from None
+
+
+def prepare_out_dir(out: Path, resume: bool, force: bool) -> bool:
+    """Check an output directory before any work; returns whether it already existed."""
+    existed = out.exists()
+    if existed and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if existed and any(out.iterdir()) and not (resume or force):
+        raise UsageError(
+            f"--out {out} is not empty: pass --resume to continue or --force to overwrite"
+        )
+    parent = out if existed else next((p for p in out.parents if p.exists()), Path("."))
+    try:  # a real write probe: permission bits say nothing for root or a read-only mount
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".momentreg-probe-"))
+    except OSError as e:
+        raise UsageError(f"--out {out} is not writable ({e.strerror})") from None
+    return existed
+
+
+def check_free_space(out: Path, model: torch.nn.Module) -> None:
+    """Refuse to start when the disk cannot hold the checkpoint twice (old and new copy during the
+    atomic write); a checkpoint holds the weights four times (current, best, two Adam moments)."""
+    need = 8 * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise UsageError(
+            f"{out}: {free / 2**20:.1f} MiB free, but checkpoints of this model need about "
+            f"{need / 2**20:.1f} MiB"
+        )
+
+
+def load_splits(config: RunConfig) -> tuple[tuple, tuple, tuple]:
+    """(train, validation, test) sets (uint8 images, labels) of a run."""
+    images, labels = load_dataset(config.dataset, config.data_dir, "train", config.download)
+    limit, seed = config.train_limit, config.train.seed
+    if limit and config.dataset == IMAGEFOLDER:  # sorted by class: a random subset
+        pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        keep = pick[:limit].sort().values
+        images, labels = images[keep], labels[keep]
+    elif limit:
+        images, labels = images[:limit], labels[:limit]
+    train_set, val_set = train_val_split(images, labels, config.val_fraction, seed=seed)
+    test_set = load_dataset(config.dataset, config.data_dir, "test", config.download)
+    return train_set, val_set, test_set
+
+
+def robustness_metrics(model, images, labels, gnr_images, noise_samples, seed, device, progress):
+    """Test accuracy on float ``images`` and GNR (with its curve) on the first ``gnr_images``."""
+    acc = accuracy(model, images, labels, device=device)
+    gnr, sigmas, consistency = gaussian_robustness(
+        model,
+        images[:gnr_images],
+        noise_samples=noise_samples,
+        seed=seed,
+        device=device,
+        progress=progress,
+    )
+    return {
+        "test_accuracy": acc,
+        "gnr": gnr,
+        "gnr_images": min(gnr_images, len(labels)),
+        "gnr_noise_samples": noise_samples,
+        "gnr_curve": {"sigmas": sigmas.tolist(), "consistency": consistency.tolist()},
+    }
+
+
+def train_run(
+    config: RunConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    tensorboard: bool = False,
+) -> dict:
+    """Train one run into ``out`` (config.json, checkpoint.pt, history.csv, metrics.json) and
+    return its metrics. ``resume`` continues an interrupted run (a finished one is returned as
+    it is); ``force`` first clears what an earlier run left there (rundir.clear_run)."""
+    cfg = config.train
+    device = device_of(config.device)
+    existed = prepare_out_dir(out, resume, force)
+    if resume and (out / METRICS).exists():
+        return read_json(out / METRICS)  # finished: nothing to train or evaluate again
+    train_set, val_set, test_set = load_splits(config)
+    spec = None
+    if config.dataset == IMAGEFOLDER:  # the model is shaped by the folder's images
+        classes = len(imagefolder_classes(config.data_dir))
+        spec = input_spec(torch.cat([train_set[0], val_set[0]]), classes)
+    torch.manual_seed(cfg.seed)
+    model = build_model(config.model, config.dataset, spec)
+    if cfg.method == "moment":  # a model the regularizer cannot split fails before any writing
+        check_regularizable(model, cfg.moment_depth)
+    check_free_space(next(p for p in (out, *out.parents) if p.exists()), model)
+    if force and not resume and existed:
+        clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = {**config.flat(), "device": str(device)}
+    write_json(out / CONFIG, {"version": __version__, **flat, "input_spec": spec})
+    t0 = time.perf_counter()
+    history = train(
+        model,
+        train_set,
+        val_set,
+        cfg,
+        out_dir=out,
+        resume=resume,
+        identity={"model": config.model, "dataset": config.dataset, "version": __version__},
+        device=device,
+        progress=progress,
+        tensorboard=tensorboard,
+    )
+    images, labels = to_float(test_set[0]), test_set[1]
+    gnr_images = config.gnr_limit or len(labels)
+    metrics = robustness_metrics(
+        model, images, labels, gnr_images, config.noise_samples, cfg.seed, device, progress
+    )
+    metrics.update(
+        epochs=len(history),
+        best_epoch=max(history, key=lambda r: -r["val_loss"])["epoch"],
+        train_seconds=history[-1]["train_seconds"],
+        steps=history[-1].get("steps"),  # absent in checkpoints older than the budget
+        step_seconds=history[-1].get("step_seconds"),
+        seconds_per_epoch=history[-1]["train_seconds"] / len(history),
+        wall_seconds=time.perf_counter() - t0,
+    )
+    write_json(out / METRICS, metrics)
+    return metrics
+
+
+def load_run(run: Path, device, model_name: str | None = None) -> tuple[dict, torch.nn.Module]:
+    """(config, model with the run's best weights) of a finished or interrupted run. A run whose
+    model comes from a user factory loads only when ``model_name`` names that factory again:
+    building it runs the factory's code, which must be code the user names, not a run folder."""
+    config = read_json(run / CONFIG)
+    if is_factory(config["model"]) and model_name != config["model"]:
+        raise UsageError(
+            f"{run} was trained on the model of {config['model']}; loading it runs that code, so "
+            f"name it: --model {config['model']}"
+        )
+    ckpt = load_checkpoint(run / CHECKPOINT)
+    model = build_model(config["model"], config["dataset"], config.get("input_spec"))
+    state = ckpt["best"]["state"] if ckpt["finished"] else ckpt["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise MomentregError(f"{run / CHECKPOINT} does not fit {config['model']}: {e}") from None
+    return config, model.to(device)
+
+
+def test_subset(
+    config: dict, data_dir=None, limit: int | None = None, stride: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float images, labels) of a run's test set: every ``stride``-th image, then the first
+    ``limit`` (a class-balanced subset of a test set sorted by class, such as an image folder's)."""
+    images, labels = load_dataset(config["dataset"], data_dir or config["data_dir"], "test")
+    return to_float(images[::stride][:limit]), labels[::stride][:limit]
+
+
+def evaluate_accuracy(run: Path, model, images, labels, *, gnr: bool, noise_samples: int = 1,
+                      seed: int = 0, device="cpu", progress: bool = True) -> dict:  # fmt: skip
+    """Recompute test accuracy (and with ``gnr`` the GNR and its curve) into the run's
+    metrics.json, keeping its other entries; returns the updated metrics."""
+    path = run / METRICS
+    metrics = read_json(path) if path.exists() else {}
+    if gnr:
+        metrics.update(
+            robustness_metrics(
+                model, images, labels, len(labels), noise_samples, seed, device, progress
+            )
+        )
+    else:
+        metrics["test_accuracy"] = accuracy(model, images, labels, device=device)
+    metrics["test_images"] = len(labels)
+    write_json(path, metrics)
+    return metrics
+
+
+def attack_run(run: Path, model, images, labels, attacks: list[str], *, tol: float = 0.01,
+               seed: int = 0, stride: int = 1, progress: bool = True) -> dict:  # fmt: skip
+    """Minimal perturbations of each attack into the run's attacks.json, written after every
+    attack so that a crash keeps the finished ones; returns all of the run's attack results."""
+    from momentreg.attacks import minimal_perturbations
+
+    path = run / ATTACKS_FILE
+    results = read_json(path) if path.exists() else {}
+    for name in attacks:
+        result = minimal_perturbations(
+            model, images, labels, name, tol=tol, seed=seed, progress=progress
+        )
+        results[name] = {
+            **result.summary(),
+            "tol": tol,
+            "seed": seed,
+            "test_images": len(labels),
+            "stride": stride,
+        }
+        write_json(path, results)
+    return results
+
+
+def certify_run(run: Path, model, images, labels, *, sigma: float, n0: int = 100,
+                n: int = 100_000, alpha: float = 0.001, batch: int = 1000, seed: int = 0,
+                stride: int = 1, progress: bool = True) -> dict:  # fmt: skip
+    """Cohen et al.'s CERTIFY for every image: certify-sigma<S>.tsv (per image) and this sigma's
+    summary in certify.json; returns the summary."""
+    from momentreg.certify import certify_images, format_tsv, summarize
+
+    if not alpha < 1:
+        raise UsageError(f"--alpha must be below 1, got {alpha}")
+    rows = certify_images(
+        model, images, labels, sigma, n0=n0, n=n, alpha=alpha, batch=batch, seed=seed,
+        progress=progress,
+    )  # fmt: skip
+    atomic_write(run / certify_tsv(sigma), format_tsv(rows).encode())
+    path = run / CERTIFY_FILE
+    results = read_json(path) if path.exists() else {}
+    settings = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "stride": stride}
+    results[f"{sigma:g}"] = {**summarize(rows), **settings}
+    write_json(path, results)
+    return results[f"{sigma:g}"]
