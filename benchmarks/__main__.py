@@ -39,7 +39,7 @@ from momentreg.malloc import keep_freed_memory
 from momentreg.models import DATASETS, build_model
 from momentreg.regularizer import split_at_first_relu
 from momentreg.robustness import gaussian_robustness
-from momentreg.training import TrainConfig, _step_loss
+from momentreg.training import TrainConfig, step_loss
 
 METHODS = ["clean", "moment", "augment2", "augment6", "augment11", "augment21", "noise"]
 
@@ -90,7 +90,7 @@ def make_step(model_name, dataset, batch, method, device, size=None):
     noisy = torch.arange(batch, device=device) % max(cfg.folds, 1) != 0  # (N-1)/N noisy copies
 
     def step():
-        loss, _ = _step_loss(model, x, y, noisy, cfg, gen, None)
+        loss, _ = step_loss(model, x, y, noisy, cfg, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -23,6 +23,7 @@ from momentreg.cli import main
 from momentreg.errors import CheckpointError
 from momentreg.training import load_checkpoint
 
+ROOT = Path(__file__).resolve().parent.parent
 TRAIN = [sys.executable, "-m", "momentreg", "train", "--train-limit", "300", "--epochs", "3"]
 TRAIN += ["--batch-size", "100", "--lr", "1e-3", "--gnr-limit", "20", "--quiet"]
 TRAIN += ["--method", "noise", "--sigma", "0.5"]  # uses both random generators: order and noise
@@ -40,11 +41,16 @@ def _train(out: Path, *extra, preexec=None, env=None):
 
 
 def _kill_at(out: Path, point: str, tmp_path: Path) -> None:
-    """Start the run, wait until it pauses at ``point`` (see rundir.pause_for_tests), SIGKILL it."""
+    """Start the run, wait until it pauses at ``point`` (see tests/pausing.py), SIGKILL it."""
     pause = tmp_path / "paused"
     env = {**os.environ, "MOMENTREG_TEST_PAUSE": point, "MOMENTREG_TEST_PAUSE_FILE": str(pause)}
+    pausing = [sys.executable, "-m", "tests.pausing", *TRAIN[3:]]  # the CLI with pause points
     proc = subprocess.Popen(
-        [*TRAIN, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*pausing, "--out", str(out)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 240
     while not pause.exists() and time.time() < deadline and proc.poll() is None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 from momentreg.errors import MomentregError
@@ -65,34 +64,12 @@ def atomic_write(path: Path, data: bytes) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)  # e.g. disk full: drop the partial copy, keep the old file
         raise
-    pause_for_tests("in-write", path)
     os.replace(tmp, path)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)  # the rename itself survives a power cut
     finally:
         os.close(folder)
-
-
-_pause_hits = 0
-
-
-def pause_for_tests(point: str, where) -> None:
-    """Crash-safety tests set MOMENTREG_TEST_PAUSE=point[:match][#n] to freeze the process at the
-    n-th (default first) call of ``point`` whose ``where`` contains ``match``, so they can kill it
-    there. The points: "mid-epoch", "after-epoch" (training) and "in-write" (atomic_write, after
-    the temporary file is complete and before it replaces the old one)."""
-    global _pause_hits
-    spec = os.environ.get("MOMENTREG_TEST_PAUSE")
-    if not spec:
-        return
-    spec, _, nth = spec.partition("#")
-    want, _, match = spec.partition(":")
-    if want == point and match in str(where):
-        _pause_hits += 1
-        if _pause_hits == int(nth or 1):
-            Path(os.environ["MOMENTREG_TEST_PAUSE_FILE"]).write_text(f"{point} {where}")
-            time.sleep(3600)
 
 
 def write_json(path: Path, data: dict) -> None:

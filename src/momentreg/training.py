@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import io
 import math
-import os
 import time
 from pathlib import Path
 
@@ -25,11 +24,19 @@ from tqdm.auto import tqdm
 from momentreg.data import to_float
 from momentreg.errors import CheckpointError, TrainingError
 from momentreg.regularizer import DEPTHS, MOMENT_LOSSES, Split, moment_loss
-from momentreg.rundir import CHECKPOINT, HISTORY, atomic_write, pause_for_tests
+from momentreg.rundir import CHECKPOINT, HISTORY, atomic_write
 
-__all__ = ["TrainConfig", "PROTOCOLS", "METHODS", "train", "load_checkpoint"]
-
-METHODS = ("clean", "augment", "noise", "moment")
+__all__ = [
+    "TrainConfig",
+    "TrainState",
+    "PROTOCOLS",
+    "METHODS",
+    "LOSSES",
+    "step_loss",
+    "train",
+    "train_one_epoch",
+    "load_checkpoint",
+]
 
 
 @dataclasses.dataclass
@@ -188,8 +195,194 @@ def _validate(model, images, labels, batch_size, device) -> tuple[float, float]:
     return loss / len(labels), 100.0 * correct / len(labels)
 
 
-def _rng_state(cpu_gen: torch.Generator, dev_gen: torch.Generator) -> dict:
-    return {"cpu": cpu_gen.get_state(), "device": dev_gen.get_state()}
+# -- one loss per method: (model, x, y, noisy, cfg, gen, split) -> (loss, logits) ----------------
+# x [B, C, H, W] float, y [B]; noisy: bool [B], the augmentation copies of this batch; gen: the
+# device generator that draws the noise; split: an explicit (head, tail) for the regularizer.
+
+
+def clean_loss(model, x, y, noisy, cfg, gen, split):
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
+
+
+def _noise(x, cfg, gen):
+    return torch.randn(x.shape, generator=gen, device=x.device).mul_(cfg.sigma)
+
+
+def augment_loss(model, x, y, noisy, cfg, gen, split):
+    """N-fold augmentation: the copies marked ``noisy`` get fresh Gaussian noise."""
+    if cfg.sigma > 0:
+        x = x + _noise(x, cfg, gen) * noisy.view(-1, *[1] * (x.dim() - 1))
+    return clean_loss(model, x, y, noisy, cfg, gen, split)
+
+
+def noise_loss(model, x, y, noisy, cfg, gen, split):
+    """Cohen et al.'s noise training: every image freshly noised at every visit."""
+    if cfg.sigma > 0:
+        x = x + _noise(x, cfg, gen)
+    return clean_loss(model, x, y, noisy, cfg, gen, split)
+
+
+def moment_method_loss(model, x, y, noisy, cfg, gen, split):
+    """The analytic moment regularizer (and its variants, see ``moment_loss``)."""
+    extra = _noise(x, cfg, gen) if cfg.moment_noise and cfg.sigma > 0 else None
+    loss, parts = moment_loss(
+        model, x, y, cfg.sigma, cfg.alpha, split, depth=cfg.moment_depth, loss=cfg.moment_loss,
+        noisy=extra,
+    )  # fmt: skip
+    return loss, parts["logits"]
+
+
+LOSSES = {
+    "clean": clean_loss,
+    "augment": augment_loss,
+    "noise": noise_loss,
+    "moment": moment_method_loss,
+}
+
+
+METHODS = tuple(LOSSES)
+
+
+def step_loss(model, x, y, noisy, cfg: TrainConfig, gen, split=None):
+    """The loss of one batch under ``cfg.method`` and the logits it saw."""
+    return LOSSES[cfg.method](model, x, y, noisy, cfg, gen, split)
+
+
+# -- the state of a run, and its checkpoint ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a checkpoint holds: the model, optimizer, schedule and random streams, the
+    history so far, the best weights and early stopping's count."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    cpu_gen: torch.Generator  # the order of examples
+    dev_gen: torch.Generator  # the noise
+    history: list = dataclasses.field(default_factory=list)
+    best: dict = dataclasses.field(default_factory=dict)
+    bad_epochs: int = 0
+    stopped: bool = False
+
+    @classmethod
+    def start(cls, model: nn.Module, cfg: TrainConfig, device: torch.device) -> TrainState:
+        optimizer = _optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience
+        )
+        best = {"val_loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+        cpu_gen = torch.Generator().manual_seed(cfg.seed)
+        dev_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        return cls(model, optimizer, scheduler, cpu_gen, dev_gen, best=best)
+
+    @property
+    def epoch(self) -> int:
+        """Epochs done."""
+        return len(self.history)
+
+    def last(self, key: str, default=0):
+        return self.history[-1].get(key, default) if self.history else default
+
+    def to_checkpoint(self, identity: dict, finished: bool) -> dict:
+        return {
+            "format": 1,
+            "identity": identity,
+            "epoch": self.epoch,
+            "finished": finished,
+            "stopped": self.stopped,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"cpu": self.cpu_gen.get_state(), "device": self.dev_gen.get_state()},
+            "history": self.history,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+        }
+
+    def restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.cpu_gen.set_state(ckpt["rng"]["cpu"])
+        self.dev_gen.set_state(ckpt["rng"]["device"])
+        self.history, self.best = ckpt["history"], ckpt["best"]
+        self.bad_epochs, self.stopped = ckpt["bad_epochs"], ckpt["stopped"]
+
+    def end_epoch(self, row: dict) -> None:
+        """Record a validated epoch: schedule, best weights, early stopping."""
+        self.scheduler.step(row["val_loss"])
+        if row["val_loss"] < self.best["val_loss"]:
+            state = copy.deepcopy(self.model.state_dict())
+            self.best = {"val_loss": row["val_loss"], "epoch": row["epoch"], "state": state}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.history.append(row)
+
+
+@dataclasses.dataclass
+class _StepClock:
+    """Training steps and their seconds, for the time budget: the first step of each call (which
+    compiles the ReLU kernels) is counted as a step but not timed."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    warm: bool = False
+
+    def add(self, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds if self.warm else 0.0
+        self.warm = True
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def _train_step(state: TrainState, x, y, noisy, cfg: TrainConfig, split) -> tuple[float, int]:
+    """One optimizer step; returns (loss, correct predictions). The loss read back is the step's
+    one host-device sync; a non-finite loss stops training before the step is taken."""
+    loss, logits = step_loss(state.model, x, y, noisy, cfg, state.dev_gen, split)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise TrainingError(f"non-finite loss ({value})")
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    return value, (logits.argmax(1) == y).sum()
+
+
+def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
+    """One pass over the training set (N-fold augmentation: N passes, N-1 of them noisy), in a
+    seeded order; stops early once ``clock`` is past the time budget. Returns the epoch's loss
+    and accuracy."""
+    state.model.train()
+    n = len(labels)
+    folds = cfg.folds if cfg.method == "augment" else 1
+    perm = torch.randperm(n * folds, generator=state.cpu_gen).to(labels.device)
+    total_loss, correct, seen = 0.0, torch.zeros((), dtype=torch.long, device=labels.device), 0
+    epoch = state.epoch + 1
+    steps = math.ceil(n * folds / cfg.batch_size)
+    for step in tqdm(range(steps), desc=f"epoch {epoch}", disable=not progress, leave=False):
+        t_step = time.perf_counter()
+        idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        x, y = to_float(images[idx % n]), labels[idx % n]
+        try:
+            loss, hits = _train_step(state, x, y, idx >= n, cfg, split)
+        except TrainingError as e:
+            raise TrainingError(f"{e} at epoch {epoch}, batch {step + 1}") from None
+        total_loss, correct, seen = total_loss + loss * len(y), correct + hits, seen + len(y)
+        clock.add(time.perf_counter() - t_step)
+        if cfg.time_budget and clock.seconds >= cfg.time_budget:
+            break  # the last epoch is a partial one
+    return {
+        "epoch": epoch,
+        "train_loss": total_loss / seen,
+        "train_accuracy": 100.0 * int(correct) / seen,
+    }
 
 
 def train(
@@ -222,177 +415,74 @@ def train(
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     cfg.validate()
     device = torch.device(device)
-    images, labels = train_set
-    n = len(labels)
-    if n == 0 or len(val_set[1]) == 0:
+    if len(train_set[1]) == 0 or len(val_set[1]) == 0:
         raise ValueError("the training and validation sets must not be empty")
-    images, labels = images.to(device), labels.to(device)
+    images, labels = train_set[0].to(device), train_set[1].to(device)
     val_images, val_labels = val_set[0].to(device), val_set[1].to(device)
-    model.to(device)
-    optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience
-    )
-    cpu_gen = torch.Generator().manual_seed(cfg.seed)
-    dev_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    state = TrainState.start(model.to(device), cfg, device)
     identity = {
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "epochs"},
         **(identity or {}),
     }
-    history: list[dict] = []
-    best = {"val_loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
-    bad_epochs, start = 0, 0
-
     out = Path(out_dir) if out_dir is not None else None
-    ckpt_path = out / CHECKPOINT if out else None
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        _check_identity(ckpt.get("identity", {}), identity, ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        cpu_gen.set_state(ckpt["rng"]["cpu"])
-        dev_gen.set_state(ckpt["rng"]["device"])
-        history, best, bad_epochs = ckpt["history"], ckpt["best"], ckpt["bad_epochs"]
-        start = ckpt["epoch"]
-        if ckpt["stopped"] or start >= cfg.epochs:
-            _write_history(out / HISTORY, history)  # a kill may have left the previous one
-            model.load_state_dict(best["state"])
-            return history
-
+    if resume and out is not None and (out / CHECKPOINT).exists():
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        _check_identity(ckpt.get("identity", {}), identity, out / CHECKPOINT)
+        state.restore(ckpt)
+        if state.stopped or state.epoch >= cfg.epochs:
+            _write_history(out / HISTORY, state.history)  # a kill may have left the previous one
+            model.load_state_dict(state.best["state"])
+            return state.history
     writer = _tensorboard_writer(out) if tensorboard else None
-    pausing = out is not None and "MOMENTREG_TEST_PAUSE" in os.environ  # crash tests only
-    elapsed = history[-1]["train_seconds"] if history else 0.0
-    # The time budget counts training steps only (not validation or checkpoint writes), and not
-    # the first step of each call: it pays one-time costs such as compiling the ReLU kernels.
-    step_count = history[-1].get("steps", 0) if history else 0
-    step_seconds = history[-1].get("step_seconds", 0.0) if history else 0.0
-    warm = False
-    folds = cfg.folds if cfg.method == "augment" else 1
-    steps = math.ceil(n * folds / cfg.batch_size)
-    stopped = False
-    epoch_bar = tqdm(
-        range(start, cfg.epochs),
-        desc="epochs",
-        disable=not progress,
-        initial=start,
+    clock = _StepClock(state.last("steps"), state.last("step_seconds", 0.0))
+    epochs = tqdm(
+        range(state.epoch, cfg.epochs), desc="epochs", disable=not progress, initial=state.epoch,
         total=cfg.epochs,
-    )
-    for epoch in epoch_bar:
+    )  # fmt: skip
+    for _ in epochs:
         t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(n * folds, generator=cpu_gen).to(device)
-        total_loss, total_correct = 0.0, torch.zeros((), dtype=torch.long, device=device)
-        seen, out_of_time = 0, False
-        for step in tqdm(
-            range(steps), desc=f"epoch {epoch + 1}", disable=not progress, leave=False
-        ):
-            t_step = time.perf_counter()
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x, y = to_float(images[idx % n]), labels[idx % n]
-            loss, logits = _step_loss(model, x, y, idx >= n, cfg, dev_gen, split)
-            loss_value = loss.item()  # the step's one host-device sync
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"non-finite loss ({loss_value}) at epoch {epoch + 1}, batch {step + 1}; "
-                    + ("the last good checkpoint is kept" if out else "no checkpoint was written")
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss_value * len(y)
-            total_correct += (logits.argmax(1) == y).sum()  # stays on the device
-            seen += len(y)
-            step_count += 1
-            step_seconds += time.perf_counter() - t_step if warm else 0.0
-            warm = True
-            if pausing:
-                pause_for_tests("mid-epoch", f"{out}/epoch{epoch + 1}/step{step + 1}/")
-            if cfg.time_budget and step_seconds >= cfg.time_budget:
-                out_of_time = True  # the last epoch is a partial one
-                break
-        val_loss, val_acc = _validate(model, val_images, val_labels, cfg.batch_size, device)
-        scheduler.step(val_loss)
-        if val_loss < best["val_loss"]:
-            best = {
-                "val_loss": val_loss,
-                "epoch": epoch + 1,
-                "state": copy.deepcopy(model.state_dict()),
-            }
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        elapsed += time.perf_counter() - t0
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": total_loss / seen,
-            "train_accuracy": 100.0 * int(total_correct) / seen,
-            "val_loss": val_loss,
-            "val_accuracy": val_acc,
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_seconds": time.perf_counter() - t0,
-            "train_seconds": elapsed,
-            "steps": step_count,
-            "step_seconds": step_seconds,
-        }
-        history.append(row)
-        epoch_bar.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.2f}")
+        try:
+            row = train_one_epoch(state, images, labels, cfg, clock, split, progress)
+        except TrainingError as e:
+            kept = "the last good checkpoint is kept" if out else "no checkpoint was written"
+            raise TrainingError(f"{e}; {kept}") from None
+        row["val_loss"], row["val_accuracy"] = _validate(
+            model, val_images, val_labels, cfg.batch_size, device
+        )
+        state.end_epoch(_history_row(row, state, clock, time.perf_counter() - t0))
+        out_of_time = bool(cfg.time_budget) and clock.seconds >= cfg.time_budget
+        state.stopped = state.bad_epochs >= cfg.early_stop or out_of_time
+        epochs.set_postfix(val_loss=f"{row['val_loss']:.4f}", val_acc=f"{row['val_accuracy']:.2f}")
         if writer is not None:
-            for key, value in row.items():
-                writer.add_scalar(key, value, epoch + 1)
-        stopped = bad_epochs >= cfg.early_stop or out_of_time
+            for key, value in state.history[-1].items():
+                writer.add_scalar(key, value, state.epoch)
         if out is not None:
-            finished = stopped or epoch + 1 == cfg.epochs
-            _save_checkpoint(
-                ckpt_path,
-                {
-                    "format": 1,
-                    "identity": identity,
-                    "epoch": epoch + 1,
-                    "finished": finished,
-                    "stopped": stopped,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(cpu_gen, dev_gen),
-                    "history": history,
-                    "best": best,
-                    "bad_epochs": bad_epochs,
-                },
-            )
-            _write_history(out / HISTORY, history)
-            pause_for_tests("after-epoch", f"{out}/epoch{epoch + 1}")
-        if stopped:
+            finished = state.stopped or state.epoch == cfg.epochs
+            _save_checkpoint(out / CHECKPOINT, state.to_checkpoint(identity, finished))
+            _write_history(out / HISTORY, state.history)
+        if state.stopped:
             break
     if writer is not None:
         writer.close()
-    model.load_state_dict(best["state"])
-    return history
+    model.load_state_dict(state.best["state"])
+    return state.history
 
 
-def _step_loss(model, x, y, noisy, cfg: TrainConfig, gen, split):
-    """Loss of one batch and the logits it saw. noisy: bool [B], marks augmentation copies."""
-    if cfg.method == "moment":
-        noise = None
-        if cfg.moment_noise and cfg.sigma > 0:
-            noise = torch.randn(x.shape, generator=gen, device=x.device).mul_(cfg.sigma)
-        loss, parts = moment_loss(
-            model,
-            x,
-            y,
-            cfg.sigma,
-            cfg.alpha,
-            split,
-            depth=cfg.moment_depth,
-            loss=cfg.moment_loss,
-            noisy=noise,
-        )
-        return loss, parts["logits"]
-    if cfg.method in ("noise", "augment") and cfg.sigma > 0:
-        noise = torch.randn(x.shape, generator=gen, device=x.device).mul_(cfg.sigma)
-        x = x + (noise if cfg.method == "noise" else noise * noisy.view(-1, 1, 1, 1))
-    logits = model(x)
-    return F.cross_entropy(logits, y), logits
+def _history_row(row: dict, state: TrainState, clock: _StepClock, seconds: float) -> dict:
+    """An epoch's history.csv row, in the file's column order (``seconds``: training and
+    validation of the epoch)."""
+    return {
+        "epoch": row["epoch"],
+        "train_loss": row["train_loss"],
+        "train_accuracy": row["train_accuracy"],
+        "val_loss": row["val_loss"],
+        "val_accuracy": row["val_accuracy"],
+        "lr": None,  # set by end_epoch, after the schedule's step
+        "epoch_seconds": seconds,
+        "train_seconds": state.last("train_seconds", 0.0) + seconds,
+        "steps": clock.steps,
+        "step_seconds": clock.seconds,
+    }
 
 
 def _check_identity(stored: dict, wanted: dict, path: Path) -> None:
