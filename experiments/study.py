@@ -22,8 +22,8 @@ import torch
 
 from momentreg import report, tables
 from momentreg.attacks import ATTACK_LABELS
-from momentreg.cli import parse_setting
 from momentreg.rundir import read_json, write_json
+from momentreg.sweep import parse_setting
 from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent

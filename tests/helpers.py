@@ -2,7 +2,10 @@
 location, and models written the way users write them (their own forward, F.relu, residuals)."""
 
 import gzip
+import math
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momentreg.models import Normalize
+
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
 needs_mnist = pytest.mark.skipif(
     not (SHARED_MNIST / "train-images-idx3-ubyte.gz").exists(), reason="../shared MNIST absent"
 )
+
+
+# a quick `momentreg train` on the bundled sample: 200 images, one epoch
+QUICK = ["--train-limit", "200", "--epochs", "1", "--batch-size", "50", "--lr", "1e-3"]
+QUICK += ["--gnr-limit", "20", "--quiet"]
+
+
+def cli(*args):
+    """``python -m momentreg ARGS`` in a child process (its exit code, stdout, stderr)."""
+    return subprocess.run(
+        [sys.executable, "-m", "momentreg", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -95,3 +112,26 @@ class TinyResNet(nn.Module):
 
     def reference_tail(self, t):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.layer2(self.layer1(t)), 1), 1))
+
+
+def two_layer(d_in=12, hidden=9, classes=4):
+    """Normalize, Linear, ReLU, Linear in float64: the affine-ReLU-affine form of Theorem 1."""
+    return nn.Sequential(
+        Normalize([0.2], [0.5]),
+        nn.Flatten(),
+        nn.Linear(d_in, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
+    ).double()
+
+
+def theorem1_mean(net, x, sigma):
+    """Bibi et al. Theorem 1 written with explicit matrices: E[B relu(A x + c) + d]."""
+    norm, _, first, _, second = net
+    a = first.weight / norm.std.flatten()  # fold the normalization into the first layer
+    c = first.bias - a @ norm.mean.flatten().expand(a.shape[1])
+    mu = x.flatten(1) @ a.T + c
+    s = torch.sqrt((a * a) @ (sigma.flatten() ** 2))
+    cdf = 0.5 * torch.erfc(-mu / s / math.sqrt(2))
+    pdf = torch.exp(-0.5 * (mu / s) ** 2) / math.sqrt(2 * math.pi)
+    return (mu * cdf + s * pdf) @ second.weight.T + second.bias

@@ -1,40 +1,27 @@
 import json
-import subprocess
-import sys
+import shutil
+from pathlib import Path
 
 import pytest
 
 from momentreg.cli import main
-
-QUICK = [
-    "--train-limit",
-    "200",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "50",
-    "--lr",
-    "1e-3",
-    "--gnr-limit",
-    "20",
-    "--quiet",
-]
-
-
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "momentreg", *args], capture_output=True, text=True, timeout=300
-    )
+from tests.helpers import QUICK, cli
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "moment"
-    result = _cli(
+    result = cli(
         "train", *QUICK, "--method", "moment", "--sigma", "0.5", "--alpha", "2", "--out", str(out)
     )
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    """A copy of the module's run for a test that writes into it (the original stays as made)."""
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
 def test_train_writes_the_run_layout(run_dir):
@@ -56,17 +43,17 @@ def test_train_writes_the_run_layout(run_dir):
     assert header.startswith("epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr")
 
 
-def test_evaluate_recomputes_metrics(run_dir, capsys):
-    before = json.loads((run_dir / "metrics.json").read_text())
-    assert main(["evaluate", str(run_dir), "--gnr", "--limit", "30", "--quiet"]) == 0
-    after = json.loads((run_dir / "metrics.json").read_text())
+def test_evaluate_recomputes_metrics(run_copy, capsys):
+    before = json.loads((run_copy / "metrics.json").read_text())
+    assert main(["evaluate", str(run_copy), "--gnr", "--limit", "30", "--quiet"]) == 0
+    after = json.loads((run_copy / "metrics.json").read_text())
     assert after["gnr_images"] == 30 and after["test_images"] == 30
     assert after["train_seconds"] == before["train_seconds"]
     assert "GNR" in capsys.readouterr().out
 
 
 def test_non_empty_out_needs_resume_or_force(run_dir):
-    result = _cli("train", *QUICK, "--out", str(run_dir))
+    result = cli("train", *QUICK, "--out", str(run_dir))
     assert result.returncode == 2
     assert "not empty" in result.stderr and "Traceback" not in result.stderr
     assert (run_dir / "checkpoint.pt").exists()
@@ -101,19 +88,19 @@ def test_invalid_arguments_exit_2_with_one_line(tmp_path, args, message, capsys)
 def test_unwritable_out_is_refused_before_work(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    result = _cli("train", *QUICK, "--out", str(blocker / "run"))
+    result = cli("train", *QUICK, "--out", str(blocker / "run"))
     assert result.returncode == 2 and "not writable" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_evaluate_of_a_missing_run_is_a_clear_error(tmp_path):
-    result = _cli("evaluate", str(tmp_path / "nope"))
+    result = cli("evaluate", str(tmp_path / "nope"))
     assert result.returncode == 2 and "config.json does not exist" in result.stderr
 
 
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
-    result = _cli(
+    result = cli(
         "demo",
         "--out",
         str(out),
@@ -133,17 +120,19 @@ def test_demo_quick(tmp_path):
     assert len(list(out.glob("*/metrics.json"))) == 3
 
 
-def test_evaluate_attacks_writes_attacks_json_and_table(run_dir, tmp_path, capsys):
-    metrics_before = (run_dir / "metrics.json").read_text()
-    code = main(["evaluate", str(run_dir), "--attacks", "fgsm,deepfool", "--limit", "4", "--quiet"])
+def test_evaluate_attacks_writes_attacks_json_and_table(run_copy, tmp_path, capsys):
+    metrics_before = (run_copy / "metrics.json").read_text()
+    code = main(
+        ["evaluate", str(run_copy), "--attacks", "fgsm,deepfool", "--limit", "4", "--quiet"]
+    )
     assert code == 0
-    assert (run_dir / "metrics.json").read_text() == metrics_before  # attacks alone leave it
-    attacks = json.loads((run_dir / "attacks.json").read_text())
+    assert (run_copy / "metrics.json").read_text() == metrics_before  # attacks alone leave it
+    attacks = json.loads((run_copy / "attacks.json").read_text())
     assert set(attacks) == {"fgsm", "deepfool"}
     assert attacks["fgsm"]["images"] + attacks["fgsm"]["excluded_misclassified"] == 4
     assert "| fgsm |" in capsys.readouterr().out
 
-    assert main(["table", str(run_dir), "--out", str(tmp_path / "t")]) == 0
+    assert main(["table", str(run_copy), "--out", str(tmp_path / "t")]) == 0
     table = (tmp_path / "t" / "table.md").read_text().splitlines()
     assert table[0].startswith("| model | dataset | method | sigma | alpha | folds | run | PGD |")
     row = table[2].split("|")
@@ -157,12 +146,12 @@ def test_unknown_attack_is_a_usage_error(run_dir, capsys):
     assert e.value.code == 2 and "unknown attack 'cw'" in capsys.readouterr().err
 
 
-def test_evaluate_certify_writes_cohens_tsv_and_a_summary(run_dir, capsys):
-    args = ["evaluate", str(run_dir), "--certify", "--sigma", "0.25", "--limit", "3"]
+def test_evaluate_certify_writes_cohens_tsv_and_a_summary(run_copy, capsys):
+    args = ["evaluate", str(run_copy), "--certify", "--sigma", "0.25", "--limit", "3"]
     assert main([*args, "--n0", "20", "--n", "200", "--batch", "100", "--quiet"]) == 0
-    tsv = (run_dir / "certify-sigma0.25.tsv").read_text().splitlines()
+    tsv = (run_copy / "certify-sigma0.25.tsv").read_text().splitlines()
     assert tsv[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and len(tsv) == 4
-    summary = json.loads((run_dir / "certify.json").read_text())["0.25"]
+    summary = json.loads((run_copy / "certify.json").read_text())["0.25"]
     assert summary["images"] == 3 and summary["n"] == 200 and summary["alpha"] == 0.001
     assert set(summary["certified_accuracy"]) == {"0", "0.25", "0.5", "0.75", "1"}
     assert "certified accuracy" in capsys.readouterr().out

@@ -14,41 +14,19 @@ from momentreg import (
 )
 from momentreg.models import Normalize, build_model, lenet
 from momentreg.moments import relu_mean
-from tests.helpers import MomentLossOf
-
-
-def _two_layer(d_in=12, hidden=9, classes=4):
-    return nn.Sequential(
-        Normalize([0.2], [0.5]),
-        nn.Flatten(),
-        nn.Linear(d_in, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, classes),
-    ).double()
-
-
-def _theorem1_mean(net, x, sigma):
-    """Bibi et al. Theorem 1 written with explicit matrices: E[B relu(A x + c) + d]."""
-    norm, _, first, _, second = net
-    a = first.weight / norm.std.flatten()  # fold the normalization into the first layer
-    c = first.bias - a @ norm.mean.flatten().expand(a.shape[1])
-    mu = x.flatten(1) @ a.T + c
-    s = torch.sqrt((a * a) @ (sigma.flatten() ** 2))
-    cdf = 0.5 * torch.erfc(-mu / s / math.sqrt(2))
-    pdf = torch.exp(-0.5 * (mu / s) ** 2) / math.sqrt(2 * math.pi)
-    return (mu * cdf + s * pdf) @ second.weight.T + second.bias
+from tests.helpers import MomentLossOf, theorem1_mean, two_layer
 
 
 def test_expected_logits_is_exact_for_an_affine_tail():
-    net = _two_layer()
+    net = two_layer()
     x = torch.rand(5, 1, 3, 4, dtype=torch.float64)
     sigma = 0.05 + torch.rand(1, 3, 4, dtype=torch.float64)  # per-pixel levels
     got = expected_logits(net, x, sigma)
-    assert torch.allclose(got, _theorem1_mean(net, x, sigma), rtol=1e-5, atol=1e-8)
+    assert torch.allclose(got, theorem1_mean(net, x, sigma), rtol=1e-5, atol=1e-8)
 
 
 def test_expected_logits_affine_tail_matches_monte_carlo():
-    net = _two_layer()
+    net = two_layer()
     x = torch.rand(1, 1, 3, 4, dtype=torch.float64)
     sigma = 0.3
     gen = torch.Generator().manual_seed(0)

@@ -7,16 +7,16 @@ from torch import nn
 from momentreg.cli import main
 from momentreg.models import Normalize
 from momentreg.tightness import estimates, monte_carlo, tightness
-from tests.test_regularizer import _theorem1_mean, _two_layer
+from tests.helpers import QUICK, cli, theorem1_mean, two_layer
 
 
 def test_both_estimates_are_exact_for_an_affine_tail():
-    net = _two_layer()
+    net = two_layer()
     x = torch.rand(6, 1, 3, 4, dtype=torch.float64)
     found = estimates(net, x, 0.3)
     analytic, linearized = found["analytic"], found["linearized"]
     assert torch.allclose(found["all_layers"], analytic, rtol=1e-9, atol=1e-12)
-    exact = _theorem1_mean(net, x, torch.full((1, 3, 4), 0.3, dtype=torch.float64))
+    exact = theorem1_mean(net, x, torch.full((1, 3, 4), 0.3, dtype=torch.float64))
     assert torch.allclose(analytic, exact, rtol=1e-9, atol=1e-12)
     assert torch.allclose(linearized, exact, rtol=1e-9, atol=1e-12)
     mc, se = monte_carlo(net, x, 0.3, 20_000, 2_000, torch.Generator().manual_seed(0))
@@ -24,7 +24,7 @@ def test_both_estimates_are_exact_for_an_affine_tail():
 
 
 def test_affine_tail_reports_errors_at_the_monte_carlo_noise_floor():
-    net = _two_layer()
+    net = two_layer()
     x = torch.rand(20, 1, 3, 4, dtype=torch.float64)
     rows = tightness(net, x, [0.1, 0.5], samples=4000, batch=500)
     for r in rows:
@@ -46,10 +46,8 @@ def test_nonlinear_tail_separates_the_two_estimates():
 
 
 def test_tightness_command_writes_json_table_and_report(tmp_path, capsys):
-    from tests.test_cli import QUICK, _cli
-
     run = tmp_path / "run"
-    assert _cli("train", *QUICK, "--out", str(run)).returncode == 0
+    assert cli("train", *QUICK, "--out", str(run)).returncode == 0
     report = tmp_path / "doc" / "tightness.md"
     args = ["tightness", str(run), "--sigmas", "0.1,0.5", "--limit", "4", "--samples", "40"]
     assert main([*args, "--report", str(report), "--quiet"]) == 0

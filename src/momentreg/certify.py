@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 __all__ = [
     "ABSTAIN",
     "RADII",
+    "certify_line",
     "sample_counts",
     "lower_confidence_bound",
     "predict",
@@ -135,6 +136,15 @@ def summarize(rows: list[dict], radii=RADII) -> dict:
         "acr": sum(r["radius"] for r in rows if r["correct"]) / total,
         "seconds_per_image": sum(r["time"] for r in rows) / total,
     }
+
+
+def certify_line(summary: dict) -> str:
+    """One line of a ``summarize`` result: certified accuracy per radius, ACR, abstentions."""
+    radii = ", ".join(f"{v:.1f}% at {r}" for r, v in summary["certified_accuracy"].items())
+    return (
+        f"sigma {summary['sigma']:g}: certified accuracy {radii}; ACR {summary['acr']:.3f}; "
+        f"abstained {summary['abstained']}/{summary['images']}"
+    )
 
 
 def format_tsv(rows: list[dict]) -> str:

@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 from momentreg import __version__
+from momentreg.certify import certify_line
 from momentreg.data import DATASET_NAMES
 from momentreg.errors import MomentregError, UsageError
 from momentreg.malloc import keep_freed_memory
 from momentreg.models import MODELS, is_factory
+from momentreg.regularizer import DEPTHS, MOMENT_LOSSES
 from momentreg.run import (
     TRAIN_FIELDS,
     RunConfig,
@@ -27,8 +29,8 @@ from momentreg.run import (
     test_subset,
     train_run,
 )
-from momentreg.rundir import ERROR, TIGHTNESS_FILE, read_json, write_json
-from momentreg.tables import attack_table, fmt, markdown_table, write_table
+from momentreg.rundir import read_json
+from momentreg.tables import attack_table, markdown_table, write_table
 from momentreg.training import METHODS
 
 USAGE_ERROR = 2
@@ -64,6 +66,15 @@ nonneg_float, pos_float = _number(float, 0), _number(float, 0, strict=True)
 nonneg_int, pos_int = _number(int, 0), _number(int, 0, strict=True)
 
 
+def _setting(text: str) -> tuple[str, object]:
+    from momentreg.sweep import parse_setting
+
+    try:
+        return parse_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _model_name(text: str) -> str:
     if text in MODELS or is_factory(text):
         return text
@@ -93,12 +104,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=pos_int, default=1, help="N of N-fold augmentation")
     p.add_argument(
         "--moment-depth",
-        choices=("first", "all"),
+        choices=DEPTHS,
         help="moment: moments to the first ReLU (the paper, default) or through all layers",
     )
     p.add_argument(
         "--moment-loss",
-        choices=("mean", "expected-ce"),
+        choices=MOMENT_LOSSES,
         help="moment: CE of the expected logits (default) or the expected CE (needs depth all)",
     )
     p.add_argument(
@@ -158,14 +169,8 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Run
 
 def cmd_train(args) -> None:
     config = run_config(args, args.parser)
-    metrics = train_run(
-        config,
-        args.out,
-        resume=args.resume,
-        force=args.force,
-        progress=not args.quiet,
-        tensorboard=args.tensorboard,
-    )
+    options = {"resume": args.resume, "force": args.force, "tensorboard": args.tensorboard}
+    metrics = train_run(config, args.out, **options, progress=not args.quiet)
     print(
         f"test accuracy {metrics['test_accuracy']:.2f}%  GNR {metrics['gnr']:.2f}  "
         f"{metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s -> {args.out}"
@@ -200,12 +205,7 @@ def cmd_evaluate(args) -> None:
             alpha=args.alpha, batch=args.batch, seed=args.seed, stride=args.stride,
             progress=progress,
         )  # fmt: skip
-        radii = summary["certified_accuracy"]
-        print(
-            f"sigma {args.sigma:g}: certified accuracy "
-            + ", ".join(f"{v:.1f}% at {r}" for r, v in radii.items())
-            + f"; ACR {summary['acr']:.3f}; abstained {summary['abstained']}/{summary['images']}"
-        )
+        print(certify_line(summary))
 
 
 def _attack_list(text: str) -> list[str]:
@@ -240,19 +240,13 @@ def _float_list(text: str) -> list[float]:
 
 def cmd_tightness(args) -> None:
     """Analytic and linearized expected logits against Monte Carlo, per run and sigma."""
-    from momentreg.tightness import tightness, tightness_table, write_report
+    from momentreg.tightness import tightness_of_runs, tightness_table, write_report
 
-    device = device_of(args.device)
-    table = {}
-    for run in args.runs:
-        config, model = load_run(run, device, args.model)
-        images, _ = test_subset(config, args.data_dir, args.limit)
-        rows = tightness(
-            model, images, args.sigmas, samples=args.samples, batch=args.batch, seed=args.seed,
-            progress=not args.quiet,
-        )  # fmt: skip
-        write_json(run / TIGHTNESS_FILE, {"rows": rows})
-        table[run.name] = rows
+    options = ("sigmas", "limit", "samples", "batch", "seed", "data_dir", "model")
+    table = tightness_of_runs(
+        args.runs, device_of(args.device), **{k: getattr(args, k) for k in options},
+        progress=not args.quiet,
+    )  # fmt: skip
     print(tightness_table(table))
     if args.report:
         prepare_out_dir(args.report.parent, resume=True, force=False)
@@ -266,56 +260,13 @@ def cmd_tightness(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from momentreg.plots import plot_consistency
+    from momentreg.demo import demo
 
-    out: Path = args.out
-    runs = {
-        "clean": dict(method="clean"),
-        f"augment N={args.folds} sigma={args.augment_sigma}": dict(
-            method="augment", folds=args.folds, sigma=args.augment_sigma
-        ),
-        f"moment sigma={args.moment_sigma} alpha={args.alpha}": dict(
-            method="moment", sigma=args.moment_sigma, alpha=args.alpha
-        ),
-    }
-    common = dict(
-        dataset="mnist-sample", epochs=args.epochs, lr=1e-3, batch_size=128, seed=args.seed,
-        device=args.device, train_limit=args.train_limit, gnr_limit=args.gnr_limit,
-    )  # fmt: skip
-    prepare_out_dir(out, resume=True, force=False)
-    results = {}
-    for i, (label, settings) in enumerate(runs.items()):
-        print(f"[{i + 1}/{len(runs)}] {label}", flush=True)
-        config = RunConfig.from_settings({**common, **settings})
-        run_dir = out / f"{i}-{settings['method']}"
-        results[label] = train_run(config, run_dir, resume=True, progress=not args.quiet)
-    header = ["method", "test accuracy (%)", "GNR", "training seconds"]
-    rows = [
-        [label, fmt(m["test_accuracy"]), fmt(m["gnr"]), fmt(m["train_seconds"], ".0f")]
-        for label, m in results.items()
-    ]
-    table = markdown_table(header, rows, align="lrrr")
-    print(table)
-    (out / "table.md").write_text(table + "\n")
-    plot_consistency(
-        {label: m["gnr_curve"] for label, m in results.items()},
-        out / "consistency.png",
-        title="LeNet on the bundled MNIST sample",
-    )
-    print(f"wrote {out / 'table.md'} and {out / 'consistency.png'}")
-
-
-def parse_setting(text: str) -> tuple[str, object]:
-    from momentreg.sweep import tomllib
-
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value  # a bare string such as a path
-    return key.strip(), parsed
+    settings = ("epochs", "folds", "augment_sigma", "moment_sigma", "alpha", "train_limit")
+    settings += ("gnr_limit", "seed", "device")
+    kwargs = {k: getattr(args, k) for k in settings}
+    print(demo(args.out, **kwargs, progress=not args.quiet))
+    print(f"wrote {args.out / 'table.md'} and {args.out / 'consistency.png'}")
 
 
 def cmd_sweep(args) -> None:
@@ -324,13 +275,7 @@ def cmd_sweep(args) -> None:
     if args.spec == "status":
         if args.dir is None:
             raise UsageError("usage: momentreg sweep status DIR")
-        states = sweep.status(args.dir)
-        for state in sweep.STATES:
-            print(f"{state:8s} {len(states[state])}")
-            for name in states[state] if state in ("running", "failed") else []:
-                error = args.dir / "runs" / name / ERROR
-                detail = error.read_text().splitlines()[0] if error.exists() else ""
-                print(f"  {name} {detail}")
+        print(sweep.status_text(args.dir))
         return
     if args.out is None:
         raise UsageError("momentreg sweep SPEC needs --out DIR")
@@ -344,16 +289,9 @@ def cmd_sweep(args) -> None:
         print(f"{len(configs)} runs")
         return
     prepare_out_dir(args.out, resume=True, force=False)
+    options = ("backend", "workers", "address", "cpus_per_run", "gpus_per_run", "retry_failed")
     counts = sweep.sweep(
-        spec,
-        args.out,
-        backend=args.backend,
-        workers=args.workers,
-        address=args.address,
-        cpus_per_run=args.cpus_per_run,
-        gpus_per_run=args.gpus_per_run,
-        retry_failed=args.retry_failed,
-        progress=not args.quiet,
+        spec, args.out, **{k: getattr(args, k) for k in options}, progress=not args.quiet
     )
     print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
     if counts["failed"]:
@@ -370,23 +308,7 @@ def cmd_report(args) -> None:
     print(f"wrote {path} and {args.out / 'results.csv'}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="momentreg", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"momentreg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train one model into --out")
-    _train_args(p)
-    p.add_argument(
-        "--config",
-        type=Path,
-        help="take every setting from this JSON file (a run's config.json; what sweeps use)",
-    )
-    p.add_argument("--out", type=Path, required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--force", action="store_true", help="overwrite the run in --out")
-    p.set_defaults(func=cmd_train, parser=p)
-
+def _evaluate_parser(sub) -> None:
     from momentreg.attacks import ATTACKS
 
     attack_help = "; ".join(f"{k}: {v[1]}" for k, v in ATTACKS.items())
@@ -394,13 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--gnr", action="store_true", help="also recompute GNR and its curve")
     p.add_argument("--limit", type=pos_int, help="evaluate on the first N test images")
-    p.add_argument(
-        "--stride",
-        type=pos_int,
-        default=1,
-        help="every K-th test image (before --limit): a class-balanced subset of a test set "
-        "sorted by class, such as an image folder's",
-    )
+    stride = "every K-th test image, then --limit (balanced classes in a class-sorted folder)"
+    p.add_argument("--stride", type=pos_int, default=1, help=stride)
     p.add_argument("--noise-samples", type=pos_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=Path, help="override the run's data directory")
@@ -418,11 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=pos_int, default=1000, help="noisy copies per forward pass")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("table", help="the paper's Table 1 layout over runs (Markdown and CSV)")
-    p.add_argument("runs", type=Path, nargs="+")
-    p.add_argument("--out", type=Path, help="also write table.md and table.csv here")
-    p.set_defaults(func=cmd_table)
 
+def _sweep_parser(sub) -> None:
     p = sub.add_parser("sweep", help="run a grid of trainings (or: sweep status DIR)")
     p.add_argument("spec", help="a TOML spec, a preset (paper-mnist-lenet, ...), or 'status'")
     p.add_argument("dir", nargs="?", type=Path, help="with 'status': the sweep directory")
@@ -434,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-run", type=nonneg_float, default=0.0, help="ray: GPUs per run")
     p.add_argument(
         "--set",
-        type=parse_setting,
+        type=_setting,
         action="append",
         metavar="KEY=VALUE",
         help="override a spec setting, e.g. --set data_dir=DIR --set epochs=20",
@@ -444,14 +358,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sweep)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="momentreg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"momentreg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model into --out")
+    _train_args(p)
+    config = "every setting from this JSON file (a run's config.json; what sweeps use)"
+    p.add_argument("--config", type=Path, help=config)
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite the run in --out")
+    p.set_defaults(func=cmd_train, parser=p)
+
+    _evaluate_parser(sub)
+
+    p = sub.add_parser("table", help="the paper's Table 1 layout over runs (Markdown and CSV)")
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, help="also write table.md and table.csv here")
+    p.set_defaults(func=cmd_table)
+
+    _sweep_parser(sub)
+
     p = sub.add_parser("report", help="results.csv, figures and the fair comparison of a sweep")
     p.add_argument("dir", type=Path, help="a sweep directory (or a folder of runs)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument(
-        "--tolerance",
-        type=nonneg_float,
-        help="accuracy points below clean still compared (default per dataset)",
-    )
+    tolerance = "accuracy points below clean still compared (default per dataset)"
+    p.add_argument("--tolerance", type=nonneg_float, help=tolerance)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("tightness", help="the regularizer's surrogate against Monte Carlo")

@@ -296,106 +296,95 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
         md += [f"![accuracy and GNR against training sigma]({tag}-vs-sigma.png)", ""]
         tol = TOLERANCE.get(dataset, 0.0) if tolerance is None else tolerance
         if any(r["method"] == "clean" for r in task_rows):
-            fair = fair_comparison(task_rows, tol)
-            sel = fair["selected"]
-            title = (
-                f"most robust run per method with accuracy >= {fair['threshold']:.2f} "
-                f"(clean {fair['baseline_accuracy']:.2f} - {tol})"
-            )
-            plot_fair(sel, out / f"{tag}-fair.png", title)
-            plot_consistency(
-                {describe(r): r["gnr_curve"] for r in sel.values()},
-                out / f"{tag}-curves.png",
-                f"selected runs, {model} / {dataset}",
-            )
-            md += [
-                "### Fair comparison",
-                "",
-                f"Runs compete when their test accuracy is at least {fair['threshold']:.2f} "
-                f"(mean clean accuracy {fair['baseline_accuracy']:.2f} minus tolerance {tol}).",
-                "",
-                fair_table(sel),
-                "",
-                f"![fair comparison]({tag}-fair.png)",
-                "",
-                f"![consistency of the selected runs]({tag}-curves.png)",
-                "",
-            ]
-        md += [
-            "### All runs",
-            "",
-            markdown_table(
-                [
-                    "run",
-                    "method",
-                    "sigma",
-                    "alpha",
-                    "N",
-                    "seed",
-                    "accuracy",
-                    "GNR",
-                    "epochs",
-                    "training s",
-                ],
-                [
-                    [
-                        r["run"],
-                        r["method"],
-                        r["sigma"],
-                        r["alpha"] if r["method"] == "moment" else "",
-                        r["folds"] if r["method"] == "augment" else "",
-                        r["seed"],
-                        fmt(r["test_accuracy"]),
-                        fmt(r["gnr"]),
-                        r["epochs"],
-                        fmt(r["train_seconds"], ".0f"),
-                    ]
-                    for r in task_rows
-                ],
-            ),
-            "",
-        ]
-        attacked = [r for r in task_rows if any(r[f"energy_{k}"] for k in ATTACK_LABELS)]
-        if attacked:
-            md += [
-                "### Minimal perturbation energies (the paper's Table 1 layout)",
-                "",
-                markdown_table(
-                    ["run", *ATTACK_LABELS.values(), "GNR", "ACC"],
-                    [
-                        [
-                            describe(r),
-                            *[fmt(r[f"energy_{k}"], ".3g") for k in ATTACK_LABELS],
-                            fmt(r["gnr"]),
-                            fmt(r["test_accuracy"]),
-                        ]
-                        for r in attacked
-                    ],
-                ),
-                "",
-            ]
+            md += _fair_section(task_rows, tol, out, tag, f"{model} / {dataset}")
+        md += _all_runs_section(task_rows)
+        md += _attack_section(task_rows)
         md += _certify_section(task_rows, out, tag)
-        cost = defaultdict(list)
-        for r in task_rows:
-            cost[group_of(r)].append(r)
-        md += [
-            "### Training cost",
-            "",
-            markdown_table(
-                ["group", "runs", "mean training s", "mean s / epoch", "mean GNR"],
-                [
-                    [
-                        g,
-                        len(rs),
-                        fmt(mean(r["train_seconds"] for r in rs), ".0f"),
-                        fmt(mean(r["seconds_per_epoch"] for r in rs), ".1f"),
-                        fmt(mean(r["gnr"] for r in rs)),
-                    ]
-                    for g, rs in sorted(cost.items())
-                ],
-            ),
-            "",
-        ]
+        md += _cost_section(task_rows)
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
+
+
+def _fair_section(rows: list[dict], tol: float, out: Path, tag: str, name: str) -> list[str]:
+    fair = fair_comparison(rows, tol)
+    sel = fair["selected"]
+    title = (
+        f"most robust run per method with accuracy >= {fair['threshold']:.2f} "
+        f"(clean {fair['baseline_accuracy']:.2f} - {tol})"
+    )
+    plot_fair(sel, out / f"{tag}-fair.png", title)
+    plot_consistency(
+        {describe(r): r["gnr_curve"] for r in sel.values()},
+        out / f"{tag}-curves.png",
+        f"selected runs, {name}",
+    )
+    return [
+        "### Fair comparison",
+        "",
+        f"Runs compete when their test accuracy is at least {fair['threshold']:.2f} "
+        f"(mean clean accuracy {fair['baseline_accuracy']:.2f} minus tolerance {tol}).",
+        "",
+        fair_table(sel),
+        "",
+        f"![fair comparison]({tag}-fair.png)",
+        "",
+        f"![consistency of the selected runs]({tag}-curves.png)",
+        "",
+    ]
+
+
+def _all_runs_section(rows: list[dict]) -> list[str]:
+    header = ["run", "method", "sigma", "alpha", "N", "seed", "accuracy", "GNR", "epochs"]
+    header.append("training s")
+    cells = [
+        [
+            r["run"],
+            r["method"],
+            r["sigma"],
+            r["alpha"] if r["method"] == "moment" else "",
+            r["folds"] if r["method"] == "augment" else "",
+            r["seed"],
+            fmt(r["test_accuracy"]),
+            fmt(r["gnr"]),
+            r["epochs"],
+            fmt(r["train_seconds"], ".0f"),
+        ]
+        for r in rows
+    ]
+    return ["### All runs", "", markdown_table(header, cells), ""]
+
+
+def _attack_section(rows: list[dict]) -> list[str]:
+    attacked = [r for r in rows if any(r[f"energy_{k}"] for k in ATTACK_LABELS)]
+    if not attacked:
+        return []
+    cells = [
+        [describe(r), *[fmt(r[f"energy_{k}"], ".3g") for k in ATTACK_LABELS]]
+        + [fmt(r["gnr"]), fmt(r["test_accuracy"])]
+        for r in attacked
+    ]
+    return [
+        "### Minimal perturbation energies (the paper's Table 1 layout)",
+        "",
+        markdown_table(["run", *ATTACK_LABELS.values(), "GNR", "ACC"], cells),
+        "",
+    ]
+
+
+def _cost_section(rows: list[dict]) -> list[str]:
+    cost = defaultdict(list)
+    for r in rows:
+        cost[group_of(r)].append(r)
+    cells = [
+        [
+            g,
+            len(rs),
+            fmt(mean(r["train_seconds"] for r in rs), ".0f"),
+            fmt(mean(r["seconds_per_epoch"] for r in rs), ".1f"),
+            fmt(mean(r["gnr"] for r in rs)),
+        ]
+        for g, rs in sorted(cost.items())
+    ]
+    header = ["group", "runs", "mean training s", "mean s / epoch", "mean GNR"]
+    return ["### Training cost", "", markdown_table(header, cells), ""]

@@ -91,6 +91,19 @@ def load_spec(spec: str) -> dict:
         raise SpecError(f"{spec} is not valid TOML ({e})") from None
 
 
+def parse_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` (``--set``) -> (key, value), the value read as TOML (a number, a list, a
+    quoted string), else as the bare string (a path)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
 def _axes(block: dict) -> list[dict]:
     keys = list(block)
     values = [v if isinstance(v, list) else [v] for v in block.values()]
@@ -195,6 +208,19 @@ def status(out: Path) -> dict[str, list[str]]:
     for name in names:
         result[run_state(out / "runs" / name)].append(name)
     return result
+
+
+def status_text(out: Path) -> str:
+    """``momentreg sweep status``: the count of runs per state, naming the running and failed
+    runs (with the first line of each failure)."""
+    states = status(out)
+    lines = []
+    for state in STATES:
+        lines.append(f"{state:8s} {len(states[state])}")
+        for name in states[state] if state in ("running", "failed") else []:
+            error = out / "runs" / name / ERROR
+            lines.append(f"  {name} {error.read_text().splitlines()[0] if error.exists() else ''}")
+    return "\n".join(lines)
 
 
 def _die_with_parent() -> None:

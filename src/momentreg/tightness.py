@@ -30,7 +30,15 @@ from momentreg.regularizer import Split, head_moments, output_moments, split_at_
 from momentreg.rundir import atomic_write
 from momentreg.tables import markdown_table
 
-__all__ = ["ESTIMATES", "estimates", "monte_carlo", "tightness", "tightness_table", "write_report"]
+__all__ = [
+    "ESTIMATES",
+    "estimates",
+    "monte_carlo",
+    "tightness",
+    "tightness_of_runs",
+    "tightness_table",
+    "write_report",
+]
 
 
 ESTIMATES = ("analytic", "linearized", "all_layers")
@@ -128,6 +136,27 @@ standard error on the same scale, below which an error cannot be resolved. Agree
 of images whose expected argmax matches the Monte Carlo argmax.
 
 """
+
+
+def tightness_of_runs(runs: list[Path], device, *, sigmas, limit: int = 50, samples: int = 2000,
+                      batch: int = 20, seed: int = 0, data_dir=None, model: str | None = None,
+                      progress: bool = True) -> dict[str, list[dict]]:  # fmt: skip
+    """``tightness`` of each run's best model on its first ``limit`` test images, written to the
+    run's tightness.json; returns run name -> rows (``model`` names a user factory, see
+    ``run.load_run``)."""
+    from momentreg.run import load_run, test_subset
+    from momentreg.rundir import TIGHTNESS_FILE, write_json
+
+    table = {}
+    for run in runs:
+        config, net = load_run(run, device, model)
+        images, _ = test_subset(config, data_dir, limit)
+        rows = tightness(
+            net, images, sigmas, samples=samples, batch=batch, seed=seed, progress=progress
+        )
+        write_json(run / TIGHTNESS_FILE, {"rows": rows})
+        table[run.name] = rows
+    return table
 
 
 def tightness_table(table: dict[str, list[dict]]) -> str:

@@ -454,18 +454,26 @@ def train(
         state.stopped = state.bad_epochs >= cfg.early_stop or out_of_time
         epochs.set_postfix(val_loss=f"{row['val_loss']:.4f}", val_acc=f"{row['val_accuracy']:.2f}")
         if writer is not None:
-            for key, value in state.history[-1].items():
-                writer.add_scalar(key, value, state.epoch)
+            _log(writer, state)
         if out is not None:
-            finished = state.stopped or state.epoch == cfg.epochs
-            _save_checkpoint(out / CHECKPOINT, state.to_checkpoint(identity, finished))
-            _write_history(out / HISTORY, state.history)
+            _save_epoch(out, state, identity, finished=state.stopped or state.epoch == cfg.epochs)
         if state.stopped:
             break
     if writer is not None:
         writer.close()
     model.load_state_dict(state.best["state"])
     return state.history
+
+
+def _save_epoch(out: Path, state: TrainState, identity: dict, finished: bool) -> None:
+    """The epoch's checkpoint, then its history.csv, each written atomically."""
+    _save_checkpoint(out / CHECKPOINT, state.to_checkpoint(identity, finished))
+    _write_history(out / HISTORY, state.history)
+
+
+def _log(writer, state: TrainState) -> None:
+    for key, value in state.history[-1].items():
+        writer.add_scalar(key, value, state.epoch)
 
 
 def _history_row(row: dict, state: TrainState, clock: _StepClock, seconds: float) -> dict:
