@@ -65,6 +65,7 @@ def all_results(small_trained):
     return {name: minimal_perturbations(net, x, y, name, tol=0.02, seed=0) for name in ATTACKS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_every_attack_succeeds_flips_and_respects_bounds(small_trained, all_results, name):
     net, x, y = small_trained
@@ -79,6 +80,7 @@ def test_every_attack_succeeds_flips_and_respects_bounds(small_trained, all_resu
         assert (net(adv).argmax(1) != y[correct][result.success]).all()
 
 
+@pytest.mark.slow
 def test_random_noise_needs_more_energy_than_adversarial_directions(all_results):
     energy = {k: summarize(r)["energy_median"] for k, r in all_results.items()}
     print(energy)
@@ -86,6 +88,7 @@ def test_random_noise_needs_more_energy_than_adversarial_directions(all_results)
         assert energy[noise] > energy["pgd"] and energy[noise] > energy["deepfool"]
 
 
+@pytest.mark.slow
 def test_summary_fields(all_results):
     s = summarize(all_results["fgsm"])
     assert {

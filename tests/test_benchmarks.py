@@ -5,11 +5,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TABLES_START = "<!-- tables: python -m benchmarks --markdown benchmarks/results.json -->"
 TABLES_END = "<!-- end of tables -->"
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_every_section(tmp_path):
     out = tmp_path / "bench.json"
     start = time.perf_counter()
@@ -50,6 +53,7 @@ def test_performance_doc_embeds_the_committed_results():
     assert doc[start : doc.index(TABLES_END)].strip() == markdown(results).strip()
 
 
+@pytest.mark.slow
 def test_heap_trace_records_both_allocators(tmp_path):
     out = tmp_path / "heap.json"
     subprocess.run(

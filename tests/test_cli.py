@@ -24,6 +24,7 @@ def run_copy(run_dir, tmp_path):
     return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_layout(run_dir):
     assert {p.name for p in run_dir.iterdir()} >= {
         "config.json",
@@ -43,6 +44,7 @@ def test_train_writes_the_run_layout(run_dir):
     assert header.startswith("epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr")
 
 
+@pytest.mark.slow
 def test_evaluate_recomputes_metrics(run_copy, capsys):
     before = json.loads((run_copy / "metrics.json").read_text())
     assert main(["evaluate", str(run_copy), "--gnr", "--limit", "30", "--quiet"]) == 0
@@ -52,6 +54,7 @@ def test_evaluate_recomputes_metrics(run_copy, capsys):
     assert "GNR" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_non_empty_out_needs_resume_or_force(run_dir):
     result = cli("train", *QUICK, "--out", str(run_dir))
     assert result.returncode == 2
@@ -85,6 +88,7 @@ def test_invalid_arguments_exit_2_with_one_line(tmp_path, args, message, capsys)
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_unwritable_out_is_refused_before_work(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -93,11 +97,13 @@ def test_unwritable_out_is_refused_before_work(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_of_a_missing_run_is_a_clear_error(tmp_path):
     result = cli("evaluate", str(tmp_path / "nope"))
     assert result.returncode == 2 and "config.json does not exist" in result.stderr
 
 
+@pytest.mark.slow
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
     result = cli(
@@ -120,6 +126,7 @@ def test_demo_quick(tmp_path):
     assert len(list(out.glob("*/metrics.json"))) == 3
 
 
+@pytest.mark.slow
 def test_evaluate_attacks_writes_attacks_json_and_table(run_copy, tmp_path, capsys):
     metrics_before = (run_copy / "metrics.json").read_text()
     code = main(
@@ -140,12 +147,14 @@ def test_evaluate_attacks_writes_attacks_json_and_table(run_copy, tmp_path, caps
     assert (tmp_path / "t" / "table.csv").read_text().startswith("model,dataset,method")
 
 
+@pytest.mark.slow
 def test_unknown_attack_is_a_usage_error(run_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main(["evaluate", str(run_dir), "--attacks", "pgd,cw"])
     assert e.value.code == 2 and "unknown attack 'cw'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_certify_writes_cohens_tsv_and_a_summary(run_copy, capsys):
     args = ["evaluate", str(run_copy), "--certify", "--sigma", "0.25", "--limit", "3"]
     assert main([*args, "--n0", "20", "--n", "200", "--batch", "100", "--quiet"]) == 0
@@ -159,6 +168,7 @@ def test_evaluate_certify_writes_cohens_tsv_and_a_summary(run_copy, capsys):
     assert "--alpha must be below 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_force_clears_every_evaluation_of_the_old_model(tmp_path):
     out = tmp_path / "run"
     assert main(["train", *QUICK, "--out", str(out)]) == 0

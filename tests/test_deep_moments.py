@@ -58,6 +58,7 @@ def test_network_moments_of_an_affine_relu_affine_net_have_the_exact_mean():
     assert var.shape == mean.shape and (var > 0).all()
 
 
+@pytest.mark.slow
 def test_all_layers_beat_the_first_layer_on_lenet_against_monte_carlo():
     torch.manual_seed(0)
     images, labels = load_dataset("mnist-sample", split="train")

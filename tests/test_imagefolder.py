@@ -140,6 +140,7 @@ def _break_renamed_text(root):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage",
     [

@@ -38,6 +38,7 @@ def _faults(mode: str) -> int:
     return int(out.stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and ru_minflt: Linux")
 @pytest.mark.skipif(
     THP.exists() and "[always]" in THP.read_text(),

@@ -85,6 +85,7 @@ def _ddp_rank(rank: int, world: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_data_parallel_averages_the_ranks_gradients(tmp_path):
     out = str(tmp_path / "grads.pt")
     init = f"file://{tmp_path / 'rendezvous'}"

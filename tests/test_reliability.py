@@ -23,6 +23,8 @@ from momentreg.cli import main
 from momentreg.errors import CheckpointError
 from momentreg.training import load_checkpoint
 
+pytestmark = pytest.mark.slow  # subprocesses: pytest -m "not slow" skips them
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = [sys.executable, "-m", "momentreg", "train", "--train-limit", "300", "--epochs", "3"]
 TRAIN += ["--batch-size", "100", "--lr", "1e-3", "--gnr-limit", "20", "--quiet"]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses: pytest -m "not slow" skips them
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

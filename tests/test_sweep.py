@@ -97,6 +97,7 @@ def test_paper_presets_have_the_paper_grids():
     assert set(PRESETS) >= {"paper-cifar10-alexnet", "paper-cifar100-alexnet"}
 
 
+@pytest.mark.slow
 def test_bad_specs_are_clear_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("epochs = [")
@@ -138,6 +139,7 @@ def local_sweep(tmp_path_factory):
     return out, finished, resumed.stdout
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_exactly_the_other_four(local_sweep):
     out, finished, stdout = local_sweep
     assert "skipped done 2" in stdout and "ran 4" in stdout and "finished 4" in stdout
@@ -146,6 +148,7 @@ def test_killed_sweep_resumes_exactly_the_other_four(local_sweep):
     assert len(status(out)["done"]) == 6
 
 
+@pytest.mark.slow
 def test_report_renders_from_a_fresh_sweep(local_sweep, tmp_path):
     out, _, _ = local_sweep
     run = sorted(out.glob("runs/*"))[0]
@@ -160,6 +163,7 @@ def test_report_renders_from_a_fresh_sweep(local_sweep, tmp_path):
     assert len(_rows(tmp_path / "report" / "results.csv")) == 6
 
 
+@pytest.mark.slow
 def test_ray_backend_gives_the_same_results(local_sweep, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

@@ -45,6 +45,7 @@ def test_nonlinear_tail_separates_the_two_estimates():
     assert rows[1]["analytic_error_median"] > rows[0]["analytic_error_median"]
 
 
+@pytest.mark.slow
 def test_tightness_command_writes_json_table_and_report(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli("train", *QUICK, "--out", str(run)).returncode == 0

@@ -119,6 +119,7 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "checkpoint.pt")
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_lenet_one_epoch_on_real_mnist_reaches_97_percent():
     torch.manual_seed(0)
