@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from study import (  # noqa: E402
     attack_commands,
     attack_winners,
+    data_dirs,
     energy_cell,
     export,
     fmt,
@@ -525,9 +526,10 @@ def main() -> None:
     p.add_argument("--certify-n", type=int, default=1000, help="noise draws per certified image")
     args, stages = parse_stages(p, STAGES)
     if "train" in stages:
-        data_dirs = {"mnist": args.mnist_dir, "fashion-mnist": args.fashion_dir}
-        data_dirs = {d: data_dirs[d] for d in args.datasets}
-        train(args.runs, data_dirs, args.device, args.workers, dict(args.set))
+        options = {"mnist": ("--mnist-dir", args.mnist_dir)}
+        options["fashion-mnist"] = ("--fashion-dir", args.fashion_dir)
+        dirs = data_dirs(p, {d: options[d] for d in args.datasets})
+        train(args.runs, dirs, args.device, args.workers, dict(args.set))
     if "evaluate" in stages:
         evaluate(args.runs, args)
     if "export" in stages:

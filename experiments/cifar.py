@@ -32,6 +32,7 @@ from study import (
     PAPER,
     attack_table,
     attack_winners,
+    data_dirs,
     export,
     fmt,
     image_counts,
@@ -721,10 +722,9 @@ def main() -> None:
     p.add_argument("--certify-n", type=int, default=100_000, help="noise samples per image")
     args, stages = parse_stages(p, STAGES)
     if "train" in stages:
-        if args.cifar_dir is None:
-            p.error("the train stage needs --cifar-dir")
-        data_dirs = {t: args.cifar_dir for t in CIFAR_TASKS} | {"mnist-paper": args.mnist_dir}
-        train(args.runs, data_dirs, args.device, args.workers or None, dict(args.set))
+        given = {t: ("--cifar-dir", args.cifar_dir) for t in CIFAR_TASKS}
+        dirs = data_dirs(p, {**given, "mnist-paper": ("--mnist-dir", args.mnist_dir)})
+        train(args.runs, dirs, args.device, args.workers or None, dict(args.set))
     if "evaluate" in stages:
         images = {a: args.attack_images for a in ATTACKS}
         images.update(

@@ -186,8 +186,8 @@ def provenance(results: Path, title: str) -> list[str]:
 def study_parser(doc: str, name: str, workers: int) -> argparse.ArgumentParser:
     """The options every study script shares; ``name`` names its runs, results and doc."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--mnist-dir", type=Path, default=ROOT.parent / "shared/datasets/mnist")
-    p.add_argument("--fashion-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    p.add_argument("--mnist-dir", type=Path, help="the official MNIST files (train stage)")
+    p.add_argument("--fashion-dir", type=Path, help="the official Fashion-MNIST files")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / name)
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=workers, help="trainings (evaluations) at once")
@@ -223,3 +223,11 @@ def parse_stages(p: argparse.ArgumentParser, stages: tuple[str, ...]):
         script = Path(sys.argv[0]).name
         record_environment(args.runs, f"python experiments/{script} " + " ".join(argv))
     return args, chosen
+
+
+def data_dirs(p: argparse.ArgumentParser, given: dict[str, Path | None]) -> dict[str, Path]:
+    """task -> data directory for the train stage; a missing one is a usage error naming it."""
+    missing = sorted({option for option, path in given.values() if path is None})
+    if missing:
+        p.error(f"the train stage needs {' and '.join(missing)}")
+    return {task: path for task, (_, path) in given.items()}
