@@ -39,6 +39,7 @@ from momentreg.malloc import keep_freed_memory
 from momentreg.models import DATASETS, build_model
 from momentreg.regularizer import split_at_first_relu
 from momentreg.robustness import gaussian_robustness
+from momentreg.tables import markdown_table
 from momentreg.training import TrainConfig, step_loss
 
 METHODS = ["clean", "moment", "augment2", "augment6", "augment11", "augment21", "noise"]
@@ -298,102 +299,101 @@ def bench_memory(model_name, dataset, batch, device, entries, steps, compiled: b
     return {"peak_mib": out, "batch": batch, "steps": steps}
 
 
-def _row(*cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
 def _floor_ratio(r: dict) -> str:
     return f"{r['ratio_to_clean']['moment_over_floor']:.2f}"
+
+
+def _steps_table(steps: dict) -> str:
+    header = ["method", *(f"{name}, batch {r['batch']}" for name, r in steps.items())]
+    rows = []
+    for method in next(iter(steps.values()))["ratio_to_clean"]:
+        if method != "moment_over_floor":
+            cells = [
+                f"{r['ratio_to_clean'][method]:.2f} ({r['seconds'][method]:.3f} s)"
+                if method in r["ratio_to_clean"]
+                else "not run"
+                for r in steps.values()
+            ]
+            rows.append([method, *cells])
+    rows.append(
+        ["one extra tail pass", *(f"{r['seconds']['tail_pass']:.3f} s" for r in steps.values())]
+    )
+    rows.append(
+        ["moment / (clean + tail pass)", *(f"**{_floor_ratio(r)}**" for r in steps.values())]
+    )
+    return markdown_table(header, rows, align="l" + "r" * len(steps))
+
+
+def _malloc_table(default: dict, kept: dict) -> str:
+    rows = [
+        [method, f"{default['seconds'][method]:.3f}", f"{kept['seconds'][method]:.3f}"]
+        for method in ("clean", "tail_pass", "moment")
+    ]
+    rows.append(["moment / (clean + tail pass)", _floor_ratio(default), _floor_ratio(kept)])
+    header = ["seconds per step", "glibc defaults", "freed memory kept"]
+    return markdown_table(header, rows, align="lrr")
+
+
+def _scaling_table(scaling: dict) -> str:
+    rows = [
+        [
+            key,
+            f"{r['seconds']['clean']:.3f} s",
+            f"{r['seconds']['moment']:.3f} s",
+            f"{r['ratio_to_clean']['moment']:.2f}",
+            _floor_ratio(r),
+        ]
+        for key, r in scaling.items()
+    ]
+    header = ["setting", "clean", "moment", "moment / clean", "moment / (clean + tail)"]
+    return markdown_table(header, rows, align="lrrrr")
+
+
+def _evaluation_table(g: dict, d: dict) -> str:
+    rows = [
+        [
+            f"GNR, {g['images']} images x 30 sigmas / 31 forward passes",
+            f"{g['gnr_seconds']:.2f} s",
+            f"{g['floor_seconds']:.2f} s",
+            f"{g['ratio']:.2f}",
+        ],
+        [
+            f"batch preparation, {d['images']} images at batch {d['batch']} / clean epoch",
+            f"{d['load_seconds']:.3f} s",
+            f"{d['load_seconds'] + d['steps_seconds']:.2f} s",
+            f"{100 * d['share']:.2f}%",
+        ],
+    ]
+    return markdown_table(["measure", "time", "floor or whole", "ratio"], rows, align="lrrr")
 
 
 def markdown(results: dict) -> str:
     """The results as the markdown tables docs/performance.md embeds (and the run prints)."""
     steps = results["steps"]
-    out = ["### Training step, ratio to a clean step (per clean image)", ""]
-    out.append(_row("method", *(f"{name}, batch {r['batch']}" for name, r in steps.items())))
-    out.append(_row("---", *("---:" for _ in steps)))
-    for method in next(iter(steps.values()))["ratio_to_clean"]:
-        if method != "moment_over_floor":
-            cells = (
-                f"{r['ratio_to_clean'][method]:.2f} ({r['seconds'][method]:.3f} s)"
-                if method in r["ratio_to_clean"]
-                else "not run"
-                for r in steps.values()
-            )
-            out.append(_row(method, *cells))
-    out.append(
-        _row("one extra tail pass", *(f"{r['seconds']['tail_pass']:.3f} s" for r in steps.values()))
-    )
-    out.append(
-        _row("moment / (clean + tail pass)", *(f"**{_floor_ratio(r)}**" for r in steps.values()))
-    )
+    out = ["### Training step, ratio to a clean step (per clean image)", "", _steps_table(steps)]
     if "malloc_default" in results:
-        default, kept = results["malloc_default"], steps["lenet-mnist"]
+        default = results["malloc_default"]
         title = "glibc's malloc defaults against kept freed memory"
-        out += ["", f"### {title} (LeNet, batch {default['batch']})"]
-        out += ["", _row("seconds per step", "glibc defaults", "freed memory kept")]
-        out.append(_row("---", "---:", "---:"))
-        for method in ("clean", "tail_pass", "moment"):
-            out.append(
-                _row(method, f"{default['seconds'][method]:.3f}", f"{kept['seconds'][method]:.3f}")
-            )
-        out.append(_row("moment / (clean + tail pass)", _floor_ratio(default), _floor_ratio(kept)))
-    k = results["kernels"]
+        out += ["", f"### {title} (LeNet, batch {default['batch']})", ""]
+        out.append(_malloc_table(default, steps["lenet-mnist"]))
+    k, t = results["kernels"], results["kernels"]["seconds"]
     out += ["", f"### The ReLU mean alone, forward+backward, [{k['batch']}, 32, 28, 28]", ""]
-    out.append(_row("fused [relu; T]", "unfused", "one elementwise multiply", "fused / multiply"))
-    out.append(_row("---:", "---:", "---:", "---:"))
-    t = k["seconds"]
-    out.append(
-        _row(
-            f"{t['fused']:.3f} s",
-            f"{t['unfused']:.3f} s",
-            f"{t['multiply']:.3f} s",
-            f"{k['fused_over_multiply']:.1f}",
-        )
-    )
+    header = ["fused [relu; T]", "unfused", "one elementwise multiply", "fused / multiply"]
+    cells = [f"{t['fused']:.3f} s", f"{t['unfused']:.3f} s", f"{t['multiply']:.3f} s"]
+    out.append(markdown_table(header, [[*cells, f"{k['fused_over_multiply']:.1f}"]], "rrrr"))
     if "scaling" in results:
         out += ["", "### Scaling with batch size and input size (LeNet)", ""]
-        out.append(_row("setting", "clean", "moment", "moment / clean", "moment / (clean + tail)"))
-        out.append(_row("---", "---:", "---:", "---:", "---:"))
-        for key, r in results["scaling"].items():
-            sec = r["seconds"]
-            out.append(
-                _row(
-                    key,
-                    f"{sec['clean']:.3f} s",
-                    f"{sec['moment']:.3f} s",
-                    f"{r['ratio_to_clean']['moment']:.2f}",
-                    _floor_ratio(r),
-                )
-            )
-    g, d = results["gnr"], results["data_loading"]
+        out.append(_scaling_table(results["scaling"]))
     out += ["", "### Evaluation and data loading", ""]
-    out.append(_row("measure", "time", "floor or whole", "ratio"))
-    out.append(_row("---", "---:", "---:", "---:"))
-    out.append(
-        _row(
-            f"GNR, {g['images']} images x 30 sigmas / 31 forward passes",
-            f"{g['gnr_seconds']:.2f} s",
-            f"{g['floor_seconds']:.2f} s",
-            f"{g['ratio']:.2f}",
-        )
-    )
-    out.append(
-        _row(
-            f"batch preparation, {d['images']} images at batch {d['batch']} / clean epoch",
-            f"{d['load_seconds']:.3f} s",
-            f"{d['load_seconds'] + d['steps_seconds']:.2f} s",
-            f"{100 * d['share']:.2f}%",
-        )
-    )
+    out.append(_evaluation_table(results["gnr"], results["data_loading"]))
     a = results["attacks"]
     out += ["", "### Attacks, seconds per image (LeNet, one epoch on the MNIST sample)", ""]
-    out += [_row(*a), _row(*("---:" for _ in a))]
-    out.append(_row(*(f"{v['seconds_per_image']:.2f}" for v in a.values())))
+    seconds = [f"{v['seconds_per_image']:.2f}" for v in a.values()]
+    out.append(markdown_table(list(a), [seconds], align="r" * len(a)))
     for name, m in results["memory"].items():
         out += ["", f"### Peak memory of {m['steps']} training steps, {name}, batch {m['batch']}"]
-        out += ["", _row(*m["peak_mib"]), _row(*("---:" for _ in m["peak_mib"]))]
-        out.append(_row(*(f"{v:.0f} MiB" for v in m["peak_mib"].values())))
+        peaks = [f"{v:.0f} MiB" for v in m["peak_mib"].values()]
+        out += ["", markdown_table(list(m["peak_mib"]), [peaks], align="r" * len(peaks))]
     out += [
         "",
         f"Device {results['device']}, torch {results['torch']}, {results['threads']} threads, "

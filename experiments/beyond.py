@@ -43,7 +43,7 @@ from study import (  # noqa: E402
 
 from momentreg import report  # noqa: E402
 from momentreg.attacks import ATTACK_LABELS, ATTACKS  # noqa: E402
-from momentreg.rundir import read_json  # noqa: E402
+from momentreg.rundir import ATTACKS_FILE, read_json  # noqa: E402
 from momentreg.sweep import load_spec, sweep  # noqa: E402
 from momentreg.tables import markdown_table
 
@@ -462,7 +462,7 @@ def write_doc(results: Path, doc: Path) -> None:
             continue
         rows = report.collect(results / dataset)
         for r in rows:
-            path = results / dataset / r["run"] / "attacks.json"
+            path = results / dataset / r["run"] / ATTACKS_FILE
             attacks = read_json(path) if path.exists() else {}
             r["attack_images"] = {a: v["test_images"] for a, v in attacks.items()}
         all_rows[dataset] = rows

@@ -48,7 +48,7 @@ from momentreg.attacks import ATTACK_LABELS, ATTACKS
 from momentreg.data import load_dataset
 from momentreg.imagefolder import load_imagefolder
 from momentreg.plots import plot_consistency
-from momentreg.rundir import read_json
+from momentreg.rundir import ATTACKS_FILE, CERTIFY_FILE, CONFIG, ERROR, METRICS, read_json
 from momentreg.sweep import expand, load_spec, sweep
 from momentreg.tables import markdown_table
 
@@ -93,8 +93,8 @@ def evaluate_commands(run: Path, images: dict, test_size: int, device: str) -> l
     def subset(n: int) -> list[str]:
         return ["--limit", str(n), "--stride", str(max(1, test_size // n))]
 
-    attacks = read_json(run / "attacks.json") if (run / "attacks.json").exists() else {}
-    certify = read_json(run / "certify.json") if (run / "certify.json").exists() else {}
+    attacks = read_json(run / ATTACKS_FILE) if (run / ATTACKS_FILE).exists() else {}
+    certify = read_json(run / CERTIFY_FILE) if (run / CERTIFY_FILE).exists() else {}
     base = [sys.executable, "-m", "momentreg", "evaluate", str(run), "--quiet", "--device", device]
     commands = []
     for n in sorted({images[a] for a in ATTACKS}, reverse=True):
@@ -119,7 +119,7 @@ def evaluate(runs: Path, images: dict, device: str) -> None:
         rows = report.collect(runs / task)
         if not rows:
             continue
-        config = read_json(runs / task / "runs" / rows[0]["run"] / "config.json")
+        config = read_json(runs / task / "runs" / rows[0]["run"] / CONFIG)
         test_size = len(load_dataset(config["dataset"], config["data_dir"], "test")[1])
         for row in attack_winners(rows, tolerance=TOLERANCE).values():
             run = runs / task / "runs" / row["run"]
@@ -166,8 +166,8 @@ def load_rows(folder: Path) -> list[dict]:
     """report.collect's rows, with the run's epoch cap, best epoch and why training stopped."""
     rows = report.collect(folder)
     for r in rows:
-        config = read_json(folder / r["run"] / "config.json")
-        metrics = read_json(folder / r["run"] / "metrics.json")
+        config = read_json(folder / r["run"] / CONFIG)
+        metrics = read_json(folder / r["run"] / METRICS)
         r["best_epoch"] = metrics.get("best_epoch")
         spec = config.get("input_spec")
         r["classes"] = spec[2] if spec else 10  # the built-in datasets here (MNIST) have 10
@@ -453,7 +453,7 @@ def verdict_mnist(paper_rows: list[dict], short_rows: list[dict]) -> list[str]:
 def _attack_images(folder: Path, rows: list[dict]) -> dict[str, int]:
     images = {}
     for r in rows:
-        path = folder / r["run"] / "attacks.json"
+        path = folder / r["run"] / ATTACKS_FILE
         attacks = read_json(path) if path.exists() else {}
         images.update({a: v["test_images"] for a, v in attacks.items()})
     return images
@@ -530,9 +530,9 @@ def _run_notes(task: str, rows: list[dict], folder: Path) -> str:
     ]
     if missing:
         errors = {}  # exported failed runs: their config and error.txt
-        for run in sorted(p for p in folder.iterdir() if (p / "error.txt").exists()):
-            config = {**defaults, **read_json(run / "config.json")}
-            reason = (run / "error.txt").read_text().splitlines()[0]
+        for run in sorted(p for p in folder.iterdir() if (p / ERROR).exists()):
+            config = {**defaults, **read_json(run / CONFIG)}
+            reason = (run / ERROR).read_text().splitlines()[0]
             errors[tuple(config[k] for k in keys)] = reason.split("error: ")[-1]
         named = []
         for c in missing:
@@ -550,7 +550,7 @@ def _run_notes(task: str, rows: list[dict], folder: Path) -> str:
 
 
 def _settings(rows: list[dict], folder: Path) -> str:
-    config = read_json(folder / rows[0]["run"] / "config.json")
+    config = read_json(folder / rows[0]["run"] / CONFIG)
     budgets = {r["time_budget"] for r in rows}
     text = (
         f"{config['optimizer'].upper()} lr {config['lr']:g}, batch {config['batch_size']}, "

@@ -38,7 +38,7 @@ from study import (
 from momentreg import report
 from momentreg.attacks import ATTACK_LABELS, ATTACKS
 from momentreg.plots import plot_consistency
-from momentreg.rundir import read_json
+from momentreg.rundir import ATTACKS_FILE, read_json
 from momentreg.sweep import load_spec, sweep
 from momentreg.tables import markdown_table
 
@@ -332,7 +332,7 @@ def write_doc(results: Path, doc: Path) -> None:
         rows = report.collect(results / task)
         images = {}  # attack -> test images it ran on
         for r in rows:
-            path = results / task / r["run"] / "attacks.json"
+            path = results / task / r["run"] / ATTACKS_FILE
             attacks = read_json(path) if path.exists() else {}
             images.update({a: v["test_images"] for a, v in attacks.items()})
         sections += _task_section(task, rows, images, figures)

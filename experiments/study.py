@@ -22,13 +22,23 @@ import torch
 
 from momentreg import report, tables
 from momentreg.attacks import ATTACK_LABELS
-from momentreg.rundir import read_json, write_json
+from momentreg.rundir import (
+    ATTACKS_FILE,
+    CERTIFY_FILE,
+    CERTIFY_TSVS,
+    CONFIG,
+    ERROR,
+    HISTORY,
+    METRICS,
+    read_json,
+    write_json,
+)
 from momentreg.sweep import parse_setting
 from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 # A run's small files, exported beside the study page (checkpoints stay with the runs).
-COPIED = ("config.json", "metrics.json", "attacks.json", "certify.json", "history.csv")
+COPIED = (CONFIG, METRICS, ATTACKS_FILE, CERTIFY_FILE, HISTORY)
 # Paper (Table 1, LeNet on MNIST): (accuracy, GNR) of clean and of the regularizer at sigma 1.0,
 # alpha 1.
 PAPER = {"clean": (98.50, 77.45), "moment sigma=1.0": (99.00, 97.32)}
@@ -61,7 +71,7 @@ def attack_winners(
 def attack_commands(run: Path, images: dict[str, int], device: str) -> list[list[str]]:
     """The ``momentreg evaluate --attacks`` commands that ``run`` still needs (``images``: attack ->
     test images); attacks already done on that many images are skipped."""
-    done = read_json(run / "attacks.json") if (run / "attacks.json").exists() else {}
+    done = read_json(run / ATTACKS_FILE) if (run / ATTACKS_FILE).exists() else {}
     todo = defaultdict(list)
     for attack, n in images.items():
         if done.get(attack, {}).get("test_images") != n:
@@ -112,10 +122,10 @@ def export(runs: Path, results: Path, tasks) -> None:
     for task in tasks:
         root = runs / task / "runs"
         for run in sorted(root.iterdir()) if root.is_dir() else []:
-            if (run / "metrics.json").exists():
-                paths = [run / name for name in COPIED] + sorted(run.glob("certify-sigma*.tsv"))
-            elif (run / "error.txt").exists():
-                paths = [run / "config.json", run / "error.txt"]  # a failed run: why it failed
+            if (run / METRICS).exists():
+                paths = [run / name for name in COPIED] + sorted(run.glob(CERTIFY_TSVS))
+            elif (run / ERROR).exists():
+                paths = [run / CONFIG, run / ERROR]  # a failed run: why it failed
             else:
                 continue
             dest = results / task / run.name

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from momentreg.attacks import ATTACK_LABELS  # noqa: E402
 from momentreg.plots import plot_certified, plot_consistency  # noqa: E402
-from momentreg.rundir import read_json, read_run  # noqa: E402
+from momentreg.rundir import CERTIFY_FILE, METRICS, read_json, read_run  # noqa: E402
 from momentreg.sweep import MOMENT_VARIANTS, moment_variants  # noqa: E402
 from momentreg.tables import fmt, markdown_table  # noqa: E402
 
@@ -75,7 +75,7 @@ def run_row(run: Path) -> dict:
     row.update({key: config.get(key) for key, *_ in MOMENT_VARIANTS})
     row["time_budget"] = config.get("time_budget") or None
     row["steps"], row["step_seconds"] = metrics.get("steps"), metrics.get("step_seconds")
-    certify = run / "certify.json"
+    certify = run / CERTIFY_FILE
     row["certify"] = read_json(certify) if certify.exists() else {}
     return row
 
@@ -83,7 +83,7 @@ def run_row(run: Path) -> dict:
 def collect(sweep_dir: Path) -> list[dict]:
     """One row per finished run under ``sweep_dir/runs`` (or ``sweep_dir`` itself)."""
     root = sweep_dir / "runs" if (sweep_dir / "runs").is_dir() else sweep_dir
-    return [run_row(run) for run in sorted(root.iterdir()) if (run / "metrics.json").exists()]
+    return [run_row(run) for run in sorted(root.iterdir()) if (run / METRICS).exists()]
 
 
 # The paper's Table 1/4 layout: one row per run, mean attack energies, then GNR and accuracy.

@@ -40,7 +40,7 @@ from momentreg.rundir import (
     read_json,
     write_json,
 )
-from momentreg.training import PROTOCOLS, TrainConfig, load_checkpoint, train
+from momentreg.training import PROTOCOLS, TrainConfig, load_checkpoint, model_weights, train
 
 __all__ = [
     "RunConfig",
@@ -262,9 +262,8 @@ def load_run(run: Path, device, model_name: str | None = None) -> tuple[dict, to
         )
     ckpt = load_checkpoint(run / CHECKPOINT)
     model = build_model(config["model"], config["dataset"], config.get("input_spec"))
-    state = ckpt["best"]["state"] if ckpt["finished"] else ckpt["model"]
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(model_weights(ckpt))
     except RuntimeError as e:
         raise MomentregError(f"{run / CHECKPOINT} does not fit {config['model']}: {e}") from None
     return config, model.to(device)

@@ -39,6 +39,9 @@ LOCK = ".lock"  # a sweep's record of the process training a run
 RUN_FILES = (CONFIG, CHECKPOINT, HISTORY, METRICS, ATTACKS_FILE, CERTIFY_FILE, TIGHTNESS_FILE)
 
 
+CERTIFY_TSVS = "certify-sigma*.tsv"  # a glob: one file per smoothing sigma
+
+
 def certify_tsv(sigma: float) -> str:
     """The per-image certification file of one smoothing sigma."""
     return f"certify-sigma{sigma:g}.tsv"
@@ -48,7 +51,7 @@ def clear_run(run: Path) -> None:
     """Remove what training and evaluations wrote into ``run`` (and nothing else of the folder)."""
     for name in RUN_FILES:
         (run / name).unlink(missing_ok=True)
-    for tsv in run.glob("certify-sigma*.tsv"):
+    for tsv in run.glob(CERTIFY_TSVS):
         tsv.unlink()
     shutil.rmtree(run / "tensorboard", ignore_errors=True)
 

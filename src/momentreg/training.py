@@ -36,6 +36,7 @@ __all__ = [
     "train",
     "train_one_epoch",
     "load_checkpoint",
+    "model_weights",
 ]
 
 
@@ -151,6 +152,12 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != 1:
         raise CheckpointError(f"{path} is not a momentreg checkpoint (format 1)")
     return ckpt
+
+
+def model_weights(ckpt: dict) -> dict:
+    """The weights a checkpoint's run ends with: its best-validation weights once finished, else
+    the weights of its last epoch."""
+    return ckpt["best"]["state"] if ckpt["finished"] else ckpt["model"]
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
