@@ -180,30 +180,6 @@ def load_rows(folder: Path) -> list[dict]:
     return rows
 
 
-def _all_runs_table(rows: list[dict]) -> str:
-    header = ["method", "sigma", "alpha", "N", "seed", "accuracy", "GNR", "epochs", "best epoch"]
-    header += ["stopped by", "training s"]
-    return markdown_table(
-        header,
-        [
-            [
-                r["method"],
-                r["sigma"],
-                r["alpha"] if r["method"] == "moment" else "",
-                r["folds"] if r["method"] == "augment" else "",
-                r["seed"],
-                fmt(r["test_accuracy"]),
-                fmt(r["gnr"]),
-                r["epochs"],
-                r["best_epoch"],
-                r["stopped_by"],
-                fmt(r["train_seconds"], ".0f"),
-            ]
-            for r in sorted(rows, key=method_order)
-        ],
-    )
-
-
 def _winners(rows: list[dict], tolerance: float) -> dict[str, dict]:
     return report.fair_comparison(rows, tolerance)["selected"]
 
@@ -593,7 +569,14 @@ def _task_section(task: str, rows: list[dict], folder: Path, figures: Path) -> l
         "",
         "### All runs",
         "",
-        _all_runs_table(rows),
+        report.runs_table(
+            sorted(rows, key=method_order),
+            names=False,
+            extra={
+                "best epoch": lambda r: r["best_epoch"],
+                "stopped by": lambda r: r["stopped_by"],
+            },
+        ),
         "",
         f"![accuracy and GNR against training sigma]({rel}/{task}-vs-sigma.png)",
         "",

@@ -26,7 +26,6 @@ from study import (
     attack_winners,
     data_dirs,
     export,
-    fmt,
     image_counts,
     method_order,
     parse_stages,
@@ -92,27 +91,6 @@ def _settings(spec: dict) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {spec[k]}" for k in keys if k in spec)
 
 
-def _all_runs_table(rows: list[dict]) -> str:
-    header = ["method", "sigma", "alpha", "N", "seed", "accuracy", "GNR", "epochs", "training s"]
-    return markdown_table(
-        header,
-        [
-            [
-                r["method"],
-                r["sigma"],
-                r["alpha"] if r["method"] == "moment" else "",
-                r["folds"] if r["method"] == "augment" else "",
-                r["seed"],
-                fmt(r["test_accuracy"]),
-                fmt(r["gnr"]),
-                r["epochs"],
-                fmt(r["train_seconds"], ".0f"),
-            ]
-            for r in sorted(rows, key=method_order)
-        ],
-    )
-
-
 def _find(rows, method, **fields) -> list[dict]:
     return [r for r in rows if r["method"] == method and all(r[k] == v for k, v in fields.items())]
 
@@ -141,7 +119,7 @@ def _task_section(task: str, rows: list[dict], attacks_images, figures: Path) ->
         "",
         "### All runs",
         "",
-        _all_runs_table(rows),
+        report.runs_table(sorted(rows, key=method_order), names=False),
         "",
         f"![accuracy and GNR against training sigma]({rel}/{task}-vs-sigma.png)",
         "",

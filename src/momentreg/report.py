@@ -32,6 +32,7 @@ __all__ = [
     "group_of",
     "plot_fair",
     "plot_vs_sigma",
+    "runs_table",
     "write_report",
 ]
 
@@ -334,25 +335,29 @@ def _fair_section(rows: list[dict], tol: float, out: Path, tag: str, name: str) 
     ]
 
 
+def runs_table(rows: list[dict], names: bool = True, extra: dict | None = None) -> str:
+    """One line per run: (its name,) method, sigma, alpha, N, seed, accuracy, GNR, epochs, then
+    ``extra`` columns (header -> cell of a row), then training seconds; rows in the given order."""
+    columns = {"run": lambda r: r["run"]} if names else {}
+    columns.update(
+        {
+            "method": lambda r: r["method"],
+            "sigma": lambda r: r["sigma"],
+            "alpha": lambda r: r["alpha"] if r["method"] == "moment" else "",
+            "N": lambda r: r["folds"] if r["method"] == "augment" else "",
+            "seed": lambda r: r["seed"],
+            "accuracy": lambda r: fmt(r["test_accuracy"]),
+            "GNR": lambda r: fmt(r["gnr"]),
+            "epochs": lambda r: r["epochs"],
+            **(extra or {}),
+            "training s": lambda r: fmt(r["train_seconds"], ".0f"),
+        }
+    )
+    return markdown_table(list(columns), [[cell(r) for cell in columns.values()] for r in rows])
+
+
 def _all_runs_section(rows: list[dict]) -> list[str]:
-    header = ["run", "method", "sigma", "alpha", "N", "seed", "accuracy", "GNR", "epochs"]
-    header.append("training s")
-    cells = [
-        [
-            r["run"],
-            r["method"],
-            r["sigma"],
-            r["alpha"] if r["method"] == "moment" else "",
-            r["folds"] if r["method"] == "augment" else "",
-            r["seed"],
-            fmt(r["test_accuracy"]),
-            fmt(r["gnr"]),
-            r["epochs"],
-            fmt(r["train_seconds"], ".0f"),
-        ]
-        for r in rows
-    ]
-    return ["### All runs", "", markdown_table(header, cells), ""]
+    return ["### All runs", "", runs_table(rows), ""]
 
 
 def _attack_section(rows: list[dict]) -> list[str]:
