@@ -1,4 +1,5 @@
 import csv
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,7 +151,7 @@ def test_killed_sweep_resumes_exactly_the_other_four(local_sweep):
 
 @pytest.mark.slow
 def test_report_renders_from_a_fresh_sweep(local_sweep, tmp_path):
-    out, _, _ = local_sweep
+    out = Path(shutil.copytree(local_sweep[0], tmp_path / "sweep"))  # certified below: a copy
     run = sorted(out.glob("runs/*"))[0]
     smoothing = ["--certify", "--limit", "2", "--n0", "10", "--n", "100", "--batch", "100"]
     assert main(["evaluate", str(run), *smoothing, "--quiet"]) == 0
