@@ -183,3 +183,28 @@ def test_force_clears_every_evaluation_of_the_old_model(tmp_path):
     assert not any((out / name).exists() for name in stale)  # report would credit them to it
     assert json.loads((out / "config.json").read_text())["seed"] == 1
     assert (out / "notes.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"sigma": "abc"}, "wrong type"), ({"sigmaa": 1}, "unknown setting 'sigmaa'")],
+)
+def test_a_bad_config_file_is_one_line(tmp_path, capsys, settings, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(settings))
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_of_a_run_retrains_it_and_refuses_other_options(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(["train", *QUICK, "--seed", "3", "--out", str(first)]) == 0
+    again = ["train", "--config", str(first / "config.json"), "--quiet"]
+    assert main([*again, "--out", str(tmp_path / "again")]) == 0
+    a, b = (json.loads((d / "config.json").read_text()) for d in (first, tmp_path / "again"))
+    assert a == b and b["seed"] == 3
+    capsys.readouterr()
+    assert main([*again, "--sigma", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "drop --sigma" in capsys.readouterr().err

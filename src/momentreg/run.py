@@ -88,8 +88,11 @@ class RunConfig:
         run = {k: v for k, v in settings.items() if k in run_fields}
         if run.get("data_dir") is not None:
             run["data_dir"] = str(run["data_dir"])
-        config = cls(**run, train=TrainConfig(**train_settings))
-        config.validate()
+        try:
+            config = cls(**run, train=TrainConfig(**train_settings))
+            config.validate()
+        except TypeError as e:  # e.g. "epochs": "ten" in a JSON or TOML file
+            raise ValueError(f"a setting has the wrong type ({e})") from None
         return config
 
     def flat(self) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from momentreg.data import to_float
@@ -349,8 +349,9 @@ class _StepClock:
 # -- the loop -----------------------------------------------------------------------------------
 
 
-def _train_step(state: TrainState, x, y, noisy, cfg: TrainConfig, split) -> tuple[float, int]:
-    """One optimizer step; returns (loss, correct predictions). The loss read back is the step's
+def _train_step(state: TrainState, x, y, noisy, cfg: TrainConfig, split) -> tuple[float, Tensor]:
+    """One optimizer step; returns (loss, correct predictions, on the device). The loss read back
+    is the step's
     one host-device sync; a non-finite loss stops training before the step is taken."""
     loss, logits = step_loss(state.model, x, y, noisy, cfg, state.dev_gen, split)
     value = loss.item()
