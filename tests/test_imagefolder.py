@@ -195,6 +195,7 @@ def test_evaluate_stride_takes_a_class_balanced_subset(tmp_path):
     assert main(["evaluate", str(out), "--quiet", *certify, "--limit", "6", "--stride", "10"]) == 0
     rows = (out / "certify-sigma0.25.tsv").read_text().splitlines()[1:]
     assert [int(r.split("\t")[1]) for r in rows] == [0, 0, 1, 1, 2, 2]  # test images 0, 10, ..., 50
+    assert [int(r.split("\t")[0]) for r in rows] == [0, 10, 20, 30, 40, 50]  # their test indices
     assert json.loads((out / "certify.json").read_text())["0.25"]["stride"] == 10
 
 

@@ -326,8 +326,9 @@ def attack_run(run: Path, model, images, labels, attacks: list[str], *, tol: flo
 def certify_run(run: Path, model, images, labels, *, sigma: float, n0: int = 100,
                 n: int = 100_000, alpha: float = 0.001, batch: int = 1000, seed: int = 0,
                 stride: int = 1, progress: bool = True) -> dict:  # fmt: skip
-    """Cohen et al.'s CERTIFY for every image: certify-sigma<S>.tsv (per image) and this sigma's
-    summary in certify.json; returns the summary."""
+    """Cohen et al.'s CERTIFY for every image: certify-sigma<S>.tsv (per image, ``idx`` the index
+    in the test set when ``images`` are its every ``stride``-th) and this sigma's summary in
+    certify.json; returns the summary."""
     from momentreg.certify import certify_images, format_tsv, summarize
 
     if not alpha < 1:
@@ -336,6 +337,8 @@ def certify_run(run: Path, model, images, labels, *, sigma: float, n0: int = 100
         model, images, labels, sigma, n0=n0, n=n, alpha=alpha, batch=batch, seed=seed,
         progress=progress,
     )  # fmt: skip
+    for row in rows:  # the TSV's idx is the test-set index: images are every stride-th
+        row["idx"] *= stride
     atomic_write(run / certify_tsv(sigma), format_tsv(rows).encode())
     path = run / CERTIFY_FILE
     results = read_json(path) if path.exists() else {}
