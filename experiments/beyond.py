@@ -528,7 +528,7 @@ def main() -> None:
     if "train" in stages:
         options = {"mnist": ("--mnist-dir", args.mnist_dir)}
         options["fashion-mnist"] = ("--fashion-dir", args.fashion_dir)
-        dirs = data_dirs(p, {d: options[d] for d in args.datasets})
+        dirs = data_dirs(p, args, {d: options[d] for d in args.datasets})
         train(args.runs, dirs, args.device, args.workers, dict(args.set))
     if "evaluate" in stages:
         evaluate(args.runs, args)

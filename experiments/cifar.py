@@ -706,7 +706,7 @@ def main() -> None:
     args, stages = parse_stages(p, STAGES)
     if "train" in stages:
         given = {t: ("--cifar-dir", args.cifar_dir) for t in CIFAR_TASKS}
-        dirs = data_dirs(p, {**given, "mnist-paper": ("--mnist-dir", args.mnist_dir)})
+        dirs = data_dirs(p, args, {**given, "mnist-paper": ("--mnist-dir", args.mnist_dir)})
         train(args.runs, dirs, args.device, args.workers or None, dict(args.set))
     if "evaluate" in stages:
         images = {a: args.attack_images for a in ATTACKS}

@@ -371,6 +371,7 @@ def main() -> None:
     if "train" in stages:
         dirs = data_dirs(
             p,
+            args,
             {
                 "mnist-lenet": ("--mnist-dir", args.mnist_dir),
                 "fashion-lenet": ("--fashion-dir", args.fashion_dir),

@@ -215,8 +215,7 @@ def study_parser(doc: str, name: str, workers: int) -> argparse.ArgumentParser:
 
 
 def parse_stages(p: argparse.ArgumentParser, stages: tuple[str, ...]):
-    """(args, the chosen stages) with a --stages option; records the whole command (without
-    --stages: the command that makes everything) in RUNS/command.txt when training."""
+    """(args, the chosen stages) with a --stages option."""
     p.add_argument(
         "--stages",
         default=",".join(stages),
@@ -226,18 +225,20 @@ def parse_stages(p: argparse.ArgumentParser, stages: tuple[str, ...]):
     chosen = set(args.stages.split(","))
     if chosen - set(stages):
         p.error(f"--stages: choose from {','.join(stages)}")
-    if "train" in chosen:
-        argv = sys.argv[1:]
-        if "--stages" in argv:
-            del argv[argv.index("--stages") : argv.index("--stages") + 2]
-        script = Path(sys.argv[0]).name
-        record_environment(args.runs, f"python experiments/{script} " + " ".join(argv))
     return args, chosen
 
 
-def data_dirs(p: argparse.ArgumentParser, given: dict[str, Path | None]) -> dict[str, Path]:
-    """task -> data directory for the train stage; a missing one is a usage error naming it."""
+def data_dirs(p: argparse.ArgumentParser, args, given: dict) -> dict[str, Path]:
+    """The train stage's start: task -> data directory (``given``: task -> (option, path)); a
+    missing one is a usage error naming it. Then the whole command (without --stages: the command
+    that makes everything) and the machine are recorded in RUNS/command.txt and
+    environment.json."""
     missing = sorted({option for option, path in given.values() if path is None})
     if missing:
         p.error(f"the train stage needs {' and '.join(missing)}")
+    argv = sys.argv[1:]
+    if "--stages" in argv:
+        del argv[argv.index("--stages") : argv.index("--stages") + 2]
+    script = Path(sys.argv[0]).name
+    record_environment(args.runs, f"python experiments/{script} " + " ".join(argv))
     return {task: path for task, (_, path) in given.items()}
