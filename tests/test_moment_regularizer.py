@@ -41,6 +41,8 @@ def test_loss_is_the_papers_formula_computed_directly():
 def test_a_model_it_cannot_split_fails_at_construction():
     with pytest.raises(ValueError, match="is not affine"):
         MomentRegularizer(nn.Sequential(nn.Tanh(), nn.ReLU(), nn.Linear(2, 2)), sigma=0.1)
+    with pytest.raises(ValueError, match="every layer need an nn.Sequential"):
+        MomentRegularizer(TinyResNet(), sigma=0.1, depth="all")
 
 
 def test_torch_compile_gives_the_eager_loss_and_gradients():

@@ -212,15 +212,15 @@ def moment_loss(
     return clean + alpha * moment, {"clean": clean, "moment": moment, "logits": logits}
 
 
-def check_regularizable(model: nn.Module, depth: str = "first") -> None:
-    """Raise ``ValueError`` now if the regularizer cannot handle ``model`` at ``depth``."""
+def check_regularizable(model: nn.Module, depth: str = "first") -> Split | None:
+    """Raise ``ValueError`` now if the regularizer cannot handle ``model`` at ``depth``; returns
+    the (head, tail) split that depth "first" uses (None for "all")."""
     if depth == "all" and not isinstance(model, nn.Sequential):
         raise ValueError(
             f"moments through every layer need an nn.Sequential model, not "
             f"{type(model).__name__}: use --moment-depth first"
         )
-    if depth == "first":
-        split_at_first_relu(model)
+    return split_at_first_relu(model) if depth == "first" else None
 
 
 class MomentRegularizer(nn.Module):
@@ -255,7 +255,7 @@ class MomentRegularizer(nn.Module):
         self.model = model
         self.sigma, self.alpha, self.depth, self.loss = sigma, alpha, depth, loss
         # a plain tuple: the halves share the model's modules and are not registered twice
-        self.split = (split or split_at_first_relu(model)) if depth == "first" else None
+        self.split = split or check_regularizable(model, depth)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return moment_loss(

@@ -162,7 +162,7 @@ def validate(configs: list[dict]) -> list[RunConfig]:
     for config in configs:
         try:
             runs.append(RunConfig.from_settings(config))
-        except (ValueError, TypeError) as e:
+        except ValueError as e:  # from_settings reports wrong types as ValueError too
             raise SpecError(f"invalid run in the spec: {json.dumps(config)} ({e})") from None
     return runs
 

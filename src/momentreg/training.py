@@ -350,9 +350,8 @@ class _StepClock:
 
 
 def _train_step(state: TrainState, x, y, noisy, cfg: TrainConfig, split) -> tuple[float, Tensor]:
-    """One optimizer step; returns (loss, correct predictions, on the device). The loss read back
-    is the step's
-    one host-device sync; a non-finite loss stops training before the step is taken."""
+    """One optimizer step; returns (loss, correct predictions, on the device). Reading the loss
+    back is the step's one host-device sync; a non-finite loss stops training before the step."""
     loss, logits = step_loss(state.model, x, y, noisy, cfg, state.dev_gen, split)
     value = loss.item()
     if not math.isfinite(value):
@@ -485,14 +484,11 @@ def _log(writer, state: TrainState) -> None:
 
 
 def _history_row(row: dict, state: TrainState, clock: _StepClock, seconds: float) -> dict:
-    """An epoch's history.csv row, in the file's column order (``seconds``: training and
-    validation of the epoch)."""
+    """An epoch's history.csv row: ``row`` (epoch, train and validation loss and accuracy, in
+    the file's column order), then the timing columns (``seconds``: the epoch's training and
+    validation)."""
     return {
-        "epoch": row["epoch"],
-        "train_loss": row["train_loss"],
-        "train_accuracy": row["train_accuracy"],
-        "val_loss": row["val_loss"],
-        "val_accuracy": row["val_accuracy"],
+        **row,
         "lr": None,  # set by end_epoch, after the schedule's step
         "epoch_seconds": seconds,
         "train_seconds": state.last("train_seconds", 0.0) + seconds,
