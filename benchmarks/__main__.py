@@ -8,7 +8,9 @@
 2. the floor of the regularizer: clean step + one forward/backward of the tail on the same batch
    (the backward down to the tail's input, which the moment term needs to train the first layer);
 3. GNR over 30 sigmas against its floor of 31 plain forward passes of the same images;
-4. attack cost per image at each attack's default budget (a LeNet trained for one epoch);
+4. each attack's seconds per image and its ratio to its floor, all six on 400 images (Table 1's
+   work for one model), batched L-BFGS against its scipy reference, and certification's noisy
+   samples per second against plain forward passes (benchmarks/evaluation.py);
 5. peak memory of training steps per method (CUDA: max_memory_allocated above what was allocated
    before the step; CPU, Linux: peak RSS of a fresh child process over 3 steps above its RSS
    before them, also for clean and moment steps with glibc's malloc defaults);
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.evaluation import attacks_markdown, bench_attacks, bench_certify, certify_markdown
 from momentreg import moments
 from momentreg.malloc import keep_freed_memory
 from momentreg.models import DATASETS, build_model
@@ -208,32 +211,6 @@ def bench_data_loading(device, images: int, batch: int, repeats: int) -> dict:
     }
 
 
-def bench_attacks(device, images: int, train_images: int) -> dict:
-    from momentreg.attacks import ATTACKS, minimal_perturbations
-    from momentreg.data import load_dataset, to_float, train_val_split
-    from momentreg.training import train
-
-    torch.manual_seed(0)
-    tr_x, tr_y = load_dataset("mnist-sample", split="train")
-    tr_x, tr_y = tr_x[:train_images], tr_y[:train_images]
-    train_set, val_set = train_val_split(tr_x, tr_y, 0.1)
-    model = build_model("lenet", "mnist")
-    train(
-        model, train_set, val_set, epochs=1, lr=1e-3, batch_size=128, progress=False, device=device
-    )
-    test_x, test_y = load_dataset("mnist-sample", split="test")
-    x, y = to_float(test_x[:images]), test_y[:images]
-    out = {}
-    for name in ATTACKS:
-        t0 = time.perf_counter()
-        result = minimal_perturbations(model, x, y, name)
-        out[name] = {
-            "seconds_per_image": (time.perf_counter() - t0) / max(1, len(result.success)),
-            "success_rate": float(result.success.float().mean()),
-        }
-    return out
-
-
 def status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -386,10 +363,8 @@ def markdown(results: dict) -> str:
         out.append(_scaling_table(results["scaling"]))
     out += ["", "### Evaluation and data loading", ""]
     out.append(_evaluation_table(results["gnr"], results["data_loading"]))
-    a = results["attacks"]
-    out += ["", "### Attacks, seconds per image (LeNet, one epoch on the MNIST sample)", ""]
-    seconds = [f"{v['seconds_per_image']:.2f}" for v in a.values()]
-    out.append(markdown_table(list(a), [seconds], align="r" * len(a)))
+    out += ["", *attacks_markdown(results["attacks"])]
+    out += ["", *certify_markdown(results["certify"])]
     for name, m in results["memory"].items():
         out += ["", f"### Peak memory of {m['steps']} training steps, {name}, batch {m['batch']}"]
         peaks = [f"{v:.0f} MiB" for v in m["peak_mib"].values()]
@@ -501,7 +476,11 @@ def run(device: torch.device, quick: bool, compiled: bool) -> dict:
         lambda: bench_data_loading(device, 2000 if quick else 10000, 128, repeats),
     )
     results["attacks"] = section(
-        "attacks", lambda: bench_attacks(device, 1 if quick else 4, 500 if quick else 2000)
+        "attacks",
+        lambda: bench_attacks(device, 20 if quick else 400, 5 if quick else 50, 2000),
+    )
+    results["certify"] = section(
+        "certify", lambda: bench_certify(device, 2 if quick else 10, 2000 if quick else 10_000)
     )
     entries = ["clean", "moment"] if quick else ["clean", "moment", "augment6", "noise"]
     if device.type == "cpu" and not quick:

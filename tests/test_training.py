@@ -76,8 +76,9 @@ def test_keeps_best_validation_weights_and_stops_early(tmp_path):
 
 def test_time_budget_ends_the_run_in_the_step_that_crosses_it(tmp_path):
     tr, va = _sample()  # 240 training images: 5 steps per epoch
-    budget = 0.05
-    history = train(_tiny_net(), tr, va, epochs=1000, time_budget=budget, out_dir=tmp_path, **FAST)
+    budget = 0.05  # no early stop: on a fast machine 10 epochs without progress fit in 0.05 s
+    kwargs = dict(epochs=1000, time_budget=budget, early_stop=1000, out_dir=tmp_path, **FAST)
+    history = train(_tiny_net(), tr, va, **kwargs)
     last = history[-1]
     steps = last["steps"]
     assert last["step_seconds"] >= budget
@@ -87,9 +88,7 @@ def test_time_budget_ends_the_run_in_the_step_that_crosses_it(tmp_path):
     assert all(r["step_seconds"] < budget for r in history[:-1])
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["finished"] and ckpt["stopped"]
-    again = train(
-        _tiny_net(), tr, va, epochs=1000, time_budget=budget, out_dir=tmp_path, resume=True, **FAST
-    )
+    again = train(_tiny_net(), tr, va, resume=True, **kwargs)
     assert again == history  # a finished budget run does not train on when resumed
 
 

@@ -1,0 +1,232 @@
+"""Evaluation cost against its floor: the six attacks (Table 1's cost) and certification.
+
+An attack's floor is the model passes it makes, priced at the batched rate: every forward through
+the model is counted (rows, and whether it builds a graph for an input gradient), and the floor is
+rows x (seconds per row of one batched forward+backward, or forward, at the attack batch size).
+For an epsilon search of K runs of S steps that is the issue's K x S batched passes per image; the
+ratio to the floor is what the implementation adds (Python, small late batches), and K itself is
+reported as runs per image. Certification's floor is plain forward passes of noisy batches.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from momentreg.models import build_model
+from momentreg.tables import markdown_table
+
+ATTACK_BATCH = 100  # minimal_perturbations' default
+
+
+def _trained_lenet(device, train_images: int):
+    from momentreg.data import load_dataset, train_val_split
+    from momentreg.training import train
+
+    torch.manual_seed(0)
+    tr_x, tr_y = load_dataset("mnist-sample", split="train")
+    train_set, val_set = train_val_split(tr_x[:train_images], tr_y[:train_images], 0.1)
+    model = build_model("lenet", "mnist")
+    train(
+        model, train_set, val_set, epochs=1, lr=1e-3, batch_size=128, progress=False, device=device
+    )
+    return model.eval()
+
+
+def _row_seconds(model, device, repeats: int = 5) -> dict[str, float]:
+    """Seconds per image row of a batched forward+backward (to the input) and of a forward."""
+    x = torch.rand(ATTACK_BATCH, 1, 28, 28, device=device)
+    y = torch.zeros(ATTACK_BATCH, dtype=torch.long, device=device)
+
+    def fb():
+        z = x.clone().requires_grad_(True)
+        torch.autograd.grad(F.cross_entropy(model(z), y, reduction="sum"), z)
+
+    def fwd():
+        with torch.no_grad():
+            model(x)
+
+    out = {}
+    for name, fn in (("forward_backward", fb), ("forward", fwd)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(10):
+                fn()
+            _sync(device)
+            times.append((time.perf_counter() - t0) / 10 / ATTACK_BATCH)
+        out[name] = statistics.median(times)
+    return out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class _RowCounter:
+    """Counts the image rows the model sees, split by whether an input gradient is being built."""
+
+    def __init__(self, model):
+        self.grad = self.forward = 0
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, module, inputs):
+        x = inputs[0]
+        if torch.is_grad_enabled() and x.requires_grad:
+            self.grad += len(x)
+        else:
+            self.forward += len(x)
+
+
+def bench_attacks(device, images: int, reference_images: int, train_images: int) -> dict:
+    """Every attack on the same ``images`` sample test images (Table 1's work for one model),
+    then the scipy L-BFGS reference against the batched L-BFGS on ``reference_images``."""
+    from momentreg.attacks import ATTACKS, minimal_perturbations, summarize
+    from momentreg.data import load_dataset, to_float
+
+    model = _trained_lenet(device, train_images)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    test_x, test_y = load_dataset("mnist-sample", split="test")
+    x, y = to_float(test_x[:images]), test_y[:images]
+    rate = _row_seconds(model, device)
+    out = {"images": images, "batch": ATTACK_BATCH, "row_seconds": rate, "attacks": {}}
+    for name in ATTACKS:
+        counter = _RowCounter(model)
+        _sync(device)
+        t0 = time.perf_counter()
+        result = minimal_perturbations(model, x, y, name)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        counter.handle.remove()
+        n = max(1, len(result.success))
+        floor = counter.grad * rate["forward_backward"] + counter.forward * rate["forward"]
+        s = summarize(result)
+        out["attacks"][name] = {
+            "seconds": seconds,
+            "seconds_per_image": seconds / n,
+            "floor_seconds_per_image": floor / n,
+            "ratio_to_floor": seconds / floor,
+            "runs_per_image": s["runs_per_image"],
+            "passes_per_image": (counter.grad + counter.forward) / n,
+            "success_rate": s["success_rate"],
+            "energy_median": s["energy_median"],
+        }
+    out["table1_seconds"] = sum(a["seconds"] for a in out["attacks"].values())
+    out["lbfgs_reference"] = _lbfgs_against_scipy(model, x[:reference_images], y[:reference_images])
+    return out
+
+
+def _lbfgs_against_scipy(model, x, y) -> dict:
+    from momentreg.fixed_eps import misclassified
+    from momentreg.lbfgs import lbfgs_attack
+    from momentreg.lbfgs_scipy import lbfgs_scipy
+
+    keep = ~misclassified(model, x, y)
+    x, y = x[keep], y[keep]
+    out = {"images": len(x)}
+    for name, attack in (("batched", lbfgs_attack), ("scipy", lbfgs_scipy)):
+        t0 = time.perf_counter()
+        d, ok = attack(model, x, y)
+        seconds = time.perf_counter() - t0
+        energy = (d[ok].flatten(1).double() ** 2).mean(1)
+        out[name] = {
+            "seconds_per_image": seconds / max(1, len(x)),
+            "success_rate": float(ok.float().mean()),
+            "energy_median": float(energy.median()) if len(energy) else float("nan"),
+        }
+    out["speedup"] = out["scipy"]["seconds_per_image"] / out["batched"]["seconds_per_image"]
+    out["energy_ratio"] = out["batched"]["energy_median"] / out["scipy"]["energy_median"]
+    return out
+
+
+def bench_certify(device, images: int, n: int, batch: int = 1000) -> dict:
+    """CERTIFY's noisy samples per second on LeNet against plain forward passes of noisy batches
+    of the same size (the floor: sampling, counting and the bound are the overhead)."""
+    from momentreg.certify import certify_images
+
+    torch.manual_seed(0)
+    model = build_model("lenet", "mnist").to(device).eval()
+    x = torch.rand(images, 1, 28, 28)
+    n0 = 100
+    _sync(device)
+    t0 = time.perf_counter()
+    labels = torch.zeros(images, dtype=torch.long)
+    certify_images(model, x, labels, 0.25, n0=n0, n=n, alpha=0.001, batch=batch)
+    _sync(device)
+    samples = images * (n0 + n)
+    certify_rate = samples / (time.perf_counter() - t0)
+    noisy = torch.rand(batch, 1, 28, 28, device=device)
+    with torch.inference_mode():
+        model(noisy)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(max(1, samples // batch)):
+            model(noisy)
+        _sync(device)
+    floor_rate = max(1, samples // batch) * batch / (time.perf_counter() - t0)
+    return {
+        "images": images,
+        "n": n,
+        "batch": batch,
+        "samples_per_second": certify_rate,
+        "floor_samples_per_second": floor_rate,
+        "ratio_to_floor": certify_rate / floor_rate,
+    }
+
+
+def attacks_markdown(a: dict) -> list[str]:
+    rows = [
+        [
+            name,
+            f"{r['seconds_per_image']:.3f}",
+            f"{r['floor_seconds_per_image']:.3f}",
+            f"**{r['ratio_to_floor']:.2f}**",
+            f"{r['runs_per_image']:.1f}",
+            f"{r['passes_per_image']:.0f}",
+            f"{r['success_rate']:.2f}",
+        ]
+        for name, r in a["attacks"].items()
+    ]
+    header = [
+        "attack",
+        "s / image",
+        "floor s / image",
+        "ratio",
+        "runs / image",
+        "passes / image",
+        "success",
+    ]
+    ref = a["lbfgs_reference"]
+    return [
+        f"### Attacks on {a['images']} test images (LeNet, one epoch on the MNIST sample), "
+        f"batch {a['batch']}",
+        "",
+        markdown_table(header, rows, align="lrrrrrr"),
+        "",
+        f"All six attacks on the {a['images']} images (Table 1's work for one model): "
+        f"**{a['table1_seconds']:.0f} s**.",
+        "",
+        f"L-BFGS on {ref['images']} images, batched against the scipy reference: "
+        f"{ref['batched']['seconds_per_image']:.3f} s against "
+        f"{ref['scipy']['seconds_per_image']:.3f} s per image (**{ref['speedup']:.1f}x**); median "
+        f"energy {ref['batched']['energy_median']:.2e} against {ref['scipy']['energy_median']:.2e} "
+        f"(ratio **{ref['energy_ratio']:.3f}**).",
+    ]
+
+
+def certify_markdown(c: dict) -> list[str]:
+    row = [
+        f"{c['images']} images x {c['n']} samples, batch {c['batch']}",
+        f"{c['samples_per_second']:.0f}",
+        f"{c['floor_samples_per_second']:.0f}",
+        f"**{c['ratio_to_floor']:.2f}**",
+    ]
+    header = ["CERTIFY, LeNet", "noisy samples / s", "forward-pass floor / s", "ratio"]
+    return ["### Certification throughput", "", markdown_table(header, [row], align="lrrr")]
