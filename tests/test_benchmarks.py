@@ -32,13 +32,25 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert lenet["ratio_to_clean"]["clean"] == 1.0
     assert {"gnr_seconds", "floor_seconds", "ratio"} <= set(data["gnr"])
     assert 0 < data["data_loading"]["share"] < 1
-    assert set(data["attacks"]) == {"pgd", "lbfgs", "fgsm", "aga", "aua", "deepfool"}
+    attacks = data["attacks"]
+    assert set(attacks["attacks"]) == {"pgd", "lbfgs", "fgsm", "aga", "aua", "deepfool"}
+    assert all(
+        a["ratio_to_floor"] > 0 and a["runs_per_image"] >= 1 for a in attacks["attacks"].values()
+    )
+    assert attacks["table1_seconds"] > 0 and attacks["lbfgs_reference"]["speedup"] > 0
+    assert 0 < data["certify"]["ratio_to_floor"]
     assert {"clean", "moment"} <= set(data["memory"]["lenet-mnist"]["peak_mib"])
     assert data["keep_freed_memory"] is (platform.libc_ver()[0] == "glibc")  # kept on glibc
     assert {"fused", "unfused", "multiply"} == set(data["kernels"]["seconds"])
-    assert {"steps lenet-mnist", "kernels", "gnr", "data_loading", "attacks", "memory"} == set(
-        data["section_seconds"]
-    )
+    assert {
+        "steps lenet-mnist",
+        "kernels",
+        "gnr",
+        "data_loading",
+        "attacks",
+        "certify",
+        "memory",
+    } == set(data["section_seconds"])
     assert all(seconds > 0 for seconds in data["section_seconds"].values())
     assert data["benchmark_seconds"] <= wall  # seconds, measured inside the process
     assert "ratio" in result.stdout

@@ -100,7 +100,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="fetch missing files (checksummed)")
     p.add_argument("--method", default="clean", choices=METHODS)
     p.add_argument("--sigma", type=nonneg_float, default=0.0, help="training noise std (pixels)")
-    p.add_argument("--alpha", type=nonneg_float, default=1.0, help="weight of the moment term")
+    p.add_argument(
+        "--alpha",
+        type=nonneg_float,
+        default=1.0,
+        help="weight of the moment term; lambda of stability, consistency and macer",
+    )
     p.add_argument("--folds", type=pos_int, default=1, help="N of N-fold augmentation")
     p.add_argument(
         "--moment-depth",
@@ -118,6 +123,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="moment: the first term sees freshly noised images (noise training + analytic term)",
     )
+    p.add_argument(
+        "--samples",
+        type=nonneg_int,
+        help="consistency, macer: noisy copies per image (default 2 and 16, the authors')",
+    )
+    p.add_argument("--eta", type=nonneg_float, help="consistency: entropy weight (default 0.5)")
+    p.add_argument("--macer-beta", type=pos_float, help="macer: inverse temperature (default 16)")
+    p.add_argument("--macer-gamma", type=pos_float, help="macer: hinge margin (default 8)")
+    p.add_argument(
+        "--alpha-delay", type=nonneg_int, help="train this many epochs with the regularizer off"
+    )
+    p.add_argument(
+        "--sigma-warmup",
+        type=nonneg_int,
+        help="raise the training noise linearly from 0 to --sigma over this many steps",
+    )
     protocol = "defaults: the paper's protocol for --model (LeNet: Adam 1e-4, batch 1000)"
     g = p.add_argument_group("optimization", protocol)
     g.add_argument("--optimizer", choices=("adam", "sgd"))
@@ -127,6 +148,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=nonneg_float)
     g.add_argument("--batch-size", type=pos_int)
     g.add_argument("--epochs", type=pos_int, default=100, help="at most this many epochs")
+    g.add_argument("--lr-schedule", choices=("plateau", "step"))
+    g.add_argument("--lr-step", type=pos_int, help="step schedule: epochs between decays")
+    g.add_argument("--lr-gamma", type=pos_float, help="step schedule: the decay factor")
     g.add_argument("--plateau-factor", type=pos_float)
     g.add_argument("--plateau-patience", type=nonneg_int)
     g.add_argument("--early-stop", type=pos_int, help="patience of early stopping (epochs)")

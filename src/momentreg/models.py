@@ -72,6 +72,27 @@ def lenet(channels: int, size: int, classes: int, normalize: Normalize) -> nn.Se
     )
 
 
+def smoothing_lenet(channels: int, size: int, classes: int, normalize: Normalize) -> nn.Sequential:
+    """The LeNet of the randomized-smoothing baselines' MNIST runs (Cohen et al.'s noise training,
+    stability training, MACER, consistency: jh-jeong/smoothing-consistency's code/archs/lenet.py):
+    5x5 convs of 20 and 50 channels without padding, each with ReLU and 2x2 max-pooling, FC 500, FC
+    classes. Like theirs, it sees raw pixels in [0, 1]: ``normalize`` is not used."""
+    side = ((size - 4) // 2 - 4) // 2
+    flat = 50 * side * side
+    return nn.Sequential(
+        nn.Conv2d(channels, 20, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, 500),
+        nn.ReLU(),
+        nn.Linear(500, classes),
+    )
+
+
 def alexnet(channels: int, size: int, classes: int, normalize: Normalize) -> nn.Sequential:
     """AlexNet adapted to 32x32 inputs (no dropout), as in the paper."""
     if size != 32:
@@ -174,7 +195,13 @@ def resnet18(channels: int, size: int, classes: int, normalize: Normalize) -> Re
     return ResNet18(channels, classes, normalize)
 
 
-MODELS = {"lenet": lenet, "alexnet": alexnet, "resnet20": resnet20, "resnet18": resnet18}
+MODELS = {
+    "lenet": lenet,
+    "smoothing-lenet": smoothing_lenet,
+    "alexnet": alexnet,
+    "resnet20": resnet20,
+    "resnet18": resnet18,
+}
 
 
 def input_spec(images: torch.Tensor, classes: int) -> tuple:

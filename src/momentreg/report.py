@@ -22,6 +22,7 @@ from momentreg.plots import plot_certified, plot_consistency  # noqa: E402
 from momentreg.rundir import CERTIFY_FILE, METRICS, read_json, read_run  # noqa: E402
 from momentreg.sweep import MOMENT_VARIANTS, moment_variants  # noqa: E402
 from momentreg.tables import fmt, markdown_table  # noqa: E402
+from momentreg.training import ANALYTIC, WEIGHTED  # noqa: E402
 
 __all__ = [
     "TOLERANCE",
@@ -73,6 +74,7 @@ def run_row(run: Path) -> dict:
     for key in ATTACK_LABELS:
         row[f"energy_{key}"] = attacks.get(key, {}).get("energy_mean")
     row["gnr_curve"] = metrics.get("gnr_curve")
+    row["constant_predictions"] = bool(metrics.get("constant_predictions"))
     row.update({key: config.get(key) for key, *_ in MOMENT_VARIANTS})
     row["time_budget"] = config.get("time_budget") or None
     row["steps"], row["step_seconds"] = metrics.get("steps"), metrics.get("step_seconds")
@@ -97,7 +99,7 @@ def table1_row(row: dict) -> list[str]:
         row["dataset"],
         row["method"],
         str(row["sigma"]),
-        str(row["alpha"]) if row["method"] == "moment" else "",
+        str(row["alpha"]) if row["method"] in WEIGHTED else "",
         str(row["folds"]) if row["method"] == "augment" else "",
         row["run"],
         *[fmt(row[f"energy_{k}"], ".3g") for k in ATTACK_LABELS],
@@ -117,8 +119,8 @@ def group_of(row: dict) -> str:
     """The method group a run competes in: clean, noise, moment, or augment per N."""
     if row["method"] == "augment":
         return f"augment N={row['folds']}"
-    if row["method"] == "moment":
-        return "moment" + moment_variant(row)
+    if row["method"] in ANALYTIC:
+        return row["method"] + moment_variant(row)
     return row["method"]
 
 
@@ -158,8 +160,9 @@ def fair_comparison(rows: list[dict], tolerance: float, group=group_of) -> dict:
 
 
 def describe(row: dict) -> str:
-    if row["method"] == "moment":
-        return f"moment sigma={row['sigma']} alpha={row['alpha']}" + moment_variant(row)
+    if row["method"] in WEIGHTED:
+        variant = moment_variant(row) if row["method"] in ANALYTIC else ""
+        return f"{row['method']} sigma={row['sigma']} alpha={row['alpha']}" + variant
     if row["method"] == "augment":
         return f"augment N={row['folds']} sigma={row['sigma']}"
     if row["method"] == "noise":
@@ -287,9 +290,17 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
         f"{len(rows)} finished runs; every number below is in `results.csv`.",
         "",
     ]
+    constant = [r["run"] for r in rows if r["constant_predictions"]]
+    if constant:
+        md += [
+            "Left out of every comparison, table and figure below: runs that predict one class for "
+            f"every test image (their GNR of 100 means nothing): {', '.join(constant)}.",
+            "",
+        ]
     by_task = defaultdict(list)
     for r in rows:
-        by_task[(r["model"], r["dataset"])].append(r)
+        if not r["constant_predictions"]:
+            by_task[(r["model"], r["dataset"])].append(r)
     for (model, dataset), task_rows in sorted(by_task.items()):
         tag = f"{model}-{dataset}"
         md += [f"## {model} on {dataset}", ""]
@@ -343,7 +354,7 @@ def runs_table(rows: list[dict], names: bool = True, extra: dict | None = None) 
         {
             "method": lambda r: r["method"],
             "sigma": lambda r: r["sigma"],
-            "alpha": lambda r: r["alpha"] if r["method"] == "moment" else "",
+            "alpha": lambda r: r["alpha"] if r["method"] in WEIGHTED else "",
             "N": lambda r: r["folds"] if r["method"] == "augment" else "",
             "seed": lambda r: r["seed"],
             "accuracy": lambda r: fmt(r["test_accuracy"]),

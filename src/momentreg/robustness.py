@@ -47,13 +47,31 @@ def accuracy(
     device=None,
 ) -> float:
     """Share of correctly classified images, in percent. images: float [N, C, H, W] in [0, 1]."""
+    return prediction_stats(model, images, labels, batch_size, device)["test_accuracy"]
+
+
+def prediction_stats(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 1000,
+    device=None,
+) -> dict:
+    """Accuracy (percent), the number of distinct classes predicted, and whether that is one: a
+    model that predicts one class for every image has a meaningless GNR of 100 and is flagged."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        return 100.0 * (_predict(model, images, batch_size, device) == labels).float().mean().item()
+        pred = _predict(model, images, batch_size, device)
     finally:
         model.train(was_training)
+    classes = int(pred.unique().numel())
+    return {
+        "test_accuracy": 100.0 * (pred == labels).float().mean().item(),
+        "predicted_classes": classes,
+        "constant_predictions": classes == 1 and len(labels) > 1,
+    }
 
 
 @torch.inference_mode()

@@ -27,7 +27,7 @@ from momentreg.errors import MomentregError, UsageError
 from momentreg.imagefolder import imagefolder_classes
 from momentreg.models import MODELS, build_model, input_spec, is_factory
 from momentreg.regularizer import check_regularizable
-from momentreg.robustness import accuracy, gaussian_robustness
+from momentreg.robustness import gaussian_robustness, prediction_stats
 from momentreg.rundir import (
     ATTACKS_FILE,
     CERTIFY_FILE,
@@ -40,7 +40,14 @@ from momentreg.rundir import (
     read_json,
     write_json,
 )
-from momentreg.training import PROTOCOLS, TrainConfig, load_checkpoint, model_weights, train
+from momentreg.training import (
+    ANALYTIC,
+    PROTOCOLS,
+    TrainConfig,
+    load_checkpoint,
+    model_weights,
+    train,
+)
 
 __all__ = [
     "RunConfig",
@@ -172,7 +179,7 @@ def load_splits(config: RunConfig) -> tuple[tuple, tuple, tuple]:
 
 def robustness_metrics(model, images, labels, gnr_images, noise_samples, seed, device, progress):
     """Test accuracy on float ``images`` and GNR (with its curve) on the first ``gnr_images``."""
-    acc = accuracy(model, images, labels, device=device)
+    stats = prediction_stats(model, images, labels, device=device)
     gnr, sigmas, consistency = gaussian_robustness(
         model,
         images[:gnr_images],
@@ -182,7 +189,7 @@ def robustness_metrics(model, images, labels, gnr_images, noise_samples, seed, d
         progress=progress,
     )
     return {
-        "test_accuracy": acc,
+        **stats,
         "gnr": gnr,
         "gnr_images": min(gnr_images, len(labels)),
         "gnr_noise_samples": noise_samples,
@@ -214,7 +221,7 @@ def train_run(
         spec = input_spec(torch.cat([train_set[0], val_set[0]]), classes)
     torch.manual_seed(cfg.seed)
     model = build_model(config.model, config.dataset, spec)
-    if cfg.method == "moment":  # a model the regularizer cannot split fails before any writing
+    if cfg.method in ANALYTIC:  # a model the regularizer cannot split fails before any writing
         check_regularizable(model, cfg.moment_depth)
     check_free_space(next(p for p in (out, *out.parents) if p.exists()), model)
     if force and not resume and existed:
@@ -294,7 +301,7 @@ def evaluate_accuracy(run: Path, model, images, labels, *, gnr: bool, noise_samp
             )
         )
     else:
-        metrics["test_accuracy"] = accuracy(model, images, labels, device=device)
+        metrics.update(prediction_stats(model, images, labels, device=device))
     metrics["test_images"] = len(labels)
     write_json(path, metrics)
     return metrics

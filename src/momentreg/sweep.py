@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from momentreg.errors import MomentregError
 from momentreg.run import RunConfig
 from momentreg.rundir import CONFIG, ERROR, LOCK, METRICS, read_json, write_json
+from momentreg.training import ANALYTIC, WEIGHTED
 
 try:
     import tomllib
@@ -146,10 +147,11 @@ def run_dir_name(config: dict) -> str:
     """``<method>-<axes>-<hash>``: readable, and unique for the exact config."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
     parts = [config.get("method", "clean")]
-    for key, short in (("sigma", "s"), ("alpha", "a"), ("folds", "n"), ("seed", "seed")):
-        if key in config and (key != "alpha" or parts[0] == "moment"):
+    axes = (("sigma", "s"), ("alpha", "a"), ("samples", "m"), ("folds", "n"), ("seed", "seed"))
+    for key, short in axes:
+        if key in config and (key != "alpha" or parts[0] in WEIGHTED):
             parts.append(f"{short}{config[key]}")
-    if parts[0] == "moment":
+    if parts[0] in ANALYTIC:
         parts += [token for token, _ in moment_variants(config)]
     if config.get("time_budget"):
         parts.append(f"t{config['time_budget']}")
@@ -306,7 +308,12 @@ def _cost(config: dict) -> float:
     time-budgeted run costs its budget (seconds), so the largest budgets start first."""
     if config.get("time_budget"):
         return config["time_budget"]
-    per_epoch = {"augment": config.get("folds", 1), "moment": 2}.get(config.get("method"), 1)
+    method = config.get("method")
+    per_epoch = {
+        "augment": config.get("folds", 1),
+        "consistency": config.get("samples") or 2,
+        "macer": config.get("samples") or 16,
+    }.get(method, 2 if method in WEIGHTED else 1)
     return config.get("epochs", 100) * per_epoch
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from momentreg import smoothing_losses
 from momentreg.data import to_float
 from momentreg.errors import CheckpointError, TrainingError
 from momentreg.regularizer import DEPTHS, MOMENT_LOSSES, Split, moment_loss
@@ -32,6 +33,8 @@ __all__ = [
     "PROTOCOLS",
     "METHODS",
     "LOSSES",
+    "ANALYTIC",
+    "WEIGHTED",
     "step_loss",
     "train",
     "train_one_epoch",
@@ -51,6 +54,12 @@ class TrainConfig:
     moment_depth: str = "first"  # moment: "first" (the paper) or "all" layers
     moment_loss: str = "mean"  # moment: "mean" or "expected-ce" (needs moment_depth="all")
     moment_noise: bool = False  # moment: the first term sees a freshly noised batch (hybrid)
+    samples: int = 0  # consistency, macer: noisy copies per image (0: theirs, 2 and 16)
+    eta: float = 0.5  # consistency: the weight of the mean prediction's entropy
+    macer_beta: float = 16.0  # macer: the inverse temperature of the soft smoothed classifier
+    macer_gamma: float = 8.0  # macer: the hinge's margin
+    alpha_delay: int = 0  # epochs trained with the regularizer off (MACER's deferral)
+    sigma_warmup: int = 100  # steps over which the noise rises linearly to sigma (0: none)
     optimizer: str = "adam"
     lr: float = 1e-4
     momentum: float = 0.9
@@ -58,6 +67,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 1000
     epochs: int = 100
+    lr_schedule: str = "plateau"  # "plateau" (on the validation loss) or "step"
+    lr_step: int = 30  # step schedule: epochs between decays
+    lr_gamma: float = 0.1  # step schedule: the decay factor
     plateau_factor: float = 0.9
     plateau_patience: int = 3
     early_stop: int = 10
@@ -73,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"unknown moment loss {self.moment_loss!r}; choose {MOMENT_LOSSES}")
         if self.moment_loss == "expected-ce" and self.moment_depth != "all":
             raise ValueError("moment loss expected-ce needs moment depth all (the output variance)")
+        if self.lr_schedule not in ("plateau", "step"):
+            raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose plateau or step")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
         checks = {
@@ -87,6 +101,14 @@ class TrainConfig:
             "plateau_factor": 0 < self.plateau_factor < 1,
             "plateau_patience": self.plateau_patience >= 0,
             "early_stop": self.early_stop >= 1,
+            "samples": self.samples >= 0,
+            "eta": self.eta >= 0 and math.isfinite(self.eta),
+            "macer_beta": self.macer_beta > 0 and math.isfinite(self.macer_beta),
+            "macer_gamma": self.macer_gamma > 0 and math.isfinite(self.macer_gamma),
+            "alpha_delay": self.alpha_delay >= 0,
+            "sigma_warmup": self.sigma_warmup >= 0,
+            "lr_step": self.lr_step >= 1,
+            "lr_gamma": 0 < self.lr_gamma <= 1,
             "time_budget": self.time_budget >= 0 and math.isfinite(self.time_budget),
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -104,6 +126,18 @@ PROTOCOLS: dict[str, dict] = {
         plateau_factor=0.9,
         plateau_patience=3,
         early_stop=10,
+    ),
+    "smoothing-lenet": dict(  # the baselines' MNIST recipe: 90 epochs, lr / 10 every 30
+        optimizer="sgd",
+        lr=0.01,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=1e-4,
+        batch_size=256,
+        lr_schedule="step",
+        lr_step=30,
+        lr_gamma=0.1,
+        early_stop=90,
     ),
     "alexnet": dict(
         optimizer="sgd",
@@ -240,12 +274,36 @@ def moment_method_loss(model, x, y, noisy, cfg, gen, split):
     return loss, parts["logits"]
 
 
+def _smoothing(name: str, analytic: bool):
+    """A randomized-smoothing baseline (``momentreg.smoothing_losses``) as a method; ``alpha`` is
+    its lambda, ``moment_depth`` the depth of its analytic expectation."""
+    fn = getattr(smoothing_losses, f"{name}_loss")
+
+    def loss(model, x, y, noisy, cfg, gen, split):
+        kwargs = {"analytic": analytic, "depth": cfg.moment_depth, "split": split}
+        if name == "consistency":
+            kwargs.update(copies=cfg.samples or 2, eta=cfg.eta)
+        elif name == "macer":
+            kwargs.update(copies=cfg.samples or 16, beta=cfg.macer_beta, gamma=cfg.macer_gamma)
+        return fn(model, x, y, cfg.sigma, cfg.alpha, gen, **kwargs)
+
+    loss.__name__ = f"{name}{'_analytic' if analytic else ''}_loss"
+    return loss
+
+
 LOSSES = {
     "clean": clean_loss,
     "augment": augment_loss,
     "noise": noise_loss,
     "moment": moment_method_loss,
+    **{
+        name + suffix: _smoothing(name, bool(suffix))
+        for name in ("stability", "consistency", "macer")
+        for suffix in ("", "-analytic")
+    },
 }
+ANALYTIC = ("moment", "stability-analytic", "consistency-analytic", "macer-analytic")
+WEIGHTED = tuple(m for m in LOSSES if m not in ("clean", "augment", "noise"))  # alpha matters
 
 
 METHODS = tuple(LOSSES)
@@ -266,7 +324,7 @@ class TrainState:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
     cpu_gen: torch.Generator  # the order of examples
     dev_gen: torch.Generator  # the noise
     history: list = dataclasses.field(default_factory=list)
@@ -277,9 +335,12 @@ class TrainState:
     @classmethod
     def start(cls, model: nn.Module, cfg: TrainConfig, device: torch.device) -> TrainState:
         optimizer = _optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience
-        )
+        if cfg.lr_schedule == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
+        else:
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience
+            )
         best = {"val_loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
         cpu_gen = torch.Generator().manual_seed(cfg.seed)
         dev_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
@@ -320,7 +381,10 @@ class TrainState:
 
     def end_epoch(self, row: dict) -> None:
         """Record a validated epoch: schedule, best weights, early stopping."""
-        self.scheduler.step(row["val_loss"])
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(row["val_loss"])
+        else:
+            self.scheduler.step()
         if row["val_loss"] < self.best["val_loss"]:
             state = copy.deepcopy(self.model.state_dict())
             self.best = {"val_loss": row["val_loss"], "epoch": row["epoch"], "state": state}
@@ -362,6 +426,17 @@ def _train_step(state: TrainState, x, y, noisy, cfg: TrainConfig, split) -> tupl
     return value, (logits.argmax(1) == y).sum()
 
 
+def _step_config(cfg: TrainConfig, epoch: int, clock: _StepClock) -> TrainConfig:
+    """The settings of the next step: the regularizer off during ``alpha_delay`` epochs, and the
+    noise level ramped up linearly over the first ``sigma_warmup`` steps."""
+    changes = {}
+    if epoch <= cfg.alpha_delay:
+        changes["alpha"] = 0.0
+    if clock.steps < cfg.sigma_warmup:
+        changes["sigma"] = cfg.sigma * (clock.steps + 1) / cfg.sigma_warmup
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
     """One pass over the training set (N-fold augmentation: N passes, N-1 of them noisy), in a
     seeded order; stops early once ``clock`` is past the time budget. Returns the epoch's loss
@@ -378,7 +453,7 @@ def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
         idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         x, y = to_float(images[idx % n]), labels[idx % n]
         try:
-            loss, hits = _train_step(state, x, y, idx >= n, cfg, split)
+            loss, hits = _train_step(state, x, y, idx >= n, _step_config(cfg, epoch, clock), split)
         except TrainingError as e:
             raise TrainingError(f"{e} at epoch {epoch}, batch {step + 1}") from None
         total_loss, correct, seen = total_loss + loss * len(y), correct + hits, seen + len(y)
