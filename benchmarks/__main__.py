@@ -36,7 +36,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.evaluation import attacks_markdown, bench_attacks, bench_certify, certify_markdown
+from benchmarks.evaluation import (
+    attacks_markdown,
+    bench_attacks,
+    bench_certify,
+    certify_markdown,
+    targets_markdown,
+)
 from momentreg import moments
 from momentreg.malloc import keep_freed_memory
 from momentreg.models import DATASETS, build_model
@@ -363,6 +369,7 @@ def markdown(results: dict) -> str:
         out.append(_scaling_table(results["scaling"]))
     out += ["", "### Evaluation and data loading", ""]
     out.append(_evaluation_table(results["gnr"], results["data_loading"]))
+    out += ["", *targets_markdown(results["attacks"], results["certify"])]
     out += ["", *attacks_markdown(results["attacks"])]
     out += ["", *certify_markdown(results["certify"])]
     for name, m in results["memory"].items():

@@ -231,3 +231,29 @@ def certify_markdown(c: dict) -> list[str]:
     ]
     header = ["CERTIFY, LeNet", "noisy samples / s", "forward-pass floor / s", "ratio"]
     return ["### Certification throughput", "", markdown_table(header, [row], align="lrrr")]
+
+
+def targets_markdown(a: dict, c: dict) -> list[str]:
+    """Issue 18's targets, each checked against this run's numbers."""
+    worst = max(a["attacks"], key=lambda k: a["attacks"][k]["ratio_to_floor"])
+    worst_ratio = a["attacks"][worst]["ratio_to_floor"]
+    ref = a["lbfgs_reference"]
+    lbfgs = a["attacks"]["lbfgs"]["seconds_per_image"]
+    table1 = a["table1_seconds"] * 400 / a["images"]
+    checks = [
+        ("every attack <= 2x its floor", f"worst: {worst}, {worst_ratio:.2f}", worst_ratio <= 2),
+        ("L-BFGS <= 0.5 s per image", f"{lbfgs:.3f} s", lbfgs <= 0.5),
+        ("batched L-BFGS >= 10x the scipy version", f"{ref['speedup']:.1f}x", ref["speedup"] >= 10),
+        ("... with median energy within 5% of it", f"ratio {ref['energy_ratio']:.3f}",
+         abs(ref["energy_ratio"] - 1) <= 0.05),
+        ("Table 1 for one LeNet (6 attacks x 400 images) <= 600 s", f"{table1:.0f} s",
+         table1 <= 600),
+        ("certification >= 0.8x the forward-pass floor", f"{c['ratio_to_floor']:.2f}",
+         c["ratio_to_floor"] >= 0.8),
+    ]  # fmt: skip
+    rows = [[name, value, "met" if ok else "**not met**"] for name, value, ok in checks]
+    return [
+        "### Evaluation targets (issue 18)",
+        "",
+        markdown_table(["target", "this run", ""], rows, align="lrl"),
+    ]

@@ -35,7 +35,7 @@ ATTACKS = {
     "lbfgs": (
         "l2",
         "box-projected L-BFGS on c*||d||^2 + CE(x+d, runner-up class), 8 values of c x 20 "
-        "warm-started iterations per image, batched",
+        "iterations per image, batched",
     ),
     "fgsm": ("linf", "FGSM (one Linf gradient-sign step); eps search"),
     "aga": ("l2", "additive Gaussian noise of L2 norm eps, 20 draws per eps; eps search"),
