@@ -1,5 +1,5 @@
-"""The study pages (docs/reproduction.md, docs/beyond.md, docs/cifar.md) are what their
-experiments/ scripts write from the committed metrics."""
+"""The study pages (docs/reproduction.md, docs/beyond.md, docs/cifar.md, docs/certified.md) are
+what their experiments/ scripts write from the committed metrics."""
 
 import subprocess
 import sys
@@ -12,9 +12,16 @@ pytestmark = pytest.mark.slow  # subprocesses: pytest -m "not slow" skips them
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("study, figures", [("reproduction", 6), ("beyond", 2), ("cifar", 9)])
+@pytest.mark.parametrize(
+    "study, figures", [("reproduction", 6), ("beyond", 2), ("cifar", 9), ("certified", 1)]
+)
 def test_committed_study_doc_regenerates_identically(tmp_path, study, figures):
-    script = {"reproduction": "reproduce.py", "beyond": "beyond.py", "cifar": "cifar.py"}[study]
+    script = {
+        "reproduction": "reproduce.py",
+        "beyond": "beyond.py",
+        "cifar": "cifar.py",
+        "certified": "certified.py",
+    }[study]
     doc = tmp_path / f"{study}.md"
     subprocess.run(
         [sys.executable, str(ROOT / "experiments" / script), "--stages", "doc"]
