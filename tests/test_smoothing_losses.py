@@ -1,6 +1,7 @@
 """The randomized-smoothing losses against direct computations written out image by image and
 copy by copy in float64, on the same noise; their analytic expectation against Monte Carlo."""
 
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 from momentreg import smoothing_losses as sl
 from momentreg.regularizer import expected_logits, output_moments
 from momentreg.training import LOSSES, TrainConfig, train
+from tests.helpers import QUICK, cli
 
 
 def _net():
@@ -171,3 +173,16 @@ def test_each_method_trains_from_the_trainer(method):
     )  # fmt: skip
     assert history[-1]["train_accuracy"] > 80, history[-1]
     assert method in LOSSES
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["stability", "consistency", "macer", "macer-analytic"])
+def test_each_method_trains_from_the_command_line(tmp_path, method):
+    result = cli(
+        "train", "--method", method, "--sigma", "0.25", "--alpha", "2", "--samples", "4",
+        *QUICK, "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["method"] == method and config["samples"] == 4 and config["alpha"] == 2.0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test_accuracy"] > 0
