@@ -158,3 +158,23 @@ def test_noise_training_at_sigma_half_seed_0_learns_with_the_noise_warmup(tmp_pa
     report = write_report(tmp_path, tmp_path / "report").read_text()
     assert "Left out of every comparison" in report and "cold" in report.split("\n## ")[0]
     assert "| cold" not in report and "warm" in report.split("\n## ", 1)[1]
+
+
+@pytest.mark.slow
+def test_the_noise_warmup_prevents_the_collapse_on_the_bundled_sample(tmp_path):
+    """The same failure on the bundled sample (so that CI sees it without ../shared): noise at
+    sigma 1, seed 0, Adam 1e-3, batch 128 predicts one class without the warm-up (4 of seeds 0-5
+    did) and learns with it."""
+    import json
+
+    from tests.helpers import cli
+
+    args = ["train", "--method", "noise", "--sigma", "1.0", "--lr", "1e-3", "--batch-size", "128"]
+    args += ["--epochs", "2", "--seed", "0", "--gnr-limit", "20", "--quiet"]
+    for name, extra in (("warm", []), ("cold", ["--sigma-warmup", "0"])):
+        result = cli(*args, *extra, "--out", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+    warm = json.loads((tmp_path / "warm" / "metrics.json").read_text())
+    cold = json.loads((tmp_path / "cold" / "metrics.json").read_text())
+    assert warm["test_accuracy"] > 90 and warm["predicted_classes"] == 10
+    assert cold["constant_predictions"] and cold["test_accuracy"] < 15
