@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from benchmarks.evaluation import (
     certify_markdown,
     targets_markdown,
 )
+from benchmarks.timing import median_times, sync
 from momentreg import moments
 from momentreg.malloc import keep_freed_memory
 from momentreg.models import DATASETS, build_model
@@ -52,28 +52,6 @@ from momentreg.tables import markdown_table
 from momentreg.training import TrainConfig, step_loss
 
 METHODS = ["clean", "moment", "augment2", "augment6", "augment11", "augment21", "noise"]
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_times(fns: dict, repeats: int, device, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function over ``repeats`` interleaved rounds, after ``warmup``
-    rounds: a change in the machine's load between rounds reaches every function alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _config(method: str) -> TrainConfig:
@@ -203,7 +181,7 @@ def bench_data_loading(device, images: int, batch: int, repeats: int) -> dict:
         for i in range(steps):
             idx = perm[i * batch : (i + 1) * batch]
             to_float(data[idx]), labels[idx]
-        _sync(device)
+        sync(device)
 
     step, _ = make_step("lenet", "mnist", batch, "clean", device)
     t = median_times({"load": load_epoch, "step": step}, repeats, device)

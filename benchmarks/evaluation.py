@@ -10,12 +10,10 @@ reported as runs per image. Certification's floor is plain forward passes of noi
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import median_times, timed
 from momentreg.models import build_model
 from momentreg.tables import markdown_table
 
@@ -49,24 +47,15 @@ def _row_seconds(model, device, repeats: int = 5) -> dict[str, float]:
         with torch.no_grad():
             model(x)
 
-    out = {}
-    for name, fn in (("forward_backward", fb), ("forward", fwd)):
-        fn()
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(10):
-                fn()
-            _sync(device)
-            times.append((time.perf_counter() - t0) / 10 / ATTACK_BATCH)
-        out[name] = statistics.median(times)
-    return out
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    ten = median_times(
+        {
+            "forward_backward": lambda: [fb() for _ in range(10)],
+            "forward": lambda: [fwd() for _ in range(10)],
+        },
+        repeats,
+        device,
+    )
+    return {name: seconds / 10 / ATTACK_BATCH for name, seconds in ten.items()}
 
 
 class _RowCounter:
@@ -99,11 +88,7 @@ def bench_attacks(device, images: int, reference_images: int, train_images: int)
     out = {"images": images, "batch": ATTACK_BATCH, "row_seconds": rate, "attacks": {}}
     for name in ATTACKS:
         counter = _RowCounter(model)
-        _sync(device)
-        t0 = time.perf_counter()
-        result = minimal_perturbations(model, x, y, name)
-        _sync(device)
-        seconds = time.perf_counter() - t0
+        result, seconds = timed(lambda: minimal_perturbations(model, x, y, name), device)  # noqa: B023
         counter.handle.remove()
         n = max(1, len(result.success))
         floor = counter.grad * rate["forward_backward"] + counter.forward * rate["forward"]
@@ -133,9 +118,7 @@ def _lbfgs_against_scipy(model, x, y, images: int) -> dict:
     x, y = x[keep][:images], y[keep][:images]
     out = {"images": len(x)}
     for name, attack in (("batched", lbfgs_attack), ("scipy", lbfgs_scipy)):
-        t0 = time.perf_counter()
-        d, ok = attack(model, x, y)
-        seconds = time.perf_counter() - t0
+        (d, ok), seconds = timed(lambda: attack(model, x, y), x.device)  # noqa: B023
         energy = (d[ok].flatten(1).double() ** 2).mean(1)
         out[name] = {
             "seconds_per_image": seconds / max(1, len(x)),
@@ -156,22 +139,24 @@ def bench_certify(device, images: int, n: int, batch: int = 1000) -> dict:
     model = build_model("lenet", "mnist").to(device).eval()
     x = torch.rand(images, 1, 28, 28)
     n0 = 100
-    _sync(device)
-    t0 = time.perf_counter()
     labels = torch.zeros(images, dtype=torch.long)
-    certify_images(model, x, labels, 0.25, n0=n0, n=n, alpha=0.001, batch=batch)
-    _sync(device)
+    _, seconds = timed(
+        lambda: certify_images(model, x, labels, 0.25, n0=n0, n=n, alpha=0.001, batch=batch),
+        device,
+    )
     samples = images * (n0 + n)
-    certify_rate = samples / (time.perf_counter() - t0)
+    certify_rate = samples / seconds
     noisy = torch.rand(batch, 1, 28, 28, device=device)
+    passes = max(1, samples // batch)
+
+    def floor():
+        for _ in range(passes):
+            model(noisy)
+
     with torch.inference_mode():
         model(noisy)
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(max(1, samples // batch)):
-            model(noisy)
-        _sync(device)
-    floor_rate = max(1, samples // batch) * batch / (time.perf_counter() - t0)
+        _, seconds = timed(floor, device)
+    floor_rate = passes * batch / seconds
     return {
         "images": images,
         "n": n,

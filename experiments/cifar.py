@@ -24,14 +24,15 @@ Stages, each resumable (rerun the same command after a crash):
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from study import (
     PAPER,
+    attack_commands,
     attack_table,
     attack_winners,
+    certify_command,
     data_dirs,
     export,
     fmt,
@@ -89,25 +90,13 @@ def evaluate_commands(run: Path, images: dict, test_size: int, device: str) -> l
     """The evaluations ``run`` still needs: attacks and certification, on class-balanced subsets
     (``images``: attack or "certify" -> test images; every (test_size // images)-th image of the
     class-sorted test folder)."""
-
-    def subset(n: int) -> list[str]:
-        return ["--limit", str(n), "--stride", str(max(1, test_size // n))]
-
-    attacks = read_json(run / ATTACKS_FILE) if (run / ATTACKS_FILE).exists() else {}
     certify = read_json(run / CERTIFY_FILE) if (run / CERTIFY_FILE).exists() else {}
-    base = [sys.executable, "-m", "momentreg", "evaluate", str(run), "--quiet", "--device", device]
-    commands = []
-    for n in sorted({images[a] for a in ATTACKS}, reverse=True):
-        todo = [a for a in ATTACKS if images[a] == n and attacks.get(a, {}).get("test_images") != n]
-        if todo:
-            commands.append(base + ["--attacks", ",".join(todo), *subset(n)])
-    s = SMOOTHING
-    if certify.get(f"{s['sigma']:g}", {}).get("images") != images["certify"]:
+    commands = attack_commands(run, {a: images[a] for a in ATTACKS}, device, test_size)
+    if certify.get(f"{SMOOTHING['sigma']:g}", {}).get("images") != images["certify"]:
         commands.append(
-            base
-            + ["--certify", "--batch", "10000", "--sigma", str(s["sigma"]), "--n0", str(s["n0"])]
-            + ["--n", str(images["certify_n"]), "--alpha", str(s["alpha"])]
-            + subset(images["certify"])
+            certify_command(
+                run, device, SMOOTHING, images["certify_n"], images["certify"], test_size
+            )
         )
     return commands
 
@@ -226,6 +215,24 @@ def _versus(a: dict, b: dict) -> str:
     )
 
 
+def _figure_verdict(claim, rule, moment, rival, rival_name, measure, value, full, partly):
+    """[claim, evidence, verdict] of a figure's claim that the regularizer run ``moment`` beats
+    ``rival``: reproduced when ``value`` (of ``measure``) reaches ``full``, ``partly`` when it is
+    only above the no-gain point (ratio 1, gain 0)."""
+    if moment is None or rival is None:
+        missing = "regularizer" if moment is None else rival_name
+        return [claim, f"no {missing} run is that accurate", f"not reproduced ({rule})"]
+    no_gain = 1 if measure == "ratio" else 0
+    if value >= full:
+        verdict = "reproduced"
+    elif value > no_gain:
+        verdict = partly
+    else:
+        verdict = "not reproduced"
+    shown = f"{value:.2f}" if measure == "ratio" else f"{value:+.2f}"
+    return [claim, f"{_versus(moment, rival)}; {measure} {shown}", f"{verdict} ({rule})"]
+
+
 def verdict_fig3b(rows: list[dict]) -> list[str]:
     """LeNet: the regularizer is twice as robust as the best augmentation at <= 0.39 points."""
     sel = _winners(rows, TOLERANCE)
@@ -235,17 +242,9 @@ def verdict_fig3b(rows: list[dict]) -> list[str]:
         "regularizer is twice as robust as the best augmentation"
     )
     rule = f"rule: GNR ratio >= 2{_provisional(rows)}"
-    if moment is None or augment is None:
-        missing = "regularizer" if moment is None else "augmentation"
-        return [claim, f"no {missing} run is that accurate", f"not reproduced ({rule})"]
-    ratio = moment["gnr"] / augment["gnr"]
-    if ratio >= 2:
-        verdict = "reproduced"
-    elif ratio > 1:
-        verdict = "partly: more robust, but not twice"
-    else:
-        verdict = "not reproduced"
-    return [claim, f"{_versus(moment, augment)}; ratio {ratio:.2f}", f"{verdict} ({rule})"]
+    ratio = moment["gnr"] / augment["gnr"] if moment and augment else None
+    partly = "partly: more robust, but not twice"
+    return _figure_verdict(claim, rule, moment, augment, "augmentation", "ratio", ratio, 2, partly)
 
 
 def verdict_fig7(rows: list[dict]) -> list[str]:
@@ -257,17 +256,11 @@ def verdict_fig7(rows: list[dict]) -> list[str]:
         "regularizer beats 11-fold augmentation by +15% robustness"
     )
     rule = f"rule: GNR gain >= {FIG7_GAIN:g} points{_provisional(rows)}"
-    if moment is None or n11 is None:
-        missing = "regularizer" if moment is None else "11-fold augmentation"
-        return [claim, f"no {missing} run is that accurate", f"not reproduced ({rule})"]
-    gain = moment["gnr"] - n11["gnr"]
-    if gain >= FIG7_GAIN:
-        verdict = "reproduced"
-    elif gain > 0:
-        verdict = "partly: it wins, by less"
-    else:
-        verdict = "not reproduced"
-    return [claim, f"{_versus(moment, n11)}; gain {gain:+.2f}", f"{verdict} ({rule})"]
+    gain = moment["gnr"] - n11["gnr"] if moment and n11 else None
+    partly = "partly: it wins, by less"
+    return _figure_verdict(
+        claim, rule, moment, n11, "11-fold augmentation", "gain", gain, FIG7_GAIN, partly
+    )
 
 
 def verdict_pareto(task: str, rows: list[dict]) -> list[str]:

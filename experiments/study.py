@@ -68,9 +68,12 @@ def attack_winners(
     return chosen
 
 
-def attack_commands(run: Path, images: dict[str, int], device: str) -> list[list[str]]:
+def attack_commands(
+    run: Path, images: dict[str, int], device: str, test_size: int | None = None
+) -> list[list[str]]:
     """The ``momentreg evaluate --attacks`` commands that ``run`` still needs (``images``: attack ->
-    test images); attacks already done on that many images are skipped."""
+    test images); attacks already done on that many images are skipped. With ``test_size`` the
+    images are every (test_size // n)-th of the test set (class-balanced on a sorted folder)."""
     done = read_json(run / ATTACKS_FILE) if (run / ATTACKS_FILE).exists() else {}
     todo = defaultdict(list)
     for attack, n in images.items():
@@ -79,8 +82,21 @@ def attack_commands(run: Path, images: dict[str, int], device: str) -> list[list
     return [
         [sys.executable, "-m", "momentreg", "evaluate", str(run), "--quiet"]
         + ["--attacks", ",".join(attacks), "--limit", str(n), "--device", device]
+        + ([] if test_size is None else ["--stride", str(max(1, test_size // n))])
         for n, attacks in todo.items()
     ]
+
+
+def certify_command(run: Path, device: str, smoothing: dict, n: int, images: int, test_size: int):
+    """``momentreg evaluate RUN --certify`` argv: CERTIFY at ``smoothing`` (sigma, n0, alpha) with
+    ``n`` samples on every (test_size // images)-th of ``images`` test images."""
+    s = smoothing
+    return (
+        [sys.executable, "-m", "momentreg", "evaluate", str(run), "--quiet", "--device", device]
+        + ["--certify", "--batch", "10000", "--sigma", str(s["sigma"]), "--n0", str(s["n0"])]
+        + ["--n", str(n), "--alpha", str(s["alpha"])]
+        + ["--limit", str(images), "--stride", str(max(1, test_size // images))]
+    )
 
 
 def run_jobs(jobs: list[list[list[str]]], workers: int) -> None:

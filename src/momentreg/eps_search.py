@@ -91,13 +91,13 @@ def minimal_epsilon(
                 torch.where(has_lo, (lo * factor).clamp_max(max_eps), eps),
             ),
         )
-        idx = torch.nonzero(active).flatten()
-        dev_idx = idx.to(x.device)
-        adv, won = attack(x[dev_idx], labels[dev_idx], eps[idx].float().to(x.device))
+        idx = torch.nonzero(active).flatten()  # the search's state stays on the CPU
+        on_device = idx.to(x.device)
+        adv, won = attack(x[on_device], labels[on_device], eps[idx].float().to(x.device))
+        best[on_device[won]] = adv[won] - x[on_device[won]]
         won = won.cpu()
         runs[idx] += 1
         hit, miss = idx[won], idx[~won]
         hi[hit] = eps[hit]
-        best[hit.to(x.device)] = adv[won.to(x.device)] - x[hit.to(x.device)]
         lo[miss], has_lo[miss] = eps[miss], True
     return best, torch.isfinite(hi), runs

@@ -6,8 +6,8 @@ for a per-image constant c found by a search: start at c = 0.01; after a success
 misclassified) remember z and raise c (x10 until the first failure, then bisect), after a failure
 lower it (/10 until the first success, then bisect); 8 values of c, each minimized from x for 20
 iterations (the scipy reference runs 100; on LeNet the two find median energies within 2%, see
-docs/performance.md. Starting each c from the previous minimizer instead finds about 6% smaller
-perturbations: other local minima than the reference's, so we do not).
+docs/performance.md. Starting each c from the previous minimizer instead reaches other local
+minima than the reference's, with smaller perturbations, so we do not).
 
 The minimizer is a projected L-BFGS (a memory of 10 pairs, Armijo backtracking along the projected
 path; variables held at a bound by their gradient are frozen for the step), run on all images of
@@ -150,7 +150,7 @@ def lbfgs_attack(
         hi = torch.where(flipped, hi, c)
         bracketed = torch.isfinite(hi)
         up = torch.where(bracketed, (c + hi) / 2, c * 10)
-        down = torch.where(found | flipped, (lo + c) / 2, c / 10)
+        down = torch.where(found, (lo + c) / 2, c / 10)  # used where this c failed
         found |= flipped
         c = torch.where(flipped, up, down)
     return best, found

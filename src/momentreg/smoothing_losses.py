@@ -57,6 +57,26 @@ def expected_softmax(mean: torch.Tensor, var: torch.Tensor, beta: float = 1.0) -
     return p / p.sum(1, keepdim=True)
 
 
+def analytic_logits(
+    model: nn.Module,
+    x: torch.Tensor,
+    sigma: float,
+    split: Split | None = None,
+    depth: str = "first",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits' analytic mean [B, K] under n ~ N(0, sigma^2 I), and with depth="all" their
+    variance [B, K] (None for depth="first": the paper's tail of the expected first ReLU)."""
+    if depth == "all":
+        return output_moments(model, x, sigma)
+    head, tail = split or split_at_first_relu(model)
+    return tail(relu_mean(*head_moments(head, sigma, x))), None
+
+
+def softmax_of(mean: torch.Tensor, var: torch.Tensor | None, beta: float = 1.0) -> torch.Tensor:
+    """E[softmax(beta * z)] from ``analytic_logits``: softmax(beta * mean) without a variance."""
+    return (beta * mean).softmax(1) if var is None else expected_softmax(mean, var, beta)
+
+
 def analytic_probs(
     model: nn.Module,
     x: torch.Tensor,
@@ -67,10 +87,7 @@ def analytic_probs(
     beta: float = 1.0,
 ) -> torch.Tensor:
     """An approximation of E[softmax(beta * model(x + n))], n ~ N(0, sigma^2 I): [B, K]."""
-    if depth == "all":
-        return expected_softmax(*output_moments(model, x, sigma), beta)
-    head, tail = split or split_at_first_relu(model)
-    return (beta * tail(relu_mean(*head_moments(head, sigma, x)))).softmax(1)
+    return softmax_of(*analytic_logits(model, x, sigma, split, depth), beta)
 
 
 def _noisy(x: torch.Tensor, sigma: float, copies: int, gen) -> torch.Tensor:
@@ -162,8 +179,9 @@ def macer_loss(
     """NLL(log ghat, y) + lambda * sigma / 2 * hinge, averaged over the batch (MACER's loss);
     ghat is the mean softmax over ``copies`` noisy copies, or ``analytic_probs``."""
     if analytic:
-        g = analytic_probs(model, x, sigma, split, depth=depth)
-        g_beta = analytic_probs(model, x, sigma, split, depth=depth, beta=beta) if lbd else None
+        moments = analytic_logits(model, x, sigma, split, depth)  # one pass for both betas
+        g = softmax_of(*moments)
+        g_beta = softmax_of(*moments, beta) if lbd else None
         logits = g.clamp_min(1e-10).log()
     else:
         out = model(_noisy(x, sigma, copies, gen)).view(copies, len(x), -1)
