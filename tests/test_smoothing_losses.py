@@ -147,6 +147,17 @@ def test_expected_softmax_beats_the_softmax_of_the_mean_against_monte_carlo(spre
     assert err < (0.03 if spread < 1 else 0.08) * (2 if beta > 1 else 1)
 
 
+def test_expected_softmax_stays_finite_with_its_gradient_at_large_logit_gaps():
+    """MACER's beta of 16 times logit gaps of tens overflows exp(-diff); the training step that
+    hit it (docs/certified.md's all-layer run) got a NaN gradient."""
+    mean = torch.tensor([[60.0, -60.0, 0.0]], requires_grad=True)
+    var = torch.tensor([[0.01, 0.01, 0.01]])
+    p = sl.expected_softmax(mean, var, beta=16.0)
+    p[0, 1].log1p().backward()
+    assert torch.isfinite(p).all() and torch.isfinite(mean.grad).all()
+    assert p[0, 0].item() == pytest.approx(1.0)
+
+
 def test_analytic_probs_of_all_layers_track_monte_carlo_on_a_small_net():
     net, (x, _) = _net(), _batch()
     gen = torch.Generator().manual_seed(2)

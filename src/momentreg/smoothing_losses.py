@@ -53,8 +53,8 @@ def expected_softmax(mean: torch.Tensor, var: torch.Tensor, beta: float = 1.0) -
     (tests/test_smoothing_losses.py)."""
     diff = beta * (mean.unsqueeze(2) - mean.unsqueeze(1))  # [B, K, K]: mu_i - mu_j
     scale = torch.sqrt(1 + math.pi / 8 * beta**2 * (var.unsqueeze(2) + var.unsqueeze(1)))
-    p = 1 / torch.exp(-diff / scale).sum(2)
-    return p / p.sum(1, keepdim=True)
+    log_p = -torch.logsumexp(-diff / scale, dim=2)  # in logs: exp(-diff) overflows at beta 16
+    return log_p.softmax(1)  # renormalized
 
 
 def analytic_logits(
