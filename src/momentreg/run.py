@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from momentreg import __version__
+from momentreg.cost import passes_per_image
 from momentreg.data import DATASET_NAMES, IMAGEFOLDER, load_dataset, to_float, train_val_split
 from momentreg.errors import MomentregError, UsageError
 from momentreg.imagefolder import imagefolder_classes
@@ -230,6 +231,9 @@ def train_run(
     flat = {**config.flat(), "device": str(device)}
     write_json(out / CONFIG, {"version": __version__, **flat, "input_spec": spec})
     t0 = time.perf_counter()
+    # the step's FLOPs, counted before training: a model the counter cannot take fails now
+    batch = [t[: cfg.batch_size].to(device) for t in train_set]
+    passes = passes_per_image(model.to(device), to_float(batch[0]), batch[1], cfg)
     history = train(
         model,
         train_set,
@@ -254,6 +258,7 @@ def train_run(
         steps=history[-1].get("steps"),  # absent in checkpoints older than the budget
         step_seconds=history[-1].get("step_seconds"),
         seconds_per_epoch=history[-1]["train_seconds"] / len(history),
+        passes_per_image=passes,  # a step's FLOPs over a clean step's (momentreg.cost)
         wall_seconds=time.perf_counter() - t0,
     )
     write_json(out / METRICS, metrics)

@@ -1,0 +1,47 @@
+"""The compute of a training step, counted rather than timed: passes per image.
+
+A method's cost in seconds depends on the machine and on what else runs on it; its cost in
+floating-point operations does not. ``passes_per_image`` counts, with ``torch.utils.flop_counter``,
+the FLOPs of one training step of a method (its loss's forward and backward) and divides them by
+the FLOPs of clean training on the same batch (one forward and backward per image). Noise training
+is 1 pass per image by construction, m-copy consistency about m, MACER with k samples about k; an
+analytic variant's head variance and tail passes count for what they cost.
+
+What is counted: the operations FlopCounterMode prices (convolutions, matrix products, attention);
+elementwise and reduction operations (the ReLU mean's erfc, softmax) are not, and on the models
+here they are a small share of the FLOPs (they still cost memory traffic, which the step seconds
+show).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from momentreg.training import step_loss
+
+__all__ = ["step_flops", "passes_per_image"]
+
+
+def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg) -> int:
+    """The FLOPs of one training step of ``cfg.method`` on the batch x [B, C, H, W], y [B]: the
+    loss's forward and its backward to the weights. Runs on a copy of the model, so no weight,
+    running statistic or random stream of the caller changes."""
+    model = copy.deepcopy(model).train()
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    noisy = torch.ones(len(y), dtype=torch.bool, device=x.device)  # augmentation: all noised
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = step_loss(model, x, y, noisy, cfg, gen)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def passes_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg) -> float:
+    """FLOPs of one ``cfg.method`` training step over those of a clean one (forward and backward,
+    one pass per image) on the same batch: the step's cost in clean passes per image."""
+    clean = dataclasses.replace(cfg, method="clean")
+    return step_flops(model, x, y, cfg) / step_flops(model, x, y, clean)

@@ -1,0 +1,63 @@
+"""Passes per image (momentreg.cost) against FLOPs counted by hand on a linear-ReLU-linear net."""
+
+import pytest
+import torch
+from torch import nn
+
+from momentreg.cost import passes_per_image, step_flops
+from momentreg.training import TrainConfig
+
+B, D, H, K = 8, 12, 7, 5
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(D, H), nn.ReLU(), nn.Linear(H, K))
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(B, 1, 3, 4, generator=gen), torch.randint(0, K, (B,), generator=gen)
+
+
+def _clean_flops(rows: int) -> int:
+    """Forward 2 m n per row and layer; backward the weight gradient of both layers and the input
+    gradient of the second (the images need none): 4 B D H + 6 B H K for B rows."""
+    return 4 * rows * D * H + 6 * rows * H * K
+
+
+@pytest.mark.parametrize(
+    "method, settings, copies",
+    [
+        ("noise", {}, 1),
+        ("augment", {"folds": 3}, 1),  # per row of the batch; the copies are more steps
+        ("stability", {}, 2),  # a clean and a noisy pass
+        ("consistency", {"samples": 3}, 3),
+        ("macer", {}, 16),  # the authors' 16 samples
+    ],
+)
+def test_sampled_methods_cost_one_pass_per_noisy_copy(method, settings, copies):
+    x, y = _batch()
+    cfg = TrainConfig(method=method, sigma=0.5, alpha=2.0, **settings)
+    assert step_flops(_net(), x, y, cfg) == _clean_flops(copies * B)
+    assert passes_per_image(_net(), x, y, cfg) == pytest.approx(copies, rel=1e-12)
+
+
+def test_the_moment_step_costs_the_variance_and_a_second_tail_pass():
+    """The head runs once on the images and once at batch size 1 on the variance (forward and
+    the weight gradient: 4 D H); the tail runs on the clean and the expected activations."""
+    x, y = _batch()
+    cfg = TrainConfig(method="moment", sigma=0.5, alpha=1.0)
+    expected = 4 * B * D * H + 4 * D * H + 12 * B * H * K
+    assert step_flops(_net(), x, y, cfg) == expected
+    assert passes_per_image(_net(), x, y, cfg) == pytest.approx(expected / _clean_flops(B))
+
+
+def test_counting_changes_neither_the_model_nor_the_random_streams():
+    net, (x, y) = _net(), _batch()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    passes_per_image(net, x, y, TrainConfig(method="consistency", sigma=0.5))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
