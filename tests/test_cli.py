@@ -39,6 +39,7 @@ def test_train_writes_the_run_layout(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in ("test_accuracy", "gnr", "gnr_curve", "epochs", "train_seconds"):
         assert key in metrics
+    assert 1.5 < metrics["passes_per_image"] < 2.5  # the moment step: about two clean passes
     assert len(metrics["gnr_curve"]["sigmas"]) == 30
     header = (run_dir / "history.csv").read_text().splitlines()[0]
     assert header.startswith("epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr")
@@ -74,6 +75,10 @@ def test_non_empty_out_needs_resume_or_force(run_dir):
         (["--dataset", "mnist"], "needs --data-dir"),
         (["--val-fraction", "1.5"], "val-fraction"),
         (["--plateau-factor", "2"], "plateau-factor"),
+        (["--lr-schedule", "budget-step"], "set time-budget"),
+        (["--alpha-delay-budget", "0.3"], "set time-budget"),
+        (["--alpha-delay-budget", "1", "--time-budget", "5"], "invalid alpha-delay-budget"),
+        (["--lr-step-budget", "1.5", "--time-budget", "5"], "invalid lr-step-budget"),
     ],
 )
 def test_invalid_arguments_exit_2_with_one_line(tmp_path, args, message, capsys):

@@ -8,7 +8,14 @@ from momentreg.data import load_dataset, to_float, train_val_split
 from momentreg.errors import CheckpointError, TrainingError
 from momentreg.models import Normalize, build_model
 from momentreg.robustness import accuracy
-from momentreg.training import load_checkpoint, train
+from momentreg.training import (
+    TrainConfig,
+    _budget_lr,
+    _step_config,
+    _StepClock,
+    load_checkpoint,
+    train,
+)
 from tests.helpers import SHARED_MNIST, needs_mnist
 
 
@@ -90,6 +97,36 @@ def test_time_budget_ends_the_run_in_the_step_that_crosses_it(tmp_path):
     assert ckpt["finished"] and ckpt["stopped"]
     again = train(_tiny_net(), tr, va, resume=True, **kwargs)
     assert again == history  # a finished budget run does not train on when resumed
+
+
+def test_budget_step_rate_and_deferral_follow_the_step_clock():
+    """The anchors' recipe as shares of a budget of 9 s: lr / 10 at 3 s and 6 s; MACER's term off
+    for the first 0.34 of the budget (3.06 s)."""
+    cfg = TrainConfig(
+        method="macer", sigma=0.5, alpha=16.0, lr=0.01, lr_gamma=0.1, lr_schedule="budget-step",
+        lr_step_budget=1 / 3, time_budget=9.0, alpha_delay_budget=0.34,
+    )  # fmt: skip
+    cfg.validate()
+    opt = torch.optim.SGD(_tiny_net().parameters(), lr=cfg.lr)
+    for seconds, lr, alpha in [
+        (0.0, 1e-2, 0.0), (2.99, 1e-2, 0.0), (3.01, 1e-3, 0.0), (3.07, 1e-3, 16.0),
+        (6.01, 1e-4, 16.0), (8.99, 1e-4, 16.0),
+    ]:  # fmt: skip
+        clock = _StepClock(steps=100, seconds=seconds)
+        _budget_lr(opt, cfg, clock)
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+        assert _step_config(cfg, 1, clock).alpha == alpha
+    by_epoch = TrainConfig(method="macer", alpha=16.0, alpha_delay=2)
+    assert [_step_config(by_epoch, e, _StepClock()).alpha for e in (1, 2, 3)] == [0, 0, 16]
+
+
+def test_a_budget_step_run_records_the_decayed_rate(tmp_path):
+    tr, va = _sample()
+    kwargs = dict(FAST, lr_schedule="budget-step", time_budget=0.3, lr_step_budget=0.25)
+    history = train(_tiny_net(), tr, va, epochs=1000, early_stop=1000, **kwargs)
+    # the last step starts after at least 3 of the 4 quarters: lr 1e-2 * 0.1**3
+    assert history[-1]["lr"] == pytest.approx(1e-5)
+    assert history[0]["lr"] > history[-1]["lr"]
 
 
 def test_non_finite_loss_names_epoch_and_batch_and_keeps_checkpoint(tmp_path):

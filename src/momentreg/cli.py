@@ -31,7 +31,7 @@ from momentreg.run import (
 )
 from momentreg.rundir import read_json
 from momentreg.tables import attack_table, markdown_table, write_table
-from momentreg.training import METHODS
+from momentreg.training import LR_SCHEDULES, METHODS
 
 USAGE_ERROR = 2
 USER_MODEL_HELP = "the FILE.py:FUNCTION the run was trained with, to allow running it again"
@@ -135,6 +135,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--alpha-delay", type=nonneg_int, help="train this many epochs with the regularizer off"
     )
     p.add_argument(
+        "--alpha-delay-budget",
+        type=nonneg_float,
+        help="train this share of --time-budget with the regularizer off (0 to 1)",
+    )
+    p.add_argument(
         "--sigma-warmup",
         type=nonneg_int,
         help="raise the training noise linearly from 0 to --sigma over this many steps",
@@ -148,8 +153,17 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=nonneg_float)
     g.add_argument("--batch-size", type=pos_int)
     g.add_argument("--epochs", type=pos_int, default=100, help="at most this many epochs")
-    g.add_argument("--lr-schedule", choices=("plateau", "step"))
+    g.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help="budget-step: decay at every --lr-step-budget share of --time-budget",
+    )
     g.add_argument("--lr-step", type=pos_int, help="step schedule: epochs between decays")
+    g.add_argument(
+        "--lr-step-budget",
+        type=pos_float,
+        help="budget-step schedule: share of --time-budget between decays (default 1/3)",
+    )
     g.add_argument("--lr-gamma", type=pos_float, help="step schedule: the decay factor")
     g.add_argument("--plateau-factor", type=pos_float)
     g.add_argument("--plateau-patience", type=nonneg_int)

@@ -59,6 +59,7 @@ class TrainConfig:
     macer_beta: float = 16.0  # macer: the inverse temperature of the soft smoothed classifier
     macer_gamma: float = 8.0  # macer: the hinge's margin
     alpha_delay: int = 0  # epochs trained with the regularizer off (MACER's deferral)
+    alpha_delay_budget: float = 0.0  # the same, as a share of time_budget (a budget run's deferral)
     sigma_warmup: int = 100  # steps over which the noise rises linearly to sigma (0: none)
     optimizer: str = "adam"
     lr: float = 1e-4
@@ -67,8 +68,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 1000
     epochs: int = 100
-    lr_schedule: str = "plateau"  # "plateau" (on the validation loss) or "step"
+    lr_schedule: str = "plateau"  # "plateau" (on the validation loss), "step" or "budget-step"
     lr_step: int = 30  # step schedule: epochs between decays
+    lr_step_budget: float = 1 / 3  # budget-step schedule: share of time_budget between decays
     lr_gamma: float = 0.1  # step schedule: the decay factor
     plateau_factor: float = 0.9
     plateau_patience: int = 3
@@ -85,8 +87,8 @@ class TrainConfig:
             raise ValueError(f"unknown moment loss {self.moment_loss!r}; choose {MOMENT_LOSSES}")
         if self.moment_loss == "expected-ce" and self.moment_depth != "all":
             raise ValueError("moment loss expected-ce needs moment depth all (the output variance)")
-        if self.lr_schedule not in ("plateau", "step"):
-            raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose plateau or step")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose {LR_SCHEDULES}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
         checks = {
@@ -106,6 +108,8 @@ class TrainConfig:
             "macer_beta": self.macer_beta > 0 and math.isfinite(self.macer_beta),
             "macer_gamma": self.macer_gamma > 0 and math.isfinite(self.macer_gamma),
             "alpha_delay": self.alpha_delay >= 0,
+            "alpha_delay_budget": 0 <= self.alpha_delay_budget < 1,
+            "lr_step_budget": 0 < self.lr_step_budget <= 1,
             "sigma_warmup": self.sigma_warmup >= 0,
             "lr_step": self.lr_step >= 1,
             "lr_gamma": 0 < self.lr_gamma <= 1,
@@ -114,6 +118,11 @@ class TrainConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid {bad[0].replace('_', '-')}: {getattr(self, bad[0])}")
+        if (self.alpha_delay_budget or self.lr_schedule == "budget-step") and not self.time_budget:
+            raise ValueError(
+                "alpha-delay-budget and the budget-step schedule are shares of the time budget: "
+                "set time-budget"
+            )
 
 
 # The paper's protocol per model; any field can be overridden.
@@ -307,6 +316,7 @@ WEIGHTED = tuple(m for m in LOSSES if m not in ("clean", "augment", "noise"))  #
 
 
 METHODS = tuple(LOSSES)
+LR_SCHEDULES = ("plateau", "step", "budget-step")
 
 
 def step_loss(model, x, y, noisy, cfg: TrainConfig, gen, split=None):
@@ -324,7 +334,10 @@ class TrainState:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+    # None for the budget-step schedule, which sets the rate from the step clock (_budget_lr)
+    scheduler: (
+        torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    )
     cpu_gen: torch.Generator  # the order of examples
     dev_gen: torch.Generator  # the noise
     history: list = dataclasses.field(default_factory=list)
@@ -337,6 +350,8 @@ class TrainState:
         optimizer = _optimizer(model, cfg)
         if cfg.lr_schedule == "step":
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
+        elif cfg.lr_schedule == "budget-step":
+            scheduler = None
         else:
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience
@@ -363,7 +378,7 @@ class TrainState:
             "stopped": self.stopped,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "rng": {"cpu": self.cpu_gen.get_state(), "device": self.dev_gen.get_state()},
             "history": self.history,
             "best": self.best,
@@ -373,7 +388,8 @@ class TrainState:
     def restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
         self.cpu_gen.set_state(ckpt["rng"]["cpu"])
         self.dev_gen.set_state(ckpt["rng"]["device"])
         self.history, self.best = ckpt["history"], ckpt["best"]
@@ -383,7 +399,7 @@ class TrainState:
         """Record a validated epoch: schedule, best weights, early stopping."""
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(row["val_loss"])
-        else:
+        elif self.scheduler is not None:
             self.scheduler.step()
         if row["val_loss"] < self.best["val_loss"]:
             state = copy.deepcopy(self.model.state_dict())
@@ -427,14 +443,24 @@ def _train_step(state: TrainState, x, y, noisy, cfg: TrainConfig, split) -> tupl
 
 
 def _step_config(cfg: TrainConfig, epoch: int, clock: _StepClock) -> TrainConfig:
-    """The settings of the next step: the regularizer off during ``alpha_delay`` epochs, and the
-    noise level ramped up linearly over the first ``sigma_warmup`` steps."""
+    """The settings of the next step: the regularizer off during ``alpha_delay`` epochs and the
+    first ``alpha_delay_budget`` share of the time budget, and the noise level ramped up linearly
+    over the first ``sigma_warmup`` steps."""
     changes = {}
-    if epoch <= cfg.alpha_delay:
+    if epoch <= cfg.alpha_delay or clock.seconds < cfg.alpha_delay_budget * cfg.time_budget:
         changes["alpha"] = 0.0
     if clock.steps < cfg.sigma_warmup:
         changes["sigma"] = cfg.sigma * (clock.steps + 1) / cfg.sigma_warmup
     return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _budget_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, clock: _StepClock) -> None:
+    """The budget-step schedule: lr times lr_gamma for every lr_step_budget share of the time
+    budget the training steps have taken (the anchors' "/ 10 at epochs 30 and 60 of 90" as
+    shares of a budget of seconds)."""
+    decays = math.floor(clock.seconds / (cfg.lr_step_budget * cfg.time_budget))
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * cfg.lr_gamma**decays
 
 
 def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
@@ -452,6 +478,8 @@ def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
         t_step = time.perf_counter()
         idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         x, y = to_float(images[idx % n]), labels[idx % n]
+        if cfg.lr_schedule == "budget-step":
+            _budget_lr(state.optimizer, cfg, clock)
         try:
             loss, hits = _train_step(state, x, y, idx >= n, _step_config(cfg, epoch, clock), split)
         except TrainingError as e:
