@@ -30,6 +30,7 @@ from momentreg.rundir import (
     ERROR,
     HISTORY,
     METRICS,
+    TIGHTNESS_FILE,
     read_json,
     write_json,
 )
@@ -38,7 +39,7 @@ from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 # A run's small files, exported beside the study page (checkpoints stay with the runs).
-COPIED = (CONFIG, METRICS, ATTACKS_FILE, CERTIFY_FILE, HISTORY)
+COPIED = (CONFIG, METRICS, ATTACKS_FILE, CERTIFY_FILE, HISTORY, TIGHTNESS_FILE)
 # Paper (Table 1, LeNet on MNIST): (accuracy, GNR) of clean and of the regularizer at sigma 1.0,
 # alpha 1.
 PAPER = {"clean": (98.50, 77.45), "moment sigma=1.0": (99.00, 97.32)}

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
-    "study, figures", [("reproduction", 6), ("beyond", 2), ("cifar", 9), ("certified", 1)]
+    "study, figures", [("reproduction", 6), ("beyond", 2), ("cifar", 9), ("certified", 2)]
 )
 def test_committed_study_doc_regenerates_identically(tmp_path, study, figures):
     script = {
