@@ -29,6 +29,7 @@ from study import (
     provenance,
     run_jobs,
     study_parser,
+    tightness_command,
 )
 
 from momentreg.plots import plt
@@ -85,11 +86,7 @@ def evaluate(runs: Path, images: int, n: int, device: str, workers: int) -> None
             smoothing = {"sigma": sigma, "n0": 100, "alpha": 0.001}
             job.append(certify_command(run, device, smoothing, n, images, 10_000))
         if not (run / TIGHTNESS_FILE).exists():
-            job.append(
-                [sys.executable, "-m", "momentreg", "tightness", str(run), "--quiet"]
-                + ["--device", device, "--sigmas", f"{sigma:g}"]
-                + ["--limit", str(TIGHTNESS_IMAGES), "--samples", str(TIGHTNESS_SAMPLES)]
-            )
+            job.append(tightness_command(run, device, sigma, TIGHTNESS_IMAGES, TIGHTNESS_SAMPLES))
         if job:
             jobs.append(job)
     run_jobs(jobs, workers)
@@ -133,7 +130,6 @@ def load_rows(folder: Path) -> list[dict]:
         tsv = run / certify_tsv(config["sigma"])
         if not tsv.exists() or metrics.get("constant_predictions"):
             continue
-        losses = val_losses(run)
         images_seen = metrics["steps"] * config["batch_size"]
         rows.append(
             {
@@ -147,14 +143,13 @@ def load_rows(folder: Path) -> list[dict]:
                 "seconds_per_step": metrics["step_seconds"] / metrics["steps"],
                 "passes": metrics["passes_per_image"],
                 "compute": images_seen * metrics["passes_per_image"],  # clean image-passes
-                "diverged": losses[-1] > DIVERGED * min(losses),
-                "val_losses": losses,
+                "val_losses": val_losses(run),
                 "accuracy": metrics["test_accuracy"],
                 "gnr": metrics["gnr"],
                 **certified(read_tsv(tsv)),
             }
         )
-    return rows
+    return with_step_cost(rows)
 
 
 def _order(row: dict) -> tuple:
@@ -162,14 +157,23 @@ def _order(row: dict) -> tuple:
     return (row["sigma"], analytic, row["label"], row["budget"])
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b else "-"
+def with_step_cost(rows: list[dict]) -> list[dict]:
+    """Each row with ``step_cost``: its seconds per step over noise training's at the same sigma
+    and budget, or at the largest budget noise training has at that sigma (None without one)."""
+    noise = {
+        (r["sigma"], r["budget"]): r["seconds_per_step"] for r in rows if r["method"] == "noise"
+    }
+    for r in rows:
+        budgets = [b for s, b in noise if s == r["sigma"]]
+        base = noise.get((r["sigma"], r["budget"])) or (
+            noise[(r["sigma"], max(budgets))] if budgets else None
+        )
+        r["step_cost"] = r["seconds_per_step"] / base if base else None
+    return rows
 
 
 def results_table(rows: list[dict]) -> str:
-    """One sigma's runs; step seconds against noise training's at the same budget (or at the
-    largest budget noise training has)."""
-    noise = {r["budget"]: r["seconds_per_step"] for r in rows if r["method"] == "noise"}
+    """One sigma's runs."""
     header = ["method", "budget (s)", "steps", "epoch kept", "passes per image",
               "step seconds (x noise)", "compute (M image-passes)", "ACR",
               *[f"cert. acc. r={r:g}" for r in RADII], "clean acc.", "GNR"]  # fmt: skip
@@ -180,9 +184,7 @@ def results_table(rows: list[dict]) -> str:
             str(r["steps"]),
             r["kept"],
             f"{r['passes']:.2f}",
-            _ratio(
-                r["seconds_per_step"], noise.get(r["budget"], noise[max(noise)] if noise else 0)
-            ),
+            f"{r['step_cost']:.2f}" if r["step_cost"] else "-",
             f"{r['compute'] / 1e6:.3f}",
             f"{r['acr']:.3f} ± {r['se']:.3f}",
             *[f"{r['at'][x]:.0f}" for x in RADII],
@@ -342,19 +344,12 @@ def tightness_table(folder: Path, rows: list[dict], sigma: float) -> str:
 def understated(rows: list[dict], factor: float = 1.5) -> list[str]:
     """Runs whose step seconds (against noise training's) exceed their FLOP-counted passes by more
     than ``factor``: the elementwise work the counter leaves out."""
-    noise = {
-        (r["sigma"], r["budget"]): r["seconds_per_step"] for r in rows if r["method"] == "noise"
-    }
-    out = []
-    for r in sorted(rows, key=_order):
-        base = noise.get((r["sigma"], r["budget"]))
-        if base and r["seconds_per_step"] / base > factor * r["passes"]:
-            ratio = r["seconds_per_step"] / base
-            out.append(
-                f"{r['label']} at sigma {r['sigma']:g}, {r['budget']:g} s ({ratio:.2f}x noise "
-                f"training's step seconds for {r['passes']:.2f} passes)"
-            )
-    return out
+    return [
+        f"{r['label']} at sigma {r['sigma']:g}, {r['budget']:g} s ({r['step_cost']:.2f}x noise "
+        f"training's step seconds for {r['passes']:.2f} passes)"
+        for r in sorted(rows, key=_order)
+        if r["step_cost"] and r["step_cost"] > factor * r["passes"]
+    ]
 
 
 def left_out_runs(folder: Path) -> tuple[list[str], dict[float, set]]:
@@ -378,7 +373,7 @@ def diverged_lines(rows: list[dict]) -> list[str]:
         + ", ".join(f"{v:.3g}" for v in r["val_losses"])
         + f"; it keeps epoch {r['kept']}."
         for r in sorted(rows, key=_order)
-        if r["diverged"]
+        if r["val_losses"][-1] > DIVERGED * min(r["val_losses"])
     ]
 
 

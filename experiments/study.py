@@ -100,6 +100,21 @@ def certify_command(run: Path, device: str, smoothing: dict, n: int, images: int
     )
 
 
+def tightness_command(run: Path, device: str, sigma: float, images: int, samples: int):
+    """``momentreg tightness RUN`` argv: the analytic expected logits against a Monte Carlo mean of
+    ``samples`` draws, at ``sigma`` on the first ``images`` test images (tightness.json)."""
+    return [
+        sys.executable,
+        "-m",
+        "momentreg",
+        "tightness",
+        str(run),
+        "--quiet",
+        "--device",
+        device,
+    ] + ["--sigmas", f"{sigma:g}", "--limit", str(images), "--samples", str(samples)]
+
+
 def run_jobs(jobs: list[list[list[str]]], workers: int) -> None:
     """Each job is a list of commands run in turn; up to ``workers`` jobs at once, sharing the
     CPU cores between them."""

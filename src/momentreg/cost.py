@@ -7,10 +7,10 @@ the FLOPs of clean training on the same batch (one forward and backward per imag
 is 1 pass per image by construction, m-copy consistency about m, MACER with k samples about k; an
 analytic variant's head variance and tail passes count for what they cost.
 
-What is counted: the operations FlopCounterMode prices (convolutions, matrix products, attention);
-elementwise and reduction operations (the ReLU mean's erfc, softmax) are not, and on the models
-here they are a small share of the FLOPs (they still cost memory traffic, which the step seconds
-show).
+What is counted: the operations FlopCounterMode prices (convolutions, matrix products, attention).
+Elementwise and reduction operations (the ReLU mean's erfc, softmax) are not: where a method has
+much of them, as moments through every layer do, its step seconds show a cost its passes do not
+(docs/certified.md lists those runs).
 """
 
 from __future__ import annotations
