@@ -88,13 +88,16 @@ def attack_commands(
     ]
 
 
-def certify_command(run: Path, device: str, smoothing: dict, n: int, images: int, test_size: int):
+def certify_command(
+    run: Path, device: str, smoothing: dict, n: int, images: int, test_size: int, batch=10_000
+):
     """``momentreg evaluate RUN --certify`` argv: CERTIFY at ``smoothing`` (sigma, n0, alpha) with
-    ``n`` samples on every (test_size // images)-th of ``images`` test images."""
+    ``n`` samples on every (test_size // images)-th of ``images`` test images, ``batch`` noisy
+    copies per forward pass."""
     s = smoothing
     return (
         [sys.executable, "-m", "momentreg", "evaluate", str(run), "--quiet", "--device", device]
-        + ["--certify", "--batch", "10000", "--sigma", str(s["sigma"]), "--n0", str(s["n0"])]
+        + ["--certify", "--batch", str(batch), "--sigma", str(s["sigma"]), "--n0", str(s["n0"])]
         + ["--n", str(n), "--alpha", str(s["alpha"])]
         + ["--limit", str(images), "--stride", str(max(1, test_size // images))]
     )
@@ -202,9 +205,10 @@ def attack_table(rows: list[dict], clean: dict | None) -> str:
     )
 
 
-def provenance(results: Path, title: str) -> list[str]:
+def provenance(results: Path, title: str, options: str = "") -> list[str]:
     """A study page's head: its title, the command and machine that made the runs (from
-    RESULTS/command.txt and environment.json), and how to rewrite the page."""
+    RESULTS/command.txt and environment.json), and how to rewrite the page (the script with
+    ``options`` and ``--stages doc``)."""
     env = read_json(results / "environment.json")
     command = (results / "command.txt").read_text().strip()
     script = command.split()[1]  # python experiments/<script> ...
@@ -220,7 +224,7 @@ def provenance(results: Path, title: str) -> list[str]:
         "```",
         "",
         f"on {hardware} (torch {env['torch']}, Python {env['python']}, {env['date']}). "
-        f"`python {script} --stages doc` rewrites this page from the committed metrics.",
+        f"`python {script} {options}--stages doc` rewrites this page from the committed metrics.",
         "",
     ]
 
