@@ -14,6 +14,7 @@ from momentreg.training import (
     _step_config,
     _StepClock,
     load_checkpoint,
+    model_weights,
     train,
 )
 from tests.helpers import SHARED_MNIST, needs_mnist
@@ -79,6 +80,25 @@ def test_keeps_best_validation_weights_and_stops_early(tmp_path):
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["finished"] and ckpt["best"]["epoch"] == best["epoch"]
     assert all(torch.equal(net.state_dict()[k], ckpt["best"]["state"][k]) for k in ckpt["model"])
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_keep_chooses_the_weights_the_run_ends_with(tmp_path, keep):
+    """At a rate this high the validation loss is lowest before the last epoch, so the two
+    choices differ; the model, and what a finished checkpoint loads, are the chosen weights."""
+    tr, va = _sample()
+    torch.manual_seed(0)
+    net = _tiny_net()
+    history = train(
+        net, tr, va, epochs=6, lr=0.5, batch_size=50, progress=False, out_dir=tmp_path, keep=keep
+    )
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert min(history, key=lambda r: r["val_loss"])["epoch"] < len(history)  # they differ
+    chosen = ckpt["best"]["state"] if keep == "best" else ckpt["model"]
+    other = ckpt["model"] if keep == "best" else ckpt["best"]["state"]
+    assert any(not torch.equal(chosen[k], other[k]) for k in chosen)
+    assert all(torch.equal(net.state_dict()[k], chosen[k]) for k in chosen)
+    assert all(torch.equal(model_weights(ckpt)[k], chosen[k]) for k in chosen)
 
 
 def test_time_budget_ends_the_run_in_the_step_that_crosses_it(tmp_path):

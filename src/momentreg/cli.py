@@ -31,7 +31,7 @@ from momentreg.run import (
 )
 from momentreg.rundir import read_json
 from momentreg.tables import attack_table, markdown_table, write_table
-from momentreg.training import LR_SCHEDULES, METHODS
+from momentreg.training import KEEP, LR_SCHEDULES, METHODS
 
 USAGE_ERROR = 2
 USER_MODEL_HELP = "the FILE.py:FUNCTION the run was trained with, to allow running it again"
@@ -168,6 +168,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plateau-factor", type=pos_float)
     g.add_argument("--plateau-patience", type=nonneg_int)
     g.add_argument("--early-stop", type=pos_int, help="patience of early stopping (epochs)")
+    g.add_argument(
+        "--keep",
+        choices=KEEP,
+        help="the weights the run ends with: the best validation loss's (default) or the last "
+        "epoch's (as the randomized-smoothing baselines' code)",
+    )
     g.add_argument(
         "--time-budget",
         type=pos_float,

@@ -254,6 +254,11 @@ def train_run(
     metrics.update(
         epochs=len(history),
         best_epoch=max(history, key=lambda r: -r["val_loss"])["epoch"],
+        kept_epoch=(
+            max(history, key=lambda r: -r["val_loss"])["epoch"]
+            if cfg.keep == "best"
+            else len(history)
+        ),  # the epoch whose weights the run ends with (keep)
         train_seconds=history[-1]["train_seconds"],
         steps=history[-1].get("steps"),  # absent in checkpoints older than the budget
         step_seconds=history[-1].get("step_seconds"),

@@ -33,6 +33,7 @@ __all__ = [
     "PROTOCOLS",
     "METHODS",
     "LOSSES",
+    "KEEP",
     "ANALYTIC",
     "WEIGHTED",
     "step_loss",
@@ -76,6 +77,7 @@ class TrainConfig:
     plateau_patience: int = 3
     early_stop: int = 10
     time_budget: float = 0.0  # stop once the training steps took this many seconds (0: no limit)
+    keep: str = "best"  # the weights a run ends with: "best" validation loss, or the "last" epoch's
     seed: int = 0
 
     def validate(self) -> None:
@@ -89,6 +91,8 @@ class TrainConfig:
             raise ValueError("moment loss expected-ce needs moment depth all (the output variance)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose {LR_SCHEDULES}")
+        if self.keep not in KEEP:
+            raise ValueError(f"unknown keep {self.keep!r}; choose {' or '.join(KEEP)}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
         checks = {
@@ -198,9 +202,10 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def model_weights(ckpt: dict) -> dict:
-    """The weights a checkpoint's run ends with: its best-validation weights once finished, else
-    the weights of its last epoch."""
-    return ckpt["best"]["state"] if ckpt["finished"] else ckpt["model"]
+    """The weights a checkpoint's run ends with: once finished, its best-validation weights (or
+    its last epoch's, for a run with keep="last"); before, the weights of its last epoch."""
+    keep = ckpt.get("identity", {}).get("config", {}).get("keep", "best")
+    return ckpt["best"]["state"] if ckpt["finished"] and keep == "best" else ckpt["model"]
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -317,6 +322,7 @@ WEIGHTED = tuple(m for m in LOSSES if m not in ("clean", "augment", "noise"))  #
 
 METHODS = tuple(LOSSES)
 LR_SCHEDULES = ("plateau", "step", "budget-step")
+KEEP = ("best", "last")
 
 
 def step_loss(model, x, y, noisy, cfg: TrainConfig, gen, split=None):
@@ -510,7 +516,8 @@ def train(
     split: Split | None = None,
     **overrides,
 ) -> list[dict]:
-    """Train ``model`` in place and leave it with its best-validation weights; return the history.
+    """Train ``model`` in place and leave it with its best-validation weights (``keep="last"``:
+    its last epoch's); return the history.
 
     ``overrides`` set TrainConfig fields (``method="moment", sigma=1.0, alpha=1.0``, ...). With
     ``out_dir`` a checkpoint and ``history.csv`` are written atomically after every epoch;
@@ -541,7 +548,8 @@ def train(
         state.restore(ckpt)
         if state.stopped or state.epoch >= cfg.epochs:
             _write_history(out / HISTORY, state.history)  # a kill may have left the previous one
-            model.load_state_dict(state.best["state"])
+            if cfg.keep == "best":
+                model.load_state_dict(state.best["state"])
             return state.history
     writer = _tensorboard_writer(out) if tensorboard else None
     clock = _StepClock(state.last("steps"), state.last("step_seconds", 0.0))
@@ -571,7 +579,8 @@ def train(
             break
     if writer is not None:
         writer.close()
-    model.load_state_dict(state.best["state"])
+    if cfg.keep == "best":
+        model.load_state_dict(state.best["state"])
     return state.history
 
 
