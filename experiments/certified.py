@@ -35,6 +35,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from matplotlib.ticker import FuncFormatter
 from study import (
     certify_command,
     data_dirs,
@@ -238,6 +239,11 @@ def val_losses(run: Path) -> list[float]:
         return [float(r["val_loss"]) for r in csv.DictReader(f)]
 
 
+def kept_epoch(metrics: dict) -> int:
+    """The epoch whose weights the run ends with (runs before ``keep``: the best validation)."""
+    return metrics.get("kept_epoch", metrics["best_epoch"])
+
+
 def budget(config: dict, unit: str) -> float:
     """What a run was given: seconds of training steps, or epochs."""
     return config["time_budget"] if unit == "s" else config["epochs"]
@@ -262,7 +268,10 @@ def load_rows(folder: Path, unit: str) -> list[dict]:
                 "budget": budget(config, unit),
                 "seconds": metrics["step_seconds"],
                 "steps": metrics["steps"],
-                "kept": f"{metrics['best_epoch']} of {metrics['epochs']}",
+                "kept": f"{kept_epoch(metrics)} of {metrics['epochs']}",
+                "kept_epoch": kept_epoch(metrics),
+                "epochs": metrics["epochs"],
+                "delay": config.get("alpha_delay", 0),
                 "seconds_per_step": metrics["step_seconds"] / metrics["steps"],
                 "passes": metrics["passes_per_image"],
                 "compute": images_seen * metrics["passes_per_image"],  # clean image-passes
@@ -319,7 +328,7 @@ def results_table(rows: list[dict], unit: str) -> str:
     return markdown_table(header, body, align="lrrrrrrr" + "r" * len(RADII) + "rr")
 
 
-def anchor_table(rows, sigmas: list[float], left_out: dict[float, set], unit: str) -> str:
+def anchor_table(rows, sigmas, left_out: dict[float, set], unit: str, not_certified) -> str:
     """The published ACRs beside each method's run at its largest budget, per sigma."""
 
     def cell(name: str, sigma: float) -> str:
@@ -327,6 +336,8 @@ def anchor_table(rows, sigmas: list[float], left_out: dict[float, set], unit: st
         if runs:
             r = max(runs, key=lambda r: r["budget"])
             return f"{r['acr']:.3f} ({r['budget']:g} {unit})"
+        if name in not_certified.get(sigma, set()):
+            return "trained, not certified"
         return "left out (one class)" if name in left_out.get(sigma, set()) else "not run"
 
     header = ["method"] + [
@@ -354,8 +365,8 @@ def _compare(a: dict, b: dict) -> str:
 
 def goal_pairs(rows: list[dict], unit: str, macer_factor: int) -> list[tuple[str, dict, dict]]:
     """The issue's goal as (what, analytic run, sampled run) pairs, per sigma: (1) at each budget
-    consistency runs at, the best analytic variant against it; (2) each macer-analytic against
-    MACER at ``macer_factor`` x its budget."""
+    consistency runs at, the best analytic variant against it; (2) each macer-analytic with at
+    most a quarter of MACER's measured compute against MACER at ``macer_factor`` x its budget."""
     pairs = []
     for sigma in sorted({r["sigma"] for r in rows}):
         at_sigma = [r for r in rows if r["sigma"] == sigma]
@@ -386,8 +397,9 @@ def _macer_goal(unit: str, factor: int) -> str:
     return f"MACER's ACR at {'the same' if factor == 1 else f'1/{factor} of its'} {unit}"
 
 
-def verdict(rows, sigmas: list[float], left_out: dict[float, set], unit: str, macer_factor: int):
-    """The goal, checked pair by pair, then the plainest baseline against the best run."""
+def verdict(rows, sigmas, left_out: dict[float, set], unit: str, macer_factor: int, not_certified):
+    """The goal, checked pair by pair, then the plainest baseline against the best run;
+    ``not_certified``: sigma -> the methods trained but not certified there."""
     pairs = goal_pairs(rows, unit, macer_factor)
     lines = []
     for what, a, b in pairs:
@@ -401,6 +413,13 @@ def verdict(rows, sigmas: list[float], left_out: dict[float, set], unit: str, ma
             lines.append(
                 f"- **sigma {sigma:g}, {_macer_goal(unit, macer_factor)}:** not tested, "
                 "since MACER has no certified result that counts (see the runs left out below)."
+            )
+        missing = sorted({"macer", "macer-analytic"} & not_certified.get(sigma, set()))
+        if missing:
+            lines.append(
+                f"- **sigma {sigma:g}, {_macer_goal(unit, macer_factor)}:** not tested: "
+                + " and ".join(missing)
+                + " trained but were not certified before the deadline (see the end of the page)."
             )
     held = [(a, b) for _, a, b in pairs if a["acr"] >= b["acr"]]
     resolved = sum(gap > two_se for gap, two_se in (_gap(a, b) for a, b in held))
@@ -451,7 +470,11 @@ def anchor_check(rows: list[dict], sigmas: list[float]) -> list[str]:
             f"- **sigma {sigma:g}:** ours {r['acr']:.3f} ± {r['se']:.3f}, published "
             f"{published:.3f}: gap {gap:+.3f}, "
             + (f"within {ANCHOR_TOLERANCE:g}" if within else f"outside {ANCHOR_TOLERANCE:g}")
-            + ("" if abs(gap) <= 2 * r["se"] else "; more than two of our standard errors")
+            + (
+                "; within two of our standard errors"
+                if abs(gap) <= 2 * r["se"]
+                else "; more than two of our standard errors"
+            )
             + "."
         )
     return lines
@@ -482,6 +505,10 @@ def plot(rows: list[dict], sigma: float, path: Path, unit: str) -> None:
             ax.minorticks_off()
             ticks = sorted({r["budget"] for r in rows}) if key == "budget" else [0.03, 0.1, 0.3, 1]
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        else:
+            plain = FuncFormatter(lambda v, _: f"{v:g}")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
         ax.set_xlabel(xlabel)
     axes[0].set_ylabel(f"ACR, sigma {sigma:g}")
     axes[1].legend(fontsize=7)
@@ -555,22 +582,39 @@ def diverged_lines(rows: list[dict], unit: str) -> list[str]:
     ]
 
 
-def missing_runs(study: Study, folder: Path) -> tuple[list[str], list[str]]:
-    """The spec's runs with no certified result: those trained but not certified, and those with
-    no finished training (a study cut short by its deadline); a line each."""
-    trained, uncertified = set(), []
+def uncertified_runs(folder: Path) -> list[tuple[dict, dict]]:
+    """(config, metrics) of each run that trained and predicts more than one class but has no
+    certification at its sigma (a study cut short by its deadline)."""
+    found = []
     for run in sorted(folder.iterdir()):
-        if not (run / METRICS).exists():
-            continue
-        config = read_json(run / CONFIG)
-        key = (config["method"], config["sigma"], config.get("moment_depth", "first"))
-        trained.add(key)
-        metrics = read_json(run / METRICS)
-        if (
-            not metrics.get("constant_predictions")
-            and not (run / certify_tsv(config["sigma"])).exists()
-        ):
-            uncertified.append(f"{label(config)} at sigma {config['sigma']:g}")
+        if (run / METRICS).exists():
+            config, metrics = read_json(run / CONFIG), read_json(run / METRICS)
+            tsv = run / certify_tsv(config["sigma"])
+            if not metrics.get("constant_predictions") and not tsv.exists():
+                found.append((config, metrics))
+    return found
+
+
+def untested(folder: Path) -> dict[float, set]:
+    """sigma -> the methods trained there but not certified."""
+    methods = {}
+    for config, _ in uncertified_runs(folder):
+        methods.setdefault(config["sigma"], set()).add(config["method"])
+    return methods
+
+
+def missing_runs(study: Study, folder: Path) -> tuple[list[str], list[str]]:
+    """The spec's runs with no certified result: those trained but not certified (with their
+    clean accuracy, GNR and kept epoch), and those with no finished training; a line each."""
+    uncertified = [
+        f"{label(c)} at sigma {c['sigma']:g} (accuracy {m['test_accuracy']:.2f}%, GNR "
+        f"{m['gnr']:.2f}, epoch kept {kept_epoch(m)} of {m['epochs']})"
+        for c, m in uncertified_runs(folder)
+    ]
+    trained = {
+        (c["method"], c["sigma"], c.get("moment_depth", "first"))
+        for c in (read_json(d / CONFIG) for d in folder.iterdir() if (d / METRICS).exists())
+    }
     untrained = [
         f"{label(c)} at sigma {c['sigma']:g}"
         for c in expand(load_spec(str(study.spec)))
@@ -579,7 +623,50 @@ def missing_runs(study: Study, folder: Path) -> tuple[list[str], list[str]]:
     return uncertified, untrained
 
 
-def _setting(study: Study, rows: list[dict], sigmas: list[float], images: int, n: int):
+def kept_weights(folder: Path, rows: list[dict], unit: str) -> list[str]:
+    """Which epoch's weights each run ends with, against the anchors' last epoch, and the runs
+    that keep an epoch before their regularizer started (alpha_delay)."""
+    runs = [
+        (r["label"], r["sigma"], r["kept_epoch"], r["epochs"], r["delay"],
+         read_json(folder / r["run"] / CONFIG).get("keep", "best"))
+        for r in sorted(rows, key=_order)
+    ] + [
+        (label(c), c["sigma"], kept_epoch(m), m["epochs"], c.get("alpha_delay", 0),
+         c.get("keep", "best"))
+        for c, m in uncertified_runs(folder)
+    ]  # fmt: skip
+    keeps = sorted({k for *_, k in runs})
+    before = [r for r in runs if r[2] < r[3]]
+    early = [r for r in runs if r[2] <= r[4]]
+    lines = [
+        f"Every run here keeps its `{'` or `'.join(keeps)}` weights (config.json's `keep`: "
+        "`best` is the epoch of lowest clean validation loss), while the anchors' code "
+        f"certifies the last epoch's. {len(before)} of {len(runs)} runs keep an earlier "
+        "epoch than their last"
+        + (
+            ": " + "; ".join(f"{n} at sigma {sg:g}, epoch {k} of {e}" for n, sg, k, e, *_ in before)
+            if before
+            else ""
+        )
+        + "."
+    ]
+    if early:
+        lines += [
+            "",
+            "These keep an epoch from before their regularizer was switched on (after "
+            f"`alpha_delay` {unit}), so their weights never trained with it: "
+            + "; ".join(
+                f"{name} at sigma {sg:g} (epoch {k}; regularizer from epoch {d + 1})"
+                for name, sg, k, _, d, _ in early
+            )
+            + ". A clean validation loss cannot choose the weights of a method that trades clean "
+            "loss for radius: the next run of this study should keep the last epoch "
+            "(`--set keep=last`).",
+        ]
+    return lines
+
+
+def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images: int, n: int):
     """The page's setting bullets: what was trained, for how long, and how it was certified."""
     sig = " and ".join(
         [", ".join(f"{s:g}" for s in sigmas[:-1]), f"{sigmas[-1]:g}"][-len(sigmas) :]
@@ -605,7 +692,8 @@ def _setting(study: Study, rows: list[dict], sigmas: list[float], images: int, n
         )
         kept = "(the last one may be partial), so two budgets can keep the same weights."
     else:
-        runs = len(rows)
+        runs = len([d for d in (results / TASK).iterdir() if (d / METRICS).exists()])
+        calls = len((results / "command.txt").read_text().splitlines())
         noise_only = [
             s for s in sigmas if {r["method"] for r in rows if r["sigma"] == s} == {"noise"}
         ]
@@ -619,10 +707,16 @@ def _setting(study: Study, rows: list[dict], sigmas: list[float], images: int, n
                 if noise_only
                 else ""
             ),
-            f"- The {runs} certified runs trained at once, each its own process on one GPU, "
-            "beside the certification of the runs done before them: a run's step seconds depend "
-            "on what ran beside it, so the seconds below are rough and the passes per image are "
-            "the cost to compare.",
+            f"- The {runs} runs trained at once, each its own process on one GPU, beside the "
+            "certification of the runs done before them"
+            + (
+                f", over {calls} calls of the command above, each resuming the runs the one "
+                "before left at its deadline (from their last epoch's checkpoints)"
+                if calls > 1
+                else ""
+            )
+            + ": a run's step seconds depend on what ran beside it, so the seconds below are "
+            "rough and the passes per image are the cost to compare.",
         ]
         delay = "their first 31 epochs"
         seconds = "*Step seconds* against noise training's at the same sigma, as measured."
@@ -665,11 +759,11 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
     n = read_json(results / TASK / rows[0]["run"] / CERTIFY_FILE)[f"{rows[0]['sigma']:g}"]["n"]
     options = "" if study is STUDIES["cpu"] else f"--study {_name(study)} "
     md = provenance(results, "Certified robustness per unit of compute", options)
-    md += ["## Setting", "", *_setting(study, rows, sigmas, images, n), ""]
+    md += ["## Setting", "", *_setting(study, results, rows, sigmas, images, n), ""]
     md += [
         "## What we conclude",
         "",
-        *verdict(rows, sigmas, left_methods, unit, study.macer_factor),
+        *verdict(rows, sigmas, left_methods, unit, study.macer_factor, untested(results / TASK)),
     ]
     if study.anchor_check:
         md += [
@@ -684,9 +778,9 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
         md += [
             "",
             f"With {images} images and budgets of seconds this is a scaled-down study: read the "
-            "gaps with their standard errors. The full one (sigma 0.25, 0.5 and 1.0; 90 epochs; "
-            "500 or 10,000 images at n = 100,000; our noise training checked against the anchor "
-            "within 0.03 ACR first) needs a GPU session.",
+            "gaps with their standard errors. The study at the anchors' recipe (sigma 0.25, 0.5 "
+            "and 1.0; 90 epochs; 500 images at n = 100,000; our noise training checked against "
+            "the anchors) is [certified-gpu.md](certified-gpu.md).",
         ]
     md += ["", "## Results", ""]
     for sigma in sigmas:
@@ -709,10 +803,12 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
     md += [
         "## The published anchors beside ours",
         "",
-        anchor_table(rows, sigmas, left_methods, unit),
+        anchor_table(rows, sigmas, left_methods, unit, untested(results / TASK)),
         "",
     ]
-    if not study.anchor_check:
+    if study.anchor_check:
+        md += ["## Which weights were certified", "", *kept_weights(results / TASK, rows, unit), ""]
+    else:
         md += [
             "Ours are far below the anchors: seconds of CPU training against 90 epochs, on "
             f"{images} images at n = {n:,} (a smaller n caps the radius lower). They compare "
@@ -728,12 +824,21 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
         "analytic variants' first-layer form train with) and of moments through every layer, "
         f"against a Monte Carlo mean of {TIGHTNESS_SAMPLES:,} draws per image. Median relative L2 "
         "error, the share of images whose argmax matches the Monte Carlo one, and the Monte Carlo "
-        "standard error on the same scale (docs/tightness.md explains the measure). " + least,
+        "standard error on the same scale (docs/tightness.md explains the measure)."
+        + (f" {least}" if least else ""),
         "",
     ]
     for sigma in sigmas:
         table = tightness_table(results / TASK, rows, sigma, unit, study.tightness_from)
         md += [f"Sigma {sigma:g}:", "", table, ""]
+    unmeasured = [
+        f"{r['label']} at sigma {r['sigma']:g}"
+        for r in sorted(rows, key=_order)
+        if r["budget"] >= study.tightness_from
+        and not (results / TASK / r["run"] / TIGHTNESS_FILE).exists()
+    ]
+    if unmeasured:
+        md += ["Not measured before the deadline: " + "; ".join(unmeasured) + ".", ""]
     diverged = diverged_lines(rows, unit)
     md += ["## Runs whose training diverged", ""]
     if diverged:

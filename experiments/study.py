@@ -133,10 +133,14 @@ def run_jobs(jobs: list[list[list[str]]], workers: int) -> None:
 
 
 def record_environment(runs: Path, command: str) -> None:
-    """Where and how the runs are made: exported beside their metrics."""
+    """Where and how the runs are made: exported beside their metrics. A command that resumes
+    the runs with other options is added as a line of its own to command.txt."""
     cuda = torch.cuda.is_available()
     runs.mkdir(parents=True, exist_ok=True)
-    (runs / "command.txt").write_text(command + "\n")
+    path = runs / "command.txt"
+    before = path.read_text().splitlines() if path.exists() else []
+    if command not in before:
+        path.write_text("".join(line + "\n" for line in [*before, command]))
     write_json(
         runs / "environment.json",
         {

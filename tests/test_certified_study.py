@@ -1,0 +1,93 @@
+"""The rules behind the verdicts of docs/certified.md and docs/certified-gpu.md, each on rows made
+to test it."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+import certified  # noqa: E402
+
+
+def row(method, sigma, acr, se=0.02, budget=90, compute=1.0, label=None):
+    return {
+        "method": method,
+        "label": label or method,
+        "sigma": sigma,
+        "acr": acr,
+        "se": se,
+        "budget": budget,
+        "compute": compute,
+    }
+
+
+def test_consistency_is_set_against_the_best_analytic_variant_at_its_budget():
+    rows = [
+        row("consistency", 1.0, 1.7),
+        row("consistency-analytic", 1.0, 1.6),
+        row("stability-analytic", 1.0, 1.65),
+        row("noise", 1.0, 1.8),  # sampled: never the analytic side
+        row("stability-analytic", 1.0, 1.9, budget=30),  # another budget
+    ]
+    pairs = certified.goal_pairs(rows, "epochs", 1)
+    assert [(a["method"], a["acr"], b["method"]) for _, a, b in pairs] == [
+        ("stability-analytic", 1.65, "consistency")
+    ]
+
+
+def test_macer_analytic_meets_macer_only_at_a_quarter_of_its_compute_or_less():
+    macer = row("macer", 0.5, 1.5, compute=16.0)
+    cheap = row("macer-analytic", 0.5, 1.6, compute=1.0)
+    dear = row("macer-analytic", 0.5, 1.6, compute=5.0, label="macer-analytic (all layers)")
+    pairs = certified.goal_pairs([macer, cheap, dear], "epochs", 1)
+    assert [(a["label"], b["label"]) for _, a, b in pairs] == [("macer-analytic", "macer")]
+    # the study of seconds: MACER at 4x the analytic run's budget
+    runs = [{**macer, "budget": 240}, {**cheap, "budget": 60}, {**cheap, "budget": 15}]
+    assert [a["budget"] for _, a, _ in certified.goal_pairs(runs, "s", 4)] == [60]
+
+
+@pytest.mark.parametrize(
+    "ours, words",
+    [
+        (1.540, "gap -0.018, within 0.03; within two of our standard errors"),
+        (1.520, "gap -0.038, outside 0.03; within two of our standard errors"),
+        (1.450, "gap -0.108, outside 0.03; more than two of our standard errors"),
+        (1.600, "gap +0.042, outside 0.03; more than two of our standard errors"),
+    ],
+)
+def test_noise_training_is_checked_against_the_published_cohen_acr(ours, words):
+    (line,) = certified.anchor_check([row("noise", 0.5, ours, se=0.02)], [0.5])
+    assert "published 1.558" in line and words in line
+
+
+def _run(folder, name, config, kept, certified_tsv=True):
+    run = folder / name
+    run.mkdir()
+    metrics = {"kept_epoch": kept, "best_epoch": kept, "epochs": 90}
+    metrics.update(test_accuracy=99.0, gnr=98.0)
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    if certified_tsv:
+        (run / f"certify-sigma{config['sigma']:g}.tsv").write_text("idx\n")
+    return {"run": name, "label": config["method"], "method": config["method"], "budget": 90}
+
+
+def test_runs_that_keep_weights_from_before_their_regularizer_are_named(tmp_path):
+    noise = _run(tmp_path, "noise", {"method": "noise", "sigma": 0.5}, kept=74)
+    rows = [{**noise, "sigma": 0.5, "kept_epoch": 74, "epochs": 90, "delay": 0}]
+    config = {"method": "macer", "sigma": 0.5, "alpha_delay": 31}
+    _run(tmp_path, "macer", config, kept=25, certified_tsv=False)
+    text = "\n".join(certified.kept_weights(tmp_path, rows, "epochs"))
+    assert "2 of 2 runs keep an earlier epoch than their last" in text
+    assert "macer at sigma 0.5 (epoch 25; regularizer from epoch 32)" in text
+    assert "noise at sigma 0.5 (epoch" not in text  # no regularizer to miss
+
+
+def test_a_run_that_keeps_its_last_epoch_is_not_flagged(tmp_path):
+    config = {"method": "macer", "sigma": 1.0, "alpha_delay": 31, "keep": "last"}
+    _run(tmp_path, "macer", config, kept=90, certified_tsv=False)
+    (line,) = certified.kept_weights(tmp_path, [], "epochs")
+    assert "keeps its `last` weights" in line
+    assert line.endswith("0 of 1 runs keep an earlier epoch than their last.")
