@@ -115,11 +115,11 @@ def train(study: Study, runs: Path, mnist: Path, device: str, workers: int, sett
         print(f"{counts['failed']} runs failed; see their error.txt", file=sys.stderr)
 
 
-def evaluation_jobs(study: Study, runs: Path, images: int, n: int, device: str) -> list[list[str]]:
-    """The commands that the trained runs still need, in EVAL_ORDER: CERTIFY of each run at its
-    sigma, then (once every run is certified) the analytic expectation against Monte Carlo
-    (``momentreg tightness`` on the first TIGHTNESS_IMAGES test images at the run's sigma). A
-    run that predicts one class is left out of the study."""
+def evaluation_jobs(study: Study, runs: Path, images: int, n: int, device: str):
+    """The commands that the trained runs still need, each list in EVAL_ORDER: (CERTIFY of each
+    run at its sigma, the analytic expectation against Monte Carlo: ``momentreg tightness`` on
+    the first TIGHTNESS_IMAGES test images at the run's sigma). A run that predicts one class is
+    left out of the study."""
     certify, tightness = [], []
     folder = runs / TASK / "runs"
     for run in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -135,14 +135,15 @@ def evaluation_jobs(study: Study, runs: Path, images: int, n: int, device: str) 
         if not (run / TIGHTNESS_FILE).exists():
             argv = tightness_command(run, device, sigma, TIGHTNESS_IMAGES, TIGHTNESS_SAMPLES)
             tightness.append(((rank, sigma), argv))
-    return [argv for _, argv in sorted(certify)] + [argv for _, argv in sorted(tightness)]
+    return [argv for _, argv in sorted(certify)], [argv for _, argv in sorted(tightness)]
 
 
 def evaluate(study, runs, images, n, device, workers, trainer=None, deadline=math.inf) -> int:
     """Run the evaluation jobs, ``workers`` at once, until none is left and ``trainer`` (the
     train stage's thread, if it runs beside) has ended, or until the monotonic clock passes
-    ``deadline`` (a job still running then is killed). Returns the number of failed jobs; their
-    output is printed."""
+    ``deadline`` (a job still running then is killed). The tightness jobs wait until training has
+    ended and every certification has started, so that they never hold up one. Returns the
+    number of failed jobs; their output is printed."""
     started, failed = set(), 0
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
 
@@ -153,13 +154,14 @@ def evaluate(study, runs, images, n, device, workers, trainer=None, deadline=mat
     with ThreadPoolExecutor(workers) as pool:
         running = {}
         while time.monotonic() < deadline:
-            todo = [
-                a for a in evaluation_jobs(study, runs, images, n, device) if str(a) not in started
-            ]
+            training = trainer is not None and trainer.is_alive()
+            certify, tightness = evaluation_jobs(study, runs, images, n, device)
+            todo = [a for a in certify if str(a) not in started]
+            if not todo and not training:
+                todo = [a for a in tightness if str(a) not in started]
             for argv in todo[: workers - len(running)]:
                 started.add(str(argv))
                 running[pool.submit(run, argv)] = argv
-            training = trainer is not None and trainer.is_alive()
             if not running:
                 if not training:
                     break
@@ -690,7 +692,10 @@ def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images
             "*Step seconds* against noise training's at the same budget (MACER's against noise "
             "training's at the largest)."
         )
-        kept = "(the last one may be partial), so two budgets can keep the same weights."
+        kept = (
+            "Each run keeps its best-validation epoch (the last one may be partial), so two "
+            "budgets can keep the same weights."
+        )
     else:
         runs = len([d for d in (results / TASK).iterdir() if (d / METRICS).exists()])
         calls = len((results / "command.txt").read_text().splitlines())
@@ -720,7 +725,7 @@ def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images
         ]
         delay = "their first 31 epochs"
         seconds = "*Step seconds* against noise training's at the same sigma, as measured."
-        kept = "(with the step schedule, usually one of the last)."
+        kept = "Which epoch's weights each run keeps: the section on them below."
     return [
         *trained,
         f"- CERTIFY (Cohen et al.) at the training sigma on {images} test images (every "
@@ -732,7 +737,7 @@ def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images
         "backward, counted by `torch.utils.flop_counter` in `momentreg.cost`) over those of a "
         "clean step on the same batch; noise training is 1, sampled consistency 2, MACER 16. "
         f"{seconds} The compute column is steps x batch x passes per image, in "
-        f"millions of clean image-passes. Each run keeps its best-validation epoch {kept}",
+        f"millions of clean image-passes. {kept}",
         "- Methods and their weights (lambda) are the authors' MNIST settings "
         f"(src/momentreg/smoothing_losses.py); MACER and its analytic variants train {delay} "
         "with the regularizer off (the authors defer it for 31 of 90 epochs). The "
