@@ -283,7 +283,24 @@ def load_rows(folder: Path, unit: str) -> list[dict]:
                 **certified(read_tsv(tsv)),
             }
         )
+    _refuse_twins(rows, folder)
     return with_step_cost(rows)
+
+
+def _refuse_twins(rows: list[dict], folder: Path) -> None:
+    """Stop where two runs share method, sigma and budget (say an earlier study's runs left in
+    the results beside a rerun's with other settings): the page would set either against the
+    other methods."""
+    seen = {}
+    for r in rows:
+        key = (r["label"], r["sigma"], r["budget"])
+        if key in seen:
+            sys.exit(
+                f"{folder} holds two runs of {r['label']} at sigma {r['sigma']:g}, budget "
+                f"{r['budget']:g}: {seen[key]} and {r['run']}; remove the stale one (or the "
+                "folder, and export again)"
+            )
+        seen[key] = r["run"]
 
 
 def _order(row: dict) -> tuple:

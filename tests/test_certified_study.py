@@ -91,3 +91,23 @@ def test_a_run_that_keeps_its_last_epoch_is_not_flagged(tmp_path):
     (line,) = certified.kept_weights(tmp_path, [], "epochs")
     assert "keeps its `last` weights" in line
     assert line.endswith("0 of 1 runs keep an earlier epoch than their last.")
+
+
+def _certified_run(folder, name, method="noise", sigma=0.5):
+    """A run folder as export leaves it: config, metrics, history and per-image TSV."""
+    _run(folder, name, {"method": method, "sigma": sigma, "epochs": 90, "batch_size": 256}, 90)
+    metrics = json.loads((folder / name / "metrics.json").read_text())
+    metrics.update(steps=100, step_seconds=10.0, passes_per_image=1.0)
+    (folder / name / "metrics.json").write_text(json.dumps(metrics))
+    (folder / name / "history.csv").write_text("epoch,val_loss\n1,0.5\n")
+    tsv = "idx\tlabel\tpredict\tradius\tcorrect\n0\t1\t1\t0.8\t1\n1\t2\t0\t0.3\t0\n"
+    (folder / name / "certify-sigma0.5.tsv").write_text(tsv)
+
+
+def test_rows_read_the_acr_from_the_tsv_and_refuse_two_runs_of_one_method(tmp_path):
+    _certified_run(tmp_path, "noise-a")
+    (row,) = certified.load_rows(tmp_path, "epochs")
+    assert row["acr"] == pytest.approx(0.4) and row["budget"] == 90  # (0.8 + 0) / 2
+    _certified_run(tmp_path, "noise-b")  # a rerun's twin left beside it
+    with pytest.raises(SystemExit, match="two runs of noise at sigma 0.5, budget 90"):
+        certified.load_rows(tmp_path, "epochs")
