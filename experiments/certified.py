@@ -80,11 +80,31 @@ class Study:
 
 
 STUDIES = {
-    "cpu": Study("certified", ROOT / "experiments/certified.toml", "s", 4, 100, 10_000, 10_000,
-                 2, 60, False),
-    "gpu": Study("certified-gpu", ROOT / "experiments/certified-gpu.toml", "epochs", 1, 500,
-                 100_000, 50_000, 15, 0, True),
-}  # fmt: skip
+    "cpu": Study(
+        name="certified",
+        spec=ROOT / "experiments/certified.toml",
+        unit="s",
+        macer_factor=4,
+        images=100,
+        n=10_000,
+        batch=10_000,
+        workers=2,
+        tightness_from=60,
+        anchor_check=False,
+    ),
+    "gpu": Study(
+        name="certified-gpu",
+        spec=ROOT / "experiments/certified-gpu.toml",
+        unit="epochs",
+        macer_factor=1,
+        images=500,
+        n=100_000,
+        batch=50_000,
+        workers=15,
+        tightness_from=0,
+        anchor_check=True,
+    ),
+}
 TASK = "mnist"
 # The order in which trained runs are certified (then checked for tightness): noise training (the
 # anchor check) first, then the runs of the goal's comparisons, the dearest last but one.
@@ -779,7 +799,8 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
     left_out, left_methods = left_out_runs(results / TASK, unit)
     images = rows[0]["images"]
     n = read_json(results / TASK / rows[0]["run"] / CERTIFY_FILE)[f"{rows[0]['sigma']:g}"]["n"]
-    options = "" if study is STUDIES["cpu"] else f"--study {_name(study)} "
+    key = next(k for k, v in STUDIES.items() if v is study)
+    options = "" if key == "cpu" else f"--study {key} "
     md = provenance(results, "Certified robustness per unit of compute", options)
     md += ["## Setting", "", *_setting(study, results, rows, sigmas, images, n), ""]
     md += [
@@ -902,10 +923,6 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
                 "",
             ]
     doc.write_text("\n".join(md))
-
-
-def _name(study: Study) -> str:
-    return next(k for k, v in STUDIES.items() if v is study)
 
 
 def main() -> None:
