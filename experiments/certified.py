@@ -107,7 +107,7 @@ STUDIES = {
 }
 TASK = "mnist"
 # The order in which trained runs are certified (then checked for tightness): noise training (the
-# anchor check) first, then the runs of the goal's comparisons, the dearest last but one.
+# anchor check) first, then the two sides of the goal's comparisons, then the other methods.
 EVAL_ORDER = ("noise", "macer-analytic", "consistency", "macer", "consistency-analytic",
               "stability", "stability-analytic", "moment")  # fmt: skip
 ANCHOR_TOLERANCE = 0.03  # issue 19: our noise training within this ACR of the published one
@@ -176,11 +176,11 @@ def evaluate(study, runs, images, n, device, workers, trainer=None, deadline=mat
         while time.monotonic() < deadline:
             training = trainer is not None and trainer.is_alive()
             certify, tightness = evaluation_jobs(study, runs, images, n, device)
-            todo = [a for a in certify if str(a) not in started]
+            todo = [a for a in certify if tuple(a) not in started]
             if not todo and not training:
-                todo = [a for a in tightness if str(a) not in started]
+                todo = [a for a in tightness if tuple(a) not in started]
             for argv in todo[: workers - len(running)]:
-                started.add(str(argv))
+                started.add(tuple(argv))
                 running[pool.submit(run, argv)] = argv
             if not running:
                 if not training:
@@ -266,6 +266,17 @@ def kept_epoch(metrics: dict) -> int:
     return metrics.get("kept_epoch", metrics["best_epoch"])
 
 
+def _kept(config: dict, metrics: dict) -> dict:
+    """Which weights a run ends with: the epoch, of how many, the run's ``keep`` and the epochs
+    its regularizer was off (alpha_delay)."""
+    return {
+        "kept_epoch": kept_epoch(metrics),
+        "epochs": metrics["epochs"],
+        "keep": config.get("keep", "best"),
+        "delay": config.get("alpha_delay", 0),
+    }
+
+
 def budget(config: dict, unit: str) -> float:
     """What a run was given: seconds of training steps, or epochs."""
     return config["time_budget"] if unit == "s" else config["epochs"]
@@ -290,10 +301,7 @@ def load_rows(folder: Path, unit: str) -> list[dict]:
                 "budget": budget(config, unit),
                 "seconds": metrics["step_seconds"],
                 "steps": metrics["steps"],
-                "kept": f"{kept_epoch(metrics)} of {metrics['epochs']}",
-                "kept_epoch": kept_epoch(metrics),
-                "epochs": metrics["epochs"],
-                "delay": config.get("alpha_delay", 0),
+                **_kept(config, metrics),
                 "seconds_per_step": metrics["step_seconds"] / metrics["steps"],
                 "passes": metrics["passes_per_image"],
                 "compute": images_seen * metrics["passes_per_image"],  # clean image-passes
@@ -353,7 +361,7 @@ def results_table(rows: list[dict], unit: str) -> str:
             r["label"],
             f"{r['budget']:g}",
             str(r["steps"]),
-            r["kept"],
+            f"{r['kept_epoch']} of {r['epochs']}",
             f"{r['passes']:.2f}",
             f"{r['step_cost']:.2f}" if r["step_cost"] else "-",
             f"{r['compute'] / 1e6:.3f}",
@@ -615,40 +623,51 @@ def diverged_lines(rows: list[dict], unit: str) -> list[str]:
     return [
         f"- {r['label']} at sigma {r['sigma']:g}, {r['budget']:g} {unit}: "
         + _losses(r["val_losses"])
-        + f"; it keeps epoch {r['kept']}."
+        + f"; it keeps epoch {r['kept_epoch']} of {r['epochs']}."
         for r in sorted(rows, key=_order)
         if r["val_losses"][-1] > DIVERGED * min(r["val_losses"])
     ]
 
 
-def uncertified_runs(folder: Path) -> list[tuple[dict, dict]]:
-    """(config, metrics) of each run that trained and predicts more than one class but has no
-    certification at its sigma (a study cut short by its deadline)."""
+def uncertified_runs(folder: Path) -> list[dict]:
+    """Each run that trained and predicts more than one class but has no certification at its
+    sigma (a study cut short by its deadline): label, method, sigma, accuracy, GNR and which
+    weights it keeps."""
     found = []
     for run in sorted(folder.iterdir()):
         if (run / METRICS).exists():
             config, metrics = read_json(run / CONFIG), read_json(run / METRICS)
             tsv = run / certify_tsv(config["sigma"])
             if not metrics.get("constant_predictions") and not tsv.exists():
-                found.append((config, metrics))
+                found.append(
+                    {
+                        "label": label(config),
+                        "method": config["method"],
+                        "sigma": config["sigma"],
+                        "accuracy": metrics["test_accuracy"],
+                        "gnr": metrics["gnr"],
+                        **_kept(config, metrics),
+                    }
+                )
     return found
 
 
-def untested(folder: Path) -> dict[float, set]:
-    """sigma -> the methods trained there but not certified."""
+def untested(waiting: list[dict]) -> dict[float, set]:
+    """sigma -> the methods trained there but not certified (``waiting``: uncertified_runs)."""
     methods = {}
-    for config, _ in uncertified_runs(folder):
-        methods.setdefault(config["sigma"], set()).add(config["method"])
+    for r in waiting:
+        methods.setdefault(r["sigma"], set()).add(r["method"])
     return methods
 
 
-def missing_runs(study: Study, folder: Path) -> tuple[list[str], list[str]]:
-    """The spec's runs with no certified result: those trained but not certified (with their
-    clean accuracy, GNR and kept epoch), and those with no finished training; a line each."""
+def missing_runs(study: Study, folder: Path, waiting: list[dict]) -> tuple[list[str], list[str]]:
+    """The spec's runs with no certified result: those trained but not certified (``waiting``,
+    with their clean accuracy, GNR and kept epoch), and those with no finished training; a line
+    each."""
     uncertified = [
-        f"{label(c)} at sigma {c['sigma']:g} (accuracy {m['test_accuracy']:.2f}%, GNR "
-        f"{m['gnr']:.2f}, epoch kept {kept_epoch(m)} of {m['epochs']})"
-        for c, m in uncertified_runs(folder)
+        f"{r['label']} at sigma {r['sigma']:g} (accuracy {r['accuracy']:.2f}%, GNR "
+        f"{r['gnr']:.2f}, epoch kept {r['kept_epoch']} of {r['epochs']})"
+        for r in waiting
     ]
     trained = {
         (c["method"], c["sigma"], c.get("moment_depth", "first"))
@@ -662,28 +681,25 @@ def missing_runs(study: Study, folder: Path) -> tuple[list[str], list[str]]:
     return uncertified, untrained
 
 
-def kept_weights(folder: Path, rows: list[dict], unit: str) -> list[str]:
-    """Which epoch's weights each run ends with, against the anchors' last epoch, and the runs
-    that keep an epoch before their regularizer started (alpha_delay)."""
-    runs = [
-        (r["label"], r["sigma"], r["kept_epoch"], r["epochs"], r["delay"],
-         read_json(folder / r["run"] / CONFIG).get("keep", "best"))
-        for r in sorted(rows, key=_order)
-    ] + [
-        (label(c), c["sigma"], kept_epoch(m), m["epochs"], c.get("alpha_delay", 0),
-         c.get("keep", "best"))
-        for c, m in uncertified_runs(folder)
-    ]  # fmt: skip
-    keeps = sorted({k for *_, k in runs})
-    before = [r for r in runs if r[2] < r[3]]
-    early = [r for r in runs if r[2] <= r[4]]
+def kept_weights(rows: list[dict], waiting: list[dict], unit: str) -> list[str]:
+    """Which epoch's weights each run (certified ``rows``, then the uncertified ``waiting``) ends
+    with, against the anchors' last epoch, and the runs that keep an epoch before their
+    regularizer started (alpha_delay)."""
+    runs = sorted(rows, key=_order) + waiting
+    keeps = sorted({r["keep"] for r in runs})
+    before = [r for r in runs if r["kept_epoch"] < r["epochs"]]
+    early = [r for r in runs if r["kept_epoch"] <= r["delay"]]
     lines = [
         f"Every run here keeps its `{'` or `'.join(keeps)}` weights (config.json's `keep`: "
         "`best` is the epoch of lowest clean validation loss), while the anchors' code "
         f"certifies the last epoch's. {len(before)} of {len(runs)} runs keep an earlier "
         "epoch than their last"
         + (
-            ": " + "; ".join(f"{n} at sigma {sg:g}, epoch {k} of {e}" for n, sg, k, e, *_ in before)
+            ": "
+            + "; ".join(
+                f"{r['label']} at sigma {r['sigma']:g}, epoch {r['kept_epoch']} of {r['epochs']}"
+                for r in before
+            )
             if before
             else ""
         )
@@ -695,8 +711,9 @@ def kept_weights(folder: Path, rows: list[dict], unit: str) -> list[str]:
             "These keep an epoch from before their regularizer was switched on (after "
             f"`alpha_delay` {unit}), so their weights never trained with it: "
             + "; ".join(
-                f"{name} at sigma {sg:g} (epoch {k}; regularizer from epoch {d + 1})"
-                for name, sg, k, _, d, _ in early
+                f"{r['label']} at sigma {r['sigma']:g} (epoch {r['kept_epoch']}; regularizer "
+                f"from epoch {r['delay'] + 1})"
+                for r in early
             )
             + ". A clean validation loss cannot choose the weights of a method that trades clean "
             "loss for radius: the next run of this study should keep the last epoch "
@@ -707,9 +724,8 @@ def kept_weights(folder: Path, rows: list[dict], unit: str) -> list[str]:
 
 def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images: int, n: int):
     """The page's setting bullets: what was trained, for how long, and how it was certified."""
-    sig = " and ".join(
-        [", ".join(f"{s:g}" for s in sigmas[:-1]), f"{sigmas[-1]:g}"][-len(sigmas) :]
-    )
+    *rest, last = [f"{s:g}" for s in sigmas]
+    sig = f"{', '.join(rest)} and {last}" if rest else last
     lenet = (
         "the anchors' LeNet (`smoothing-lenet`: conv 20-50, fc 500, raw pixels) and recipe (SGD "
         "0.01, momentum 0.9, weight decay 1e-4, batch 256)"
@@ -797,6 +813,7 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
         at = [r for r in rows if r["sigma"] == sigma]
         plot(at, sigma, figures / f"acr-sigma{sigma:g}.png", unit)
     left_out, left_methods = left_out_runs(results / TASK, unit)
+    waiting = uncertified_runs(results / TASK)
     images = rows[0]["images"]
     n = read_json(results / TASK / rows[0]["run"] / CERTIFY_FILE)[f"{rows[0]['sigma']:g}"]["n"]
     key = next(k for k, v in STUDIES.items() if v is study)
@@ -806,7 +823,7 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
     md += [
         "## What we conclude",
         "",
-        *verdict(rows, sigmas, left_methods, unit, study.macer_factor, untested(results / TASK)),
+        *verdict(rows, sigmas, left_methods, unit, study.macer_factor, untested(waiting)),
     ]
     if study.anchor_check:
         md += [
@@ -846,11 +863,11 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
     md += [
         "## The published anchors beside ours",
         "",
-        anchor_table(rows, sigmas, left_methods, unit, untested(results / TASK)),
+        anchor_table(rows, sigmas, left_methods, unit, untested(waiting)),
         "",
     ]
     if study.anchor_check:
-        md += ["## Which weights were certified", "", *kept_weights(results / TASK, rows, unit), ""]
+        md += ["## Which weights were certified", "", *kept_weights(rows, waiting, unit), ""]
     else:
         md += [
             "Ours are far below the anchors: seconds of CPU training against 90 epochs, on "
@@ -912,7 +929,7 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
             + ".",
             "",
         ]
-    uncertified, untrained = missing_runs(study, results / TASK)
+    uncertified, untrained = missing_runs(study, results / TASK, waiting)
     if uncertified or untrained:
         md += ["## Runs of the spec without a result", ""]
         if untrained:

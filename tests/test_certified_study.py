@@ -76,10 +76,11 @@ def _run(folder, name, config, kept, certified_tsv=True):
 
 def test_runs_that_keep_weights_from_before_their_regularizer_are_named(tmp_path):
     noise = _run(tmp_path, "noise", {"method": "noise", "sigma": 0.5}, kept=74)
-    rows = [{**noise, "sigma": 0.5, "kept_epoch": 74, "epochs": 90, "delay": 0}]
+    rows = [{**noise, "sigma": 0.5, "kept_epoch": 74, "epochs": 90, "delay": 0, "keep": "best"}]
     config = {"method": "macer", "sigma": 0.5, "alpha_delay": 31}
     _run(tmp_path, "macer", config, kept=25, certified_tsv=False)
-    text = "\n".join(certified.kept_weights(tmp_path, rows, "epochs"))
+    waiting = certified.uncertified_runs(tmp_path)
+    text = "\n".join(certified.kept_weights(rows, waiting, "epochs"))
     assert "2 of 2 runs keep an earlier epoch than their last" in text
     assert "macer at sigma 0.5 (epoch 25; regularizer from epoch 32)" in text
     assert "noise at sigma 0.5 (epoch" not in text  # no regularizer to miss
@@ -88,7 +89,7 @@ def test_runs_that_keep_weights_from_before_their_regularizer_are_named(tmp_path
 def test_a_run_that_keeps_its_last_epoch_is_not_flagged(tmp_path):
     config = {"method": "macer", "sigma": 1.0, "alpha_delay": 31, "keep": "last"}
     _run(tmp_path, "macer", config, kept=90, certified_tsv=False)
-    (line,) = certified.kept_weights(tmp_path, [], "epochs")
+    (line,) = certified.kept_weights([], certified.uncertified_runs(tmp_path), "epochs")
     assert "keeps its `last` weights" in line
     assert line.endswith("0 of 1 runs keep an earlier epoch than their last.")
 

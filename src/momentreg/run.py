@@ -251,14 +251,11 @@ def train_run(
     metrics = robustness_metrics(
         model, images, labels, gnr_images, config.noise_samples, cfg.seed, device, progress
     )
+    best_epoch = min(history, key=lambda r: r["val_loss"])["epoch"]
     metrics.update(
         epochs=len(history),
-        best_epoch=max(history, key=lambda r: -r["val_loss"])["epoch"],
-        kept_epoch=(
-            max(history, key=lambda r: -r["val_loss"])["epoch"]
-            if cfg.keep == "best"
-            else len(history)
-        ),  # the epoch whose weights the run ends with (keep)
+        best_epoch=best_epoch,
+        kept_epoch=best_epoch if cfg.keep == "best" else len(history),  # the weights it ends with
         train_seconds=history[-1]["train_seconds"],
         steps=history[-1].get("steps"),  # absent in checkpoints older than the budget
         step_seconds=history[-1].get("step_seconds"),

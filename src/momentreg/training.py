@@ -548,8 +548,7 @@ def train(
         state.restore(ckpt)
         if state.stopped or state.epoch >= cfg.epochs:
             _write_history(out / HISTORY, state.history)  # a kill may have left the previous one
-            if cfg.keep == "best":
-                model.load_state_dict(state.best["state"])
+            _end_weights(model, state, cfg)
             return state.history
     writer = _tensorboard_writer(out) if tensorboard else None
     clock = _StepClock(state.last("steps"), state.last("step_seconds", 0.0))
@@ -579,9 +578,15 @@ def train(
             break
     if writer is not None:
         writer.close()
+    _end_weights(model, state, cfg)
+    return state.history
+
+
+def _end_weights(model: nn.Module, state: TrainState, cfg: TrainConfig) -> None:
+    """Leave ``model`` with the weights the run ends with: the best validation loss's, or with
+    keep="last" the last epoch's (which it holds already)."""
     if cfg.keep == "best":
         model.load_state_dict(state.best["state"])
-    return state.history
 
 
 def _save_epoch(out: Path, state: TrainState, identity: dict, finished: bool) -> None:
