@@ -97,9 +97,21 @@ def test_sigma_of_wrong_shape_is_a_clear_error(bad):
         expected_logits(net, torch.rand(2, 1, 28, 28), bad)
 
 
-def test_negative_sigma_is_an_error():
+@pytest.mark.parametrize(
+    "bad", [-0.1, math.nan, math.inf, torch.tensor(-0.1), torch.tensor(math.nan)]
+)
+def test_negative_or_non_finite_sigma_is_an_error(bad):
     with pytest.raises(ValueError, match="sigma must be"):
-        expected_logits(build_model("lenet", "mnist"), torch.rand(2, 1, 28, 28), -0.1)
+        expected_logits(build_model("lenet", "mnist"), torch.rand(2, 1, 28, 28), bad)
+
+
+def test_a_number_and_a_tensor_sigma_give_the_same_bits():
+    """A number is filled on the device without a host check there; the result is the tensor's."""
+    head, _ = split_at_first_relu(build_model("lenet", "mnist"))
+    x = torch.rand(2, 1, 28, 28)
+    for sigma in (0.1, 0.25, 1.0 / 3):
+        as_tensor = head_variance(head, torch.tensor(sigma), x)
+        assert torch.equal(head_variance(head, sigma, x), as_tensor)
 
 
 def test_head_variance_is_computed_at_batch_size_one():

@@ -109,6 +109,30 @@ def test_macer_loss_matches_a_direct_computation_of_its_hinge():
     assert loss.item() == pytest.approx(total / len(x), rel=1e-6)
 
 
+def test_macer_hinge_leaves_out_rows_with_zero_and_finite_gradients():
+    """Rows whose top class is wrong, whose gap is infinite (g1 = 1) or over gamma add nothing,
+    and their gradient is 0, not NaN; the others add gamma - (Phi^-1(g1) - Phi^-1(g2))."""
+    g = torch.tensor(
+        [
+            [0.5, 0.3, 0.2],  # counted: gap 0.524
+            [0.2, 0.5, 0.3],  # top class is not y
+            [1.0, 0.0, 0.0],  # infinite gap
+            [0.95, 0.04, 0.01],  # gap 3.4 > gamma
+            [0.4, 0.35, 0.25],  # counted: gap 0.132
+        ],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    y, gamma = torch.zeros(5, dtype=torch.long), 1.0
+    ndtri = torch.distributions.Normal(0.0, 1.0).icdf
+    direct = sum(gamma - (ndtri(g[b, 0]) - ndtri(g[b, 1])) for b in (0, 4))
+    hinge = sl._macer_hinge(g, y, gamma)
+    assert hinge.item() == pytest.approx(direct.item(), rel=1e-12)
+    (grad,) = torch.autograd.grad(hinge, g)
+    assert torch.isfinite(grad).all() and (grad[1:4] == 0).all() and (grad[[0, 4], :2] != 0).all()
+    assert torch.autograd.gradcheck(lambda t: sl._macer_hinge(t, y, gamma), (g,))
+
+
 def test_analytic_variants_use_the_analytic_expectation_in_place_of_the_samples():
     net, (x, y) = _net(), _batch()
     gen = torch.Generator().manual_seed(3)

@@ -3,16 +3,22 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from momentreg.data import load_dataset, to_float, train_val_split
 from momentreg.errors import CheckpointError, TrainingError
 from momentreg.models import Normalize, build_model
+from momentreg.regularizer import check_regularizable
 from momentreg.robustness import accuracy
 from momentreg.training import (
+    ANALYTIC,
+    LOSSES,
     TrainConfig,
+    TrainState,
     _budget_lr,
     _step_config,
     _StepClock,
+    _train_step,
     load_checkpoint,
     model_weights,
     train,
@@ -50,6 +56,48 @@ def test_every_method_trains_and_is_deterministic(method):
     assert len(history) == 2
     assert history[-1]["val_accuracy"] > 30
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device on an accelerator: reading a value
+    (.item(), bool()), a boolean mask (its size is data), a tensor made from host data (a copy).
+    ``on_host``: tensors that stay on the CPU on an accelerator too (Adam's step counts)."""
+
+    WAITS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.lift_fresh")
+
+    def __init__(self, on_host=()):
+        super().__init__()
+        self.on_host, self.ops = {id(t) for t in on_host}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        mask = name.startswith("aten.index") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1] or ()
+        )
+        if (name in self.WAITS or mask) and not (args and id(args[0]) in self.on_host):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "method, depth",
+    [(m, "first") for m in LOSSES] + [(m, "all") for m in ANALYTIC],
+)
+def test_a_training_step_waits_for_the_device_once(method, depth):
+    """The loss read back (the non-finite check) is a step's one host-device sync: on a GPU
+    shared by many runs every further one costs a round of the other runs' work."""
+    torch.manual_seed(0)
+    net = _tiny_net()
+    cfg = TrainConfig(method=method, sigma=0.5, alpha=1.0, moment_depth=depth, folds=2)
+    state = TrainState.start(net, cfg, torch.device("cpu"))
+    split = check_regularizable(net, depth) if method in ANALYTIC else None
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8) % 10
+    noisy = torch.arange(8) % 2 == 0
+    _train_step(state, x, y, noisy, cfg, split)  # the optimizer makes its state at its first step
+    steps = [t["step"] for t in state.optimizer.state.values() if "step" in t]
+    with _HostReads(on_host=steps) as reads:
+        _train_step(state, x, y, noisy, cfg, split)
+    assert reads.ops == ["aten._local_scalar_dense"]
 
 
 def test_augment_epoch_visits_n_folds_of_the_data():

@@ -8,6 +8,8 @@ E[f(x + n)] ~ tail(relu_mean(head(x), head_variance)): one extra pass through th
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -65,8 +67,20 @@ def split_at_first_relu(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     raise ValueError("the model has no nn.ReLU to split at")
 
 
-def _sigma_tensor(sigma: float | torch.Tensor, input_shape: torch.Size, like: torch.Tensor):
-    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+def _input_variance(sigma: float | torch.Tensor, input_shape: torch.Size, like: torch.Tensor):
+    """sigma^2 as a tensor [1, *input_shape] on ``like``'s device and dtype.
+
+    A number is checked on the host and filled on the device: no host-device sync, which on a
+    busy GPU costs a training step more than its arithmetic. A tensor is checked where it lives
+    (one sync if that is an accelerator).
+    """
+    if isinstance(sigma, numbers.Real):
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError("sigma must be finite and >= 0")
+        # squared on the device, in ``like``'s dtype, as a tensor sigma is: the same bits
+        full = torch.full((1, *input_shape), float(sigma), dtype=like.dtype, device=like.device)
+        return full * full
+    sigma = torch.as_tensor(sigma)
     if sigma.lt(0).any() or not torch.isfinite(sigma).all():
         raise ValueError("sigma must be finite and >= 0")
     try:
@@ -78,7 +92,7 @@ def _sigma_tensor(sigma: float | torch.Tensor, input_shape: torch.Size, like: to
             f"sigma of shape {tuple(sigma.shape)} does not broadcast to one input of shape "
             f"{tuple(input_shape)}"
         )
-    return sigma.expand(input_shape)
+    return (sigma.to(like.device, like.dtype) ** 2).expand(input_shape).unsqueeze(0)
 
 
 def head_variance(head: nn.Module, sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +100,7 @@ def head_variance(head: nn.Module, sigma: float | torch.Tensor, x: torch.Tensor)
 
     Computed once at batch size 1: it does not depend on x, only on its shape [B, *input_shape].
     """
-    var = (_sigma_tensor(sigma, x.shape[1:], x) ** 2).unsqueeze(0)
+    var = _input_variance(sigma, x.shape[1:], x)
     if isinstance(head, fx.GraphModule):  # a traced head: the mean pass comes along
         return graph_moments(head, x, var)[1]
     for layer in _leaves(head):
@@ -102,7 +116,7 @@ def head_moments(
     The variance is propagated at batch size 1 next to the mean; a BatchNorm2d in training mode
     uses the statistics of this batch as its affine map (eval mode: its running statistics).
     """
-    mean, var = x, (_sigma_tensor(sigma, x.shape[1:], x) ** 2).unsqueeze(0)
+    mean, var = x, _input_variance(sigma, x.shape[1:], x)
     if isinstance(head, fx.GraphModule):
         return graph_moments(head, mean, var)
     for layer in _leaves(head):
@@ -148,7 +162,7 @@ def output_moments(
     layer of an ``nn.Sequential`` (see :func:`momentreg.moments.network_moments`)."""
     if not isinstance(model, nn.Sequential):
         raise ValueError("moments through every layer need an nn.Sequential model")
-    var = (_sigma_tensor(sigma, x.shape[1:], x) ** 2).unsqueeze(0)
+    var = _input_variance(sigma, x.shape[1:], x)
     mean, var = network_moments(_leaves(model), x, var)
     return mean, var.expand_as(mean)
 

@@ -152,13 +152,17 @@ def consistency_loss(
 
 def _macer_hinge(g: torch.Tensor, y: torch.Tensor, gamma: float) -> torch.Tensor:
     """sum over the images whose top class is y of max(0, gamma - (Phi^-1(g1) - Phi^-1(g2))),
-    where the gap is finite (g1 < 1): MACER's hinge on the soft certified radius."""
+    where the gap is finite (g1 < 1): MACER's hinge on the soft certified radius.
+
+    The rows left out are masked, not indexed away: a boolean index waits for the device to
+    count them (a host sync every step)."""
     top, idx = g.topk(2, dim=1)
     with torch.no_grad():  # pick the rows first: ndtri's gradient at 0 or 1 is infinite
         gap = torch.special.ndtri(top[:, 0]) - torch.special.ndtri(top[:, 1])
         keep = (idx[:, 0] == y) & torch.isfinite(gap) & (gap <= gamma)
-    kept = top[keep]
-    return (gamma - (torch.special.ndtri(kept[:, 0]) - torch.special.ndtri(kept[:, 1]))).sum()
+    safe = torch.where(keep.unsqueeze(1), top, 0.5)  # finite ndtri and gradient in every row
+    gap = torch.special.ndtri(safe[:, 0]) - torch.special.ndtri(safe[:, 1])
+    return torch.where(keep, gamma - gap, 0.0).sum()
 
 
 def macer_loss(
