@@ -7,6 +7,7 @@ import torch
 from scipy.stats import binom, norm
 from torch import nn
 
+from momentreg import certify as certify_module
 from momentreg.certify import (
     ABSTAIN,
     certify,
@@ -107,3 +108,18 @@ def test_certify_images_is_seeded_and_checks_its_arguments():
     assert [r["correct"] for r in a] == [1, 1, 0]
     with pytest.raises(ValueError, match="sigma > 0"):
         certify_images(model, images, labels, 0.0)
+
+
+def test_certify_images_in_groups_draws_what_certify_draws_image_by_image(monkeypatch):
+    """Reading results back per group (the last one partial) keeps CERTIFY's stream of noise."""
+    model, x, _ = _linear(margin=0.05)
+    images = x + 0.1 * torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([1, 0, 1, 1, 0])
+    n0, n = 20, 300
+    monkeypatch.setattr(certify_module, "_SAMPLES_PER_READ", 2 * (n0 + n))  # groups 2, 2, 1
+    rows = certify_images(model, images, labels, SIGMA, n0=n0, n=n, batch=128, seed=6)
+    g = torch.Generator().manual_seed(6)
+    one_by_one = [certify(model, im, SIGMA, n0, n, 0.001, 128, g) for im in images]
+    assert [(r["predict"], r["radius"]) for r in rows] == one_by_one
+    assert [r["idx"] for r in rows] == [0, 1, 2, 3, 4]
+    assert len({r["radius"] for r in rows}) >= 3  # the images differ: a misplaced one shows
