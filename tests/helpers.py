@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from momentreg.models import Normalize
 
@@ -135,3 +136,31 @@ def theorem1_mean(net, x, sigma):
     cdf = 0.5 * torch.erfc(-mu / s / math.sqrt(2))
     pdf = torch.exp(-0.5 * (mu / s) ** 2) / math.sqrt(2 * math.pi)
     return (mu * cdf + s * pdf) @ second.weight.T + second.bias
+
+
+class HostReads(TorchFunctionMode):
+    """Records the calls that make the host wait for the device on an accelerator: reading a
+    value (.item(), int(), bool(), .tolist(), .cpu()), a boolean mask or nonzero (their size is
+    data). Seen at the torch-function level, so inside ``torch.inference_mode`` too.
+    ``on_host``: tensors that stay on the CPU on an accelerator too (Adam's step counts)."""
+
+    WAITS = {
+        "item", "__int__", "__float__", "__bool__", "__index__", "tolist", "cpu", "numpy",
+        "nonzero", "masked_select", "unique",
+    }  # fmt: skip
+
+    def __init__(self, on_host=()):
+        super().__init__()
+        self.on_host, self.ops = {id(t) for t in on_host}, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        mask = name == "__getitem__" and _has_bool_tensor(args[1])
+        if (name in self.WAITS or mask) and not (args and id(args[0]) in self.on_host):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _has_bool_tensor(index) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from momentreg.robustness import default_sigmas, gaussian_robustness, sphere_noise
+from tests.helpers import HostReads
 
 
 class Constant(nn.Module):
@@ -104,3 +105,17 @@ def test_bad_arguments():
         gaussian_robustness(Constant(), torch.rand(2, 1, 2, 2), noise_samples=0)
     with pytest.raises(ValueError, match="sigmas"):
         gaussian_robustness(Constant(), torch.rand(2, 1, 2, 2), sigmas=[0.1])
+
+
+def test_gnr_waits_for_the_device_no_more_with_more_batches_or_sigmas():
+    """The counts stay on the device: the reads (of the sigmas, on the host, and of the final
+    counts) are the same for one batch and three levels as for four batches and five."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    images = torch.rand(20, 1, 4, 4)
+    reads = []
+    for batch_size, levels in ((20, 3), (6, 5)):
+        sigmas = torch.linspace(0, 0.2, levels, dtype=torch.float64)
+        with HostReads() as r:
+            gaussian_robustness(model, images, sigmas=sigmas, batch_size=batch_size, device="cpu")
+        reads.append(r.ops)
+    assert reads[0] == reads[1] and reads[0].count("cpu") == 1

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from momentreg.data import load_dataset, to_float, train_val_split
 from momentreg.errors import CheckpointError, TrainingError
@@ -19,11 +18,12 @@ from momentreg.training import (
     _step_config,
     _StepClock,
     _train_step,
+    _validate,
     load_checkpoint,
     model_weights,
     train,
 )
-from tests.helpers import SHARED_MNIST, needs_mnist
+from tests.helpers import SHARED_MNIST, HostReads, needs_mnist
 
 
 def _tiny_net():
@@ -58,27 +58,6 @@ def test_every_method_trains_and_is_deterministic(method):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-class _HostReads(TorchDispatchMode):
-    """Counts the ops that make the host wait for the device on an accelerator: reading a value
-    (.item(), bool()), a boolean mask (its size is data), a tensor made from host data (a copy).
-    ``on_host``: tensors that stay on the CPU on an accelerator too (Adam's step counts)."""
-
-    WAITS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.lift_fresh")
-
-    def __init__(self, on_host=()):
-        super().__init__()
-        self.on_host, self.ops = {id(t) for t in on_host}, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        mask = name.startswith("aten.index") and any(
-            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1] or ()
-        )
-        if (name in self.WAITS or mask) and not (args and id(args[0]) in self.on_host):
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize(
     "method, depth",
     [(m, "first") for m in LOSSES] + [(m, "all") for m in ANALYTIC],
@@ -95,9 +74,22 @@ def test_a_training_step_waits_for_the_device_once(method, depth):
     noisy = torch.arange(8) % 2 == 0
     _train_step(state, x, y, noisy, cfg, split)  # the optimizer makes its state at its first step
     steps = [t["step"] for t in state.optimizer.state.values() if "step" in t]
-    with _HostReads(on_host=steps) as reads:
+    with HostReads(on_host=steps) as reads:
         _train_step(state, x, y, noisy, cfg, split)
-    assert reads.ops == ["aten._local_scalar_dense"]
+    assert reads.ops == ["item"]
+
+
+def test_validation_waits_for_the_device_once_per_sum_not_per_batch():
+    images, labels = (torch.rand(50, 1, 28, 28) * 255).to(torch.uint8), torch.arange(50) % 10
+    net = _tiny_net()
+    expected = [
+        (nn.functional.cross_entropy(net(to_float(images)), labels).item(),
+         100.0 * (net(to_float(images)).argmax(1) == labels).float().mean().item())
+    ]  # fmt: skip
+    with HostReads() as reads:
+        result = _validate(net, images, labels, 8, "cpu")  # 7 batches
+    assert reads.ops == ["item", "__int__"]
+    assert result == pytest.approx(expected[0], rel=1e-6)
 
 
 def test_augment_epoch_visits_n_folds_of_the_data():

@@ -100,13 +100,13 @@ def gaussian_robustness(
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     d = images[0].numel()
-    robust = torch.zeros(len(sigmas), dtype=torch.long)
-    batches = range(0, len(images), batch_size)
+    robust = torch.zeros(len(sigmas), dtype=torch.long, device=device)  # read once, at the end
+    levels, batches = sigmas.tolist(), range(0, len(images), batch_size)
     try:
         for start in tqdm(batches, desc="GNR", disable=not progress, leave=False):
             x = images[start : start + batch_size].to(device)
             clean = model(x).argmax(1)
-            for k, sigma in enumerate(sigmas.tolist()):
+            for k, sigma in enumerate(levels):
                 if sigma == 0:
                     robust[k] += len(x)
                     continue
@@ -114,10 +114,10 @@ def gaussian_robustness(
                 for _ in range(noise_samples):
                     noisy = x + sphere_noise(x.shape, sigma * d**0.5, gen, device)
                     same &= model(noisy).argmax(1) == clean
-                robust[k] += int(same.sum())
+                robust[k] += same.sum()
     finally:
         model.train(was_training)
-    consistency = robust.double() / len(images)
+    consistency = robust.cpu().double() / len(images)
     span = float(sigmas[-1] - sigmas[0])
     gnr = 100.0 * float(torch.trapezoid(consistency, sigmas)) / span
     return gnr, sigmas, consistency
