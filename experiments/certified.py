@@ -683,17 +683,17 @@ def missing_runs(study: Study, folder: Path, waiting: list[dict]) -> tuple[list[
 
 def kept_weights(rows: list[dict], waiting: list[dict], unit: str) -> list[str]:
     """Which epoch's weights each run (certified ``rows``, then the uncertified ``waiting``) ends
-    with, against the anchors' last epoch, and the runs that keep an epoch before their
-    regularizer started (alpha_delay)."""
+    with, against the anchors' last epoch, and the runs whose weights never trained with their
+    regularizer (kept from before ``alpha_delay`` ended, or trained no longer than it)."""
     runs = sorted(rows, key=_order) + waiting
     keeps = sorted({r["keep"] for r in runs})
     before = [r for r in runs if r["kept_epoch"] < r["epochs"]]
     early = [r for r in runs if r["kept_epoch"] <= r["delay"]]
     lines = [
         f"Every run here keeps its `{'` or `'.join(keeps)}` weights (config.json's `keep`: "
-        "`best` is the epoch of lowest clean validation loss), while the anchors' code "
-        f"certifies the last epoch's. {len(before)} of {len(runs)} runs keep an earlier "
-        "epoch than their last"
+        "`best` is the epoch of lowest clean validation loss, `last` the last epoch, which the "
+        f"anchors' code certifies). {len(before)} of {len(runs)} runs keep an earlier epoch than "
+        "their last"
         + (
             ": "
             + "; ".join(
@@ -706,18 +706,24 @@ def kept_weights(rows: list[dict], waiting: list[dict], unit: str) -> list[str]:
         + "."
     ]
     if early:
+        chosen = any(r["kept_epoch"] < r["epochs"] for r in early)
         lines += [
             "",
             "These keep an epoch from before their regularizer was switched on (after "
             f"`alpha_delay` {unit}), so their weights never trained with it: "
             + "; ".join(
-                f"{r['label']} at sigma {r['sigma']:g} (epoch {r['kept_epoch']}; regularizer "
-                f"from epoch {r['delay'] + 1})"
+                f"{r['label']} at sigma {r['sigma']:g} (epoch {r['kept_epoch']} of "
+                f"{r['epochs']}; regularizer from epoch {r['delay'] + 1})"
                 for r in early
             )
-            + ". A clean validation loss cannot choose the weights of a method that trades clean "
-            "loss for radius: the next run of this study should keep the last epoch "
-            "(`--set keep=last`).",
+            + "."
+            + (
+                " A clean validation loss cannot choose the weights of a method that trades "
+                "clean loss for radius: the next run of this study should keep the last epoch "
+                "(`--set keep=last`)."
+                if chosen
+                else ""
+            ),
         ]
     return lines
 

@@ -62,10 +62,10 @@ def test_noise_training_is_checked_against_the_published_cohen_acr(ours, words):
     assert "published 1.558" in line and words in line
 
 
-def _run(folder, name, config, kept, certified_tsv=True):
+def _run(folder, name, config, kept, certified_tsv=True, epochs=90):
     run = folder / name
     run.mkdir()
-    metrics = {"kept_epoch": kept, "best_epoch": kept, "epochs": 90}
+    metrics = {"kept_epoch": kept, "best_epoch": kept, "epochs": epochs}
     metrics.update(test_accuracy=99.0, gnr=98.0)
     (run / "config.json").write_text(json.dumps(config))
     (run / "metrics.json").write_text(json.dumps(metrics))
@@ -82,7 +82,8 @@ def test_runs_that_keep_weights_from_before_their_regularizer_are_named(tmp_path
     waiting = certified.uncertified_runs(tmp_path)
     text = "\n".join(certified.kept_weights(rows, waiting, "epochs"))
     assert "2 of 2 runs keep an earlier epoch than their last" in text
-    assert "macer at sigma 0.5 (epoch 25; regularizer from epoch 32)" in text
+    assert "macer at sigma 0.5 (epoch 25 of 90; regularizer from epoch 32)" in text
+    assert "should keep the last epoch" in text
     assert "noise at sigma 0.5 (epoch" not in text  # no regularizer to miss
 
 
@@ -92,6 +93,14 @@ def test_a_run_that_keeps_its_last_epoch_is_not_flagged(tmp_path):
     (line,) = certified.kept_weights([], certified.uncertified_runs(tmp_path), "epochs")
     assert "keeps its `last` weights" in line
     assert line.endswith("0 of 1 runs keep an earlier epoch than their last.")
+
+
+def test_a_run_shorter_than_its_regularizer_delay_is_named_without_the_keep_advice(tmp_path):
+    config = {"method": "macer", "sigma": 1.0, "alpha_delay": 31, "keep": "last"}
+    _run(tmp_path, "macer", config, kept=2, epochs=2, certified_tsv=False)
+    text = "\n".join(certified.kept_weights([], certified.uncertified_runs(tmp_path), "epochs"))
+    assert "macer at sigma 1 (epoch 2 of 2; regularizer from epoch 32)" in text
+    assert "keep=last" not in text  # it keeps its last epoch already
 
 
 def _certified_run(folder, name, method="noise", sigma=0.5):
