@@ -112,7 +112,7 @@ EVAL_ORDER = ("noise", "macer-analytic", "consistency", "macer", "consistency-an
               "stability", "stability-analytic", "moment")  # fmt: skip
 ANCHOR_TOLERANCE = 0.03  # issue 19: our noise training within this ACR of the published one
 STAGES = ("train", "evaluate", "export", "doc")
-RADII = (0.5, 1.0, 1.5, 2.0)
+RADII = (0.0, 0.5, 1.0, 1.5, 2.0)  # 0: the smoothed classifier's accuracy (abstaining is wrong)
 SAMPLED = ("noise", "stability", "consistency", "macer")
 TIGHTNESS_IMAGES, TIGHTNESS_SAMPLES = 50, 2000
 DIVERGED = 10.0  # a run diverged if its last validation loss is over this many times its best
@@ -247,7 +247,7 @@ def certified(tsv: list[dict]) -> dict:
     n = len(radii)
     acr = sum(radii) / n
     se = math.sqrt(sum((r - acr) ** 2 for r in radii) / (n - 1) / n) if n > 1 else math.nan
-    at = {r: 100.0 * sum(x >= r for x in radii) / n for r in RADII}
+    at = {r: 100.0 * sum(t["correct"] and t["radius"] >= r for t in tsv) / n for r in RADII}
     return {"images": n, "acr": acr, "se": se, "at": at}
 
 
@@ -790,8 +790,9 @@ def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images
         f"- CERTIFY (Cohen et al.) at the training sigma on {images} test images (every "
         f"{10_000 // images}th), n0 = 100, n = {n:,}, alpha = 0.001. ACR: the mean certified "
         "radius (0 for a wrong or abstained prediction), ± its standard error over the images; "
-        "certified accuracy (%) at each radius. Every ACR below is computed from the committed "
-        "per-image TSVs.",
+        "certified accuracy (%) at each radius (at r = 0 the smoothed classifier's accuracy, an "
+        "abstention counted as wrong). Every ACR below is computed from the committed per-image "
+        "TSVs.",
         "- Cost, two ways. *Passes per image*: the FLOPs of one training step (forward and "
         "backward, counted by `torch.utils.flop_counter` in `momentreg.cost`) over those of a "
         "clean step on the same batch; noise training is 1, sampled consistency 2, MACER 16. "

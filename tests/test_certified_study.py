@@ -118,6 +118,8 @@ def test_rows_read_the_acr_from_the_tsv_and_refuse_two_runs_of_one_method(tmp_pa
     _certified_run(tmp_path, "noise-a")
     (row,) = certified.load_rows(tmp_path, "epochs")
     assert row["acr"] == pytest.approx(0.4) and row["budget"] == 90  # (0.8 + 0) / 2
+    # certified accuracy counts correct predictions only, at r = 0 too (the wrong one has 0.3)
+    assert row["at"] == {0.0: 50.0, 0.5: 50.0, 1.0: 0.0, 1.5: 0.0, 2.0: 0.0}
     _certified_run(tmp_path, "noise-b")  # a rerun's twin left beside it
     with pytest.raises(SystemExit, match="two runs of noise at sigma 0.5, budget 90"):
         certified.load_rows(tmp_path, "epochs")
