@@ -40,6 +40,12 @@ def test_loss_is_the_papers_formula_computed_directly():
     torch.testing.assert_close(parts["logits"], net(x))
 
 
+@pytest.mark.parametrize("sigma", [-0.1, float("nan"), torch.tensor([0.1, -0.1])])
+def test_a_bad_sigma_fails_at_construction(sigma):
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+        MomentRegularizer(Small(), sigma=sigma)
+
+
 def test_a_model_it_cannot_split_fails_at_construction():
     with pytest.raises(ValueError, match="is not affine"):
         MomentRegularizer(nn.Sequential(nn.Tanh(), nn.ReLU(), nn.Linear(2, 2)), sigma=0.1)

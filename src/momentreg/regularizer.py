@@ -67,6 +67,19 @@ def split_at_first_relu(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     raise ValueError("the model has no nn.ReLU to split at")
 
 
+def _checked_sigma(sigma: float | torch.Tensor) -> float | torch.Tensor:
+    """sigma as a float (a number, checked on the host) or a tensor (checked where it lives: one
+    host-device sync on an accelerator); ValueError unless finite and >= 0 everywhere."""
+    if isinstance(sigma, numbers.Real):
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+        return float(sigma)
+    sigma = torch.as_tensor(sigma)
+    if sigma.lt(0).any() or not torch.isfinite(sigma).all():
+        raise ValueError("sigma must be finite and >= 0 everywhere")
+    return sigma
+
+
 def _input_variance(sigma: float | torch.Tensor, input_shape: torch.Size, like: torch.Tensor):
     """sigma^2 as a tensor [1, *input_shape] on ``like``'s device and dtype.
 
@@ -74,15 +87,11 @@ def _input_variance(sigma: float | torch.Tensor, input_shape: torch.Size, like: 
     busy GPU costs a training step more than its arithmetic. A tensor is checked where it lives
     (one sync if that is an accelerator).
     """
-    if isinstance(sigma, numbers.Real):
-        if not (math.isfinite(sigma) and sigma >= 0):
-            raise ValueError("sigma must be finite and >= 0")
+    sigma = _checked_sigma(sigma)
+    if isinstance(sigma, float):
         # squared on the device, in ``like``'s dtype, as a tensor sigma is: the same bits
-        full = torch.full((1, *input_shape), float(sigma), dtype=like.dtype, device=like.device)
+        full = torch.full((1, *input_shape), sigma, dtype=like.dtype, device=like.device)
         return full * full
-    sigma = torch.as_tensor(sigma)
-    if sigma.lt(0).any() or not torch.isfinite(sigma).all():
-        raise ValueError("sigma must be finite and >= 0")
     try:
         shape = torch.broadcast_shapes(sigma.shape, input_shape)
     except RuntimeError:
@@ -266,6 +275,7 @@ class MomentRegularizer(nn.Module):
         super().__init__()
         if alpha < 0:
             raise ValueError("alpha must be >= 0")
+        _checked_sigma(sigma)  # now, not at the first batch
         self.model = model
         self.sigma, self.alpha, self.depth, self.loss = sigma, alpha, depth, loss
         # a plain tuple: the halves share the model's modules and are not registered twice
