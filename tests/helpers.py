@@ -140,9 +140,10 @@ def theorem1_mean(net, x, sigma):
 
 class HostReads(TorchFunctionMode):
     """Records the calls that make the host wait for the device on an accelerator: reading a
-    value (.item(), int(), bool(), .tolist(), .cpu()), a boolean mask or nonzero (their size is
-    data). Seen at the torch-function level, so inside ``torch.inference_mode`` too.
-    ``on_host``: tensors that stay on the CPU on an accelerator too (Adam's step counts)."""
+    value (.item(), int(), bool(), .tolist(), .cpu()), indexing by a boolean mask or a 0-dim
+    integer tensor, nonzero (their size is data). Seen at the torch-function level, so inside
+    ``torch.inference_mode`` too. ``on_host``: tensors that stay on the CPU on an accelerator
+    too (Adam's step counts)."""
 
     WAITS = {
         "item", "__int__", "__float__", "__bool__", "__index__", "tolist", "cpu", "numpy",
@@ -155,12 +156,18 @@ class HostReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", str(func))
-        mask = name == "__getitem__" and _has_bool_tensor(args[1])
+        mask = name == "__getitem__" and _reads_its_index(args[1])
         if (name in self.WAITS or mask) and not (args and id(args[0]) in self.on_host):
             self.ops.append(name)
         return func(*args, **(kwargs or {}))
 
 
-def _has_bool_tensor(index) -> bool:
+def _reads_its_index(index) -> bool:
+    """An index whose value the host must know: a boolean mask (how many rows) or a
+    one-element integer tensor (torch reads it as an int)."""
     parts = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+    return any(
+        isinstance(p, torch.Tensor)
+        and (p.dtype == torch.bool or (p.dim() == 0 and not p.is_floating_point()))
+        for p in parts
+    )

@@ -17,6 +17,7 @@ from momentreg.certify import (
     predict,
     summarize,
 )
+from tests.helpers import HostReads
 
 SIGMA = 0.25
 
@@ -117,7 +118,9 @@ def test_certify_images_in_groups_draws_what_certify_draws_image_by_image(monkey
     labels = torch.tensor([1, 0, 1, 1, 0])
     n0, n = 20, 300
     monkeypatch.setattr(certify_module, "_SAMPLES_PER_READ", 2 * (n0 + n))  # groups 2, 2, 1
-    rows = certify_images(model, images, labels, SIGMA, n0=n0, n=n, batch=128, seed=6)
+    with HostReads() as reads:
+        rows = certify_images(model, images, labels, SIGMA, n0=n0, n=n, batch=128, seed=6)
+    assert reads.ops == ["tolist"] * 4  # the labels, then one read per group of images
     g = torch.Generator().manual_seed(6)
     one_by_one = [certify(model, im, SIGMA, n0, n, 0.001, 128, g) for im in images]
     assert [(r["predict"], r["radius"]) for r in rows] == one_by_one

@@ -81,8 +81,9 @@ def predict(model, x, sigma, n, alpha, batch, generator) -> int:
 @torch.inference_mode()
 def _selection_and_count(model, x, sigma, n0, n, batch, generator) -> torch.Tensor:
     """CERTIFY's draws for one image, on its device: [c_A, count of c_A among the n samples]."""
-    c_a = _device_counts(model, x, sigma, n0, batch, generator).argmax()
-    return torch.stack([c_a, _device_counts(model, x, sigma, n, batch, generator)[c_a]])
+    c_a = _device_counts(model, x, sigma, n0, batch, generator).argmax().view(1)
+    # gather, not counts[c_a]: indexing by a one-element tensor reads it back to the host
+    return torch.cat([c_a, _device_counts(model, x, sigma, n, batch, generator).gather(0, c_a)])
 
 
 def _radius(c_a: int, n_a: int, sigma, n, alpha) -> tuple[int, float]:
@@ -127,7 +128,7 @@ def certify_images(
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    images = images.to(device)
+    images, labels = images.to(device), labels.tolist()
     group = max(1, _SAMPLES_PER_READ // (n0 + n))
     rows = []
     with tqdm(total=len(labels), desc=f"certify sigma={sigma}", disable=not progress) as bar:
@@ -141,7 +142,7 @@ def certify_images(
             seconds = (time.perf_counter() - t0) / len(results)
             for i, (c_a, n_a) in enumerate(results, start=first):
                 c, radius = _radius(c_a, n_a, sigma, n, alpha)
-                label = int(labels[i])
+                label = labels[i]
                 rows.append(
                     {
                         "idx": i,
