@@ -36,7 +36,8 @@ RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 @torch.inference_mode()
 def _device_counts(model, x, sigma, n, batch, generator) -> torch.Tensor:
-    """``sample_counts`` left on x's device: int64 [K]."""
+    """``sample_counts`` left on x's device: int64 [K]. Counted by scatter_add, not bincount,
+    which on a GPU reads the largest class back to size its output (a wait per batch)."""
     counts = None
     for start in range(0, n, batch):
         size = min(batch, n - start)
@@ -44,7 +45,8 @@ def _device_counts(model, x, sigma, n, batch, generator) -> torch.Tensor:
         logits = model(x.unsqueeze(0) + sigma * noise)
         if counts is None:
             counts = torch.zeros(logits.shape[1], dtype=torch.long, device=x.device)
-        counts += torch.bincount(logits.argmax(1), minlength=logits.shape[1])
+        top = logits.argmax(1)
+        counts.scatter_add_(0, top, torch.ones_like(top))
     return counts
 
 
