@@ -21,6 +21,7 @@ import shutil
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -96,7 +97,9 @@ def _compile_available() -> bool:
 
 
 def _kernels(kind: str):
-    if not _compile_available():
+    # Under a dispatch mode (FlopCounterMode, a profiler's) torch.compile does not compile, and
+    # the kernel then runs eager in every later call of the process: keep such calls eager.
+    if not _compile_available() or is_in_torch_dispatch_mode():
         return _KERNELS[kind]
     if kind not in _compiled:
         _compiled[kind] = tuple(torch.compile(k, dynamic=True) for k in _KERNELS[kind])
