@@ -1,5 +1,6 @@
 import math
 import shutil
+import sys
 
 import mpmath
 import numpy as np
@@ -174,6 +175,28 @@ def test_compile_matches_eager(fn):
         moments.set_compile(False)
     for e, c in zip(eager, compiled, strict=True):
         assert torch.allclose(e, c, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_compilation_falls_back_to_the_eager_kernels(monkeypatch):
+    """A compiler that fails (Triton without Python's headers, say) costs a warning and the
+    compiled speed, not the run: the eager result, and no further attempt."""
+    monkeypatch.setenv("CXX", sys.executable)  # a "compiler" that exists: compilation is tried
+
+    def broken(*args):
+        raise RuntimeError("backend compiler failed: Python.h not found")
+
+    monkeypatch.setitem(moments._compiled, "mean", (broken, broken))
+    mu = torch.randn(16, 4, requires_grad=True)
+    var = torch.rand(1, 4) + 0.1
+    eager = torch.autograd.grad(moments.relu_mean(mu, var).sum(), mu)[0]
+    moments.set_compile(True)
+    try:
+        with pytest.warns(UserWarning, match="Python.h not found"):
+            out = moments.relu_mean(mu, var)
+        assert torch.equal(torch.autograd.grad(out.sum(), mu)[0], eager)
+        assert not moments._compile_available()  # off for the rest of the process
+    finally:
+        moments.set_compile(False)
 
 
 def _mc_moments(fn, mean, var, n, gen):

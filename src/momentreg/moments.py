@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -96,14 +97,28 @@ def _compile_available() -> bool:
     return _compile_wanted and shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
-def _kernels(kind: str):
-    # Under a dispatch mode (FlopCounterMode, a profiler's) torch.compile does not compile, and
-    # the kernel then runs eager in every later call of the process: keep such calls eager.
+def _kernel(kind: str, which: int, *args):
+    """Run kernel ``which`` (0 forward, 1 backward) of ``kind``, compiled where it can be.
+
+    Under a dispatch mode (FlopCounterMode, a profiler's) torch.compile does not compile, and
+    the kernel then runs eager in every later call of the process: such calls run eager here.
+    A compilation that fails (on a GPU, Triton builds its launcher with a C compiler and Python's
+    headers) switches the process to the eager kernels with one warning instead of ending the
+    run; a real error of the kernel is raised again by the eager one."""
     if not _compile_available() or is_in_torch_dispatch_mode():
-        return _KERNELS[kind]
+        return _KERNELS[kind][which](*args)
     if kind not in _compiled:
         _compiled[kind] = tuple(torch.compile(k, dynamic=True) for k in _KERNELS[kind])
-    return _compiled[kind]
+    try:
+        return _compiled[kind][which](*args)
+    except Exception as e:  # any failure of the compiler
+        set_compile(False)
+        warnings.warn(
+            f"torch.compile of the ReLU-mean kernels failed ({type(e).__name__}: "
+            f"{str(e)[:500]}); using the eager kernels (MOMENTREG_COMPILE=0 skips the attempt)",
+            stacklevel=2,
+        )
+        return _KERNELS[kind][which](*args)
 
 
 class _ReLUMean(torch.autograd.Function):
@@ -112,8 +127,7 @@ class _ReLUMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu: torch.Tensor, s: torch.Tensor, kind: str) -> torch.Tensor:
-        fwd, _ = _kernels(kind)
-        out, cdf = fwd(mu, s)
+        out, cdf = _kernel(kind, 0, mu, s)
         ctx.save_for_backward(mu, s, cdf)
         ctx.kind = kind
         return out
@@ -121,8 +135,7 @@ class _ReLUMean(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         mu, s, cdf = ctx.saved_tensors
-        _, bwd = _kernels(ctx.kind)
-        g_mu, g_s = bwd(mu, s, cdf, grad)
+        g_mu, g_s = _kernel(ctx.kind, 1, mu, s, cdf, grad)
         g_mu = g_mu.sum_to_size(mu.shape) if ctx.needs_input_grad[0] else None
         g_s = g_s.sum_to_size(s.shape) if ctx.needs_input_grad[1] else None
         return g_mu, g_s, None
