@@ -57,7 +57,7 @@ from momentreg.rundir import (
     certify_tsv,
     read_json,
 )
-from momentreg.sweep import expand, load_spec, sweep
+from momentreg.sweep import child_env, expand, load_spec, sweep
 from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,7 +165,7 @@ def evaluate(study, runs, images, n, device, workers, trainer=None, deadline=mat
     ended and every certification has started, so that they never hold up one. Returns the
     number of failed jobs; their output is printed."""
     started, failed = set(), 0
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+    env = child_env(max(1, (os.cpu_count() or 1) // workers))
 
     def run(argv):
         timeout = deadline - time.monotonic() if deadline < math.inf else None

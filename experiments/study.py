@@ -34,7 +34,7 @@ from momentreg.rundir import (
     read_json,
     write_json,
 )
-from momentreg.sweep import parse_setting
+from momentreg.sweep import child_env, parse_setting
 from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +122,7 @@ def run_jobs(jobs: list[list[list[str]]], workers: int) -> None:
     """Each job is a list of commands run in turn; up to ``workers`` jobs at once, sharing the
     CPU cores between them."""
     workers = max(1, min(workers, len(jobs)))
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+    env = child_env(max(1, (os.cpu_count() or 1) // workers))
 
     def run_job(commands):
         for argv in commands:

@@ -1,4 +1,5 @@
 import csv
+import os
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from momentreg.report import fair_comparison, group_of, write_report
 from momentreg.sweep import (
     PRESETS,
     SpecError,
+    child_env,
     expand,
     load_spec,
     pid_alive,
@@ -213,3 +215,14 @@ def test_fair_comparison_on_a_hand_made_table():
     assert "noise" not in loose["selected"]
     with pytest.raises(ValueError, match="clean run"):
         fair_comparison(rows[2:], 0.0)
+
+
+def test_a_run_beside_others_gets_its_share_of_threads_for_ops_and_the_compiler(monkeypatch):
+    """torch.compile's worker pool defaults to one process per core in every run: 15 runs on 16
+    cores would start 240. A value the user set is kept."""
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    env = child_env(2)
+    assert env["OMP_NUM_THREADS"] == "2" and env["TORCHINDUCTOR_COMPILE_THREADS"] == "2"
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "8")
+    assert child_env(1)["TORCHINDUCTOR_COMPILE_THREADS"] == "8"
+    assert child_env(None) == dict(os.environ)  # a run alone: the environment as it is
