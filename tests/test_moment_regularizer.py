@@ -2,6 +2,7 @@
 under torch.compile, autocast and DistributedDataParallel, and in a plain loop."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from momentreg import MomentRegularizer, expected_logits
+from momentreg import MomentRegularizer, expected_logits, moments
 from tests.helpers import TinyResNet
 
 
@@ -65,6 +66,24 @@ def test_torch_compile_gives_the_eager_loss_and_gradients():
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_sequential_model_compiles_in_one_graph_with_the_kernels_compile_on(monkeypatch):
+    """Inside a user's torch.compile momentreg's own kernel compilation steps aside: the eager
+    kernels are traced into the user's graph, with no break (its compiler lookup was one)."""
+    monkeypatch.setenv("CXX", sys.executable)  # a compiler is found, as on a dev box
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(384, 4))
+    reg = MomentRegularizer(net, sigma=0.3, alpha=1.0)
+    x, y = _data()
+    eager = reg(x, y)[0]
+    moments.set_compile(True)
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(reg, backend="aot_eager", fullgraph=True)(x, y)[0]
+    finally:
+        moments.set_compile(False)
+    torch.testing.assert_close(compiled, eager)
 
 
 def test_bfloat16_autocast_stays_close_to_float32():

@@ -104,8 +104,9 @@ def _kernel(kind: str, which: int, *args):
     the kernel then runs eager in every later call of the process: such calls run eager here.
     A compilation that fails (on a GPU, Triton builds its launcher with a C compiler and Python's
     headers) switches the process to the eager kernels with one warning instead of ending the
-    run; a real error of the kernel is raised again by the eager one."""
-    if not _compile_available() or is_in_torch_dispatch_mode():
+    run; a real error of the kernel is raised again by the eager one. Inside a user's
+    torch.compile the eager kernel is traced into their graph."""
+    if torch.compiler.is_compiling() or not _compile_available() or is_in_torch_dispatch_mode():
         return _KERNELS[kind][which](*args)
     if kind not in _compiled:
         _compiled[kind] = tuple(torch.compile(k, dynamic=True) for k in _KERNELS[kind])
