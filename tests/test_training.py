@@ -22,6 +22,7 @@ from momentreg.training import (
     load_checkpoint,
     model_weights,
     train,
+    train_one_epoch,
 )
 from tests.helpers import SHARED_MNIST, HostReads, needs_mnist
 
@@ -77,6 +78,26 @@ def test_a_training_step_waits_for_the_device_once(method, depth):
     with HostReads(on_host=steps) as reads:
         _train_step(state, x, y, noisy, cfg, split)
     assert reads.ops == ["item"]
+
+
+@pytest.mark.parametrize("method", ["noise", "consistency-analytic"])
+def test_an_epoch_waits_once_a_step_and_a_few_times_an_epoch(method):
+    """The loop around the steps adds no wait per step: an epoch of 8 steps reads the device 4
+    more times than one of 4 steps (the sampling order, the accuracy count: once an epoch)."""
+    images = (torch.rand(64, 1, 28, 28) * 255).to(torch.uint8)
+    labels = torch.arange(64) % 10
+    reads = []
+    for n in (32, 64):  # 4 and 8 steps of 8
+        net = _tiny_net()
+        cfg = TrainConfig(  # SGD: Adam's step counts are read on the host, a CPU tensor on GPUs too
+            method=method, sigma=0.5, alpha=1.0, batch_size=8, sigma_warmup=100, optimizer="sgd"
+        )
+        state = TrainState.start(net, cfg, torch.device("cpu"))
+        split = check_regularizable(net) if method in ANALYTIC else None
+        with HostReads() as r:
+            train_one_epoch(state, images[:n], labels[:n], cfg, _StepClock(), split, False)
+        reads.append(len(r.ops))
+    assert reads[1] - reads[0] == 4
 
 
 def test_validation_waits_for_the_device_once_per_sum_not_per_batch():
