@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import itertools
 import math
 import os
 import subprocess
@@ -47,6 +48,7 @@ from study import (
     tightness_command,
 )
 
+from momentreg.certify import certified_accuracy
 from momentreg.plots import plt
 from momentreg.rundir import (
     CERTIFY_FILE,
@@ -247,8 +249,7 @@ def certified(tsv: list[dict]) -> dict:
     n = len(radii)
     acr = sum(radii) / n
     se = math.sqrt(sum((r - acr) ** 2 for r in radii) / (n - 1) / n) if n > 1 else math.nan
-    at = {r: 100.0 * sum(t["correct"] and t["radius"] >= r for t in tsv) / n for r in RADII}
-    return {"images": n, "acr": acr, "se": se, "at": at}
+    return {"images": n, "acr": acr, "se": se, "at": certified_accuracy(tsv, RADII)}
 
 
 def label(config: dict) -> str:
@@ -425,16 +426,12 @@ def goal_pairs(rows: list[dict], unit: str, macer_factor: int) -> list[tuple[str
                 best = max(analytic, key=lambda r: r["acr"])
                 what = f"sigma {sigma:g}, {cons['budget']:g} {unit}, against consistency"
                 pairs.append((what, best, cons))
-        for macer in (r for r in at_sigma if r["method"] == "macer"):
-            for r in sorted(at_sigma, key=_order):
-                quarter = r["compute"] <= macer["compute"] / 4
-                if (
-                    r["method"] == "macer-analytic"
-                    and quarter
-                    and (macer_factor * r["budget"] == macer["budget"])
-                ):
-                    what = f"sigma {sigma:g}, {_macer_goal(unit, macer_factor)}"
-                    pairs.append((what, r, macer))
+        macers = [r for r in at_sigma if r["method"] == "macer"]
+        analytic = sorted((r for r in at_sigma if r["method"] == "macer-analytic"), key=_order)
+        for macer, r in itertools.product(macers, analytic):
+            quarter = r["compute"] <= macer["compute"] / 4
+            if quarter and macer_factor * r["budget"] == macer["budget"]:
+                pairs.append((f"sigma {sigma:g}, {_macer_goal(unit, macer_factor)}", r, macer))
     return pairs
 
 

@@ -171,3 +171,22 @@ def _reads_its_index(index) -> bool:
         and (p.dtype == torch.bool or (p.dim() == 0 and not p.is_floating_point()))
         for p in parts
     )
+
+
+def tiny_net() -> nn.Sequential:
+    """A small MNIST classifier [B, 1, 28, 28] -> [B, 10] with an affine head (Normalize, conv)."""
+    return nn.Sequential(
+        Normalize([0.13], [0.31]),
+        nn.Conv2d(1, 4, 5, stride=3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    )
+
+
+def step_cases() -> list[tuple[str, str]]:
+    """(method, moment depth): every training method at the paper's depth, and the methods with
+    an analytic expectation at depth "all" too."""
+    from momentreg.training import ANALYTIC, LOSSES
+
+    return [(m, "first") for m in LOSSES] + [(m, "all") for m in ANALYTIC]

@@ -8,13 +8,12 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 from momentreg.certify import certify_images
-from momentreg.models import Normalize
 from momentreg.regularizer import check_regularizable
 from momentreg.robustness import gaussian_robustness
-from momentreg.training import ANALYTIC, LOSSES, TrainConfig, TrainState, _train_step, _validate
+from momentreg.training import ANALYTIC, TrainConfig, TrainState, _train_step, _validate
+from tests.helpers import step_cases, tiny_net
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -35,15 +34,10 @@ def cuda_syncs():
 
 def _net():
     torch.manual_seed(0)
-    return nn.Sequential(
-        Normalize([0.13], [0.31]), nn.Conv2d(1, 4, 5, stride=3), nn.ReLU(), nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 10),
-    ).to(CUDA)  # fmt: skip
+    return tiny_net().to(CUDA)
 
 
-@pytest.mark.parametrize(
-    "method, depth", [(m, "first") for m in LOSSES] + [(m, "all") for m in ANALYTIC]
-)
+@pytest.mark.parametrize("method, depth", step_cases())
 def test_a_cuda_training_step_synchronizes_once(method, depth):
     net = _net()
     cfg = TrainConfig(method=method, sigma=0.5, alpha=1.0, moment_depth=depth, folds=2)

@@ -6,12 +6,11 @@ from torch import nn
 
 from momentreg.data import load_dataset, to_float, train_val_split
 from momentreg.errors import CheckpointError, TrainingError
-from momentreg.models import Normalize, build_model
+from momentreg.models import build_model
 from momentreg.regularizer import check_regularizable
 from momentreg.robustness import accuracy
 from momentreg.training import (
     ANALYTIC,
-    LOSSES,
     TrainConfig,
     TrainState,
     _budget_lr,
@@ -24,17 +23,7 @@ from momentreg.training import (
     train,
     train_one_epoch,
 )
-from tests.helpers import SHARED_MNIST, HostReads, needs_mnist
-
-
-def _tiny_net():
-    return nn.Sequential(
-        Normalize([0.13], [0.31]),
-        nn.Conv2d(1, 4, 5, stride=3),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 10),
-    )
+from tests.helpers import SHARED_MNIST, HostReads, needs_mnist, step_cases, tiny_net
 
 
 def _sample(n=300):
@@ -51,7 +40,7 @@ def test_every_method_trains_and_is_deterministic(method):
     states = []
     for _ in range(2):
         torch.manual_seed(0)
-        net = _tiny_net()
+        net = tiny_net()
         history = train(net, tr, va, method=method, sigma=0.3, folds=3, epochs=2, **FAST)
         states.append(net.state_dict())
     assert len(history) == 2
@@ -59,15 +48,12 @@ def test_every_method_trains_and_is_deterministic(method):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-@pytest.mark.parametrize(
-    "method, depth",
-    [(m, "first") for m in LOSSES] + [(m, "all") for m in ANALYTIC],
-)
+@pytest.mark.parametrize("method, depth", step_cases())
 def test_a_training_step_waits_for_the_device_once(method, depth):
     """The loss read back (the non-finite check) is a step's one host-device sync: on a GPU
     shared by many runs every further one costs a round of the other runs' work."""
     torch.manual_seed(0)
-    net = _tiny_net()
+    net = tiny_net()
     cfg = TrainConfig(method=method, sigma=0.5, alpha=1.0, moment_depth=depth, folds=2)
     state = TrainState.start(net, cfg, torch.device("cpu"))
     split = check_regularizable(net, depth) if method in ANALYTIC else None
@@ -88,7 +74,7 @@ def test_an_epoch_waits_once_a_step_and_a_few_times_an_epoch(method):
     labels = torch.arange(64) % 10
     reads = []
     for n in (32, 64):  # 4 and 8 steps of 8
-        net = _tiny_net()
+        net = tiny_net()
         cfg = TrainConfig(  # SGD: Adam's step counts are read on the host, a CPU tensor on GPUs too
             method=method, sigma=0.5, alpha=1.0, batch_size=8, sigma_warmup=100, optimizer="sgd"
         )
@@ -102,7 +88,7 @@ def test_an_epoch_waits_once_a_step_and_a_few_times_an_epoch(method):
 
 def test_validation_waits_for_the_device_once_per_sum_not_per_batch():
     images, labels = (torch.rand(50, 1, 28, 28) * 255).to(torch.uint8), torch.arange(50) % 10
-    net = _tiny_net()
+    net = tiny_net()
     expected = [
         (nn.functional.cross_entropy(net(to_float(images)), labels).item(),
          100.0 * (net(to_float(images)).argmax(1) == labels).float().mean().item())
@@ -115,7 +101,7 @@ def test_validation_waits_for_the_device_once_per_sum_not_per_batch():
 
 def test_augment_epoch_visits_n_folds_of_the_data():
     tr, va = _sample()
-    net = _tiny_net()
+    net = tiny_net()
     seen = []
     net.register_forward_pre_hook(lambda m, inp: seen.append(len(inp[0])) if m.training else None)
     train(net, tr, va, method="augment", sigma=0.3, folds=4, epochs=1, **FAST)
@@ -124,7 +110,7 @@ def test_augment_epoch_visits_n_folds_of_the_data():
 
 def test_keeps_best_validation_weights_and_stops_early(tmp_path):
     tr, va = _sample()
-    net = _tiny_net()
+    net = tiny_net()
     history = train(
         net,
         tr,
@@ -149,7 +135,7 @@ def test_keep_chooses_the_weights_the_run_ends_with(tmp_path, keep):
     choices differ; the model, and what a finished checkpoint loads, are the chosen weights."""
     tr, va = _sample()
     torch.manual_seed(0)
-    net = _tiny_net()
+    net = tiny_net()
     history = train(
         net, tr, va, epochs=6, lr=0.5, batch_size=50, progress=False, out_dir=tmp_path, keep=keep
     )
@@ -166,7 +152,7 @@ def test_time_budget_ends_the_run_in_the_step_that_crosses_it(tmp_path):
     tr, va = _sample()  # 240 training images: 5 steps per epoch
     budget = 0.05  # no early stop: on a fast machine 10 epochs without progress fit in 0.05 s
     kwargs = dict(epochs=1000, time_budget=budget, early_stop=1000, out_dir=tmp_path, **FAST)
-    history = train(_tiny_net(), tr, va, **kwargs)
+    history = train(tiny_net(), tr, va, **kwargs)
     last = history[-1]
     steps = last["steps"]
     assert last["step_seconds"] >= budget
@@ -176,7 +162,7 @@ def test_time_budget_ends_the_run_in_the_step_that_crosses_it(tmp_path):
     assert all(r["step_seconds"] < budget for r in history[:-1])
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["finished"] and ckpt["stopped"]
-    again = train(_tiny_net(), tr, va, resume=True, **kwargs)
+    again = train(tiny_net(), tr, va, resume=True, **kwargs)
     assert again == history  # a finished budget run does not train on when resumed
 
 
@@ -188,7 +174,7 @@ def test_budget_step_rate_and_deferral_follow_the_step_clock():
         lr_step_budget=1 / 3, time_budget=9.0, alpha_delay_budget=0.34,
     )  # fmt: skip
     cfg.validate()
-    opt = torch.optim.SGD(_tiny_net().parameters(), lr=cfg.lr)
+    opt = torch.optim.SGD(tiny_net().parameters(), lr=cfg.lr)
     for seconds, lr, alpha in [
         (0.0, 1e-2, 0.0), (2.99, 1e-2, 0.0), (3.01, 1e-3, 0.0), (3.07, 1e-3, 16.0),
         (6.01, 1e-4, 16.0), (8.99, 1e-4, 16.0),
@@ -204,7 +190,7 @@ def test_budget_step_rate_and_deferral_follow_the_step_clock():
 def test_a_budget_step_run_records_the_decayed_rate(tmp_path):
     tr, va = _sample()
     kwargs = dict(FAST, lr_schedule="budget-step", time_budget=0.3, lr_step_budget=0.25)
-    history = train(_tiny_net(), tr, va, epochs=1000, early_stop=1000, **kwargs)
+    history = train(tiny_net(), tr, va, epochs=1000, early_stop=1000, **kwargs)
     # the last step starts after at least 3 of the 4 quarters: lr 1e-2 * 0.1**3
     assert history[-1]["lr"] == pytest.approx(1e-5)
     assert history[0]["lr"] > history[-1]["lr"]
@@ -212,22 +198,22 @@ def test_a_budget_step_run_records_the_decayed_rate(tmp_path):
 
 def test_non_finite_loss_names_epoch_and_batch_and_keeps_checkpoint(tmp_path):
     (tr_x, tr_y), va = _sample()
-    train(_tiny_net(), (tr_x, tr_y), va, epochs=1, out_dir=tmp_path, **FAST)
+    train(tiny_net(), (tr_x, tr_y), va, epochs=1, out_dir=tmp_path, **FAST)
     before = (tmp_path / "checkpoint.pt").read_bytes()
     bad = to_float(tr_x)
     bad[60] = float("nan")  # one poisoned image: whichever batch draws it fails
     with pytest.raises(TrainingError, match=r"non-finite loss .* at epoch 1, batch \d+"):
-        train(_tiny_net(), (bad, tr_y), va, epochs=3, **FAST)
+        train(tiny_net(), (bad, tr_y), va, epochs=3, **FAST)
     with pytest.raises(TrainingError, match="epoch 2"):
-        train(_tiny_net(), (bad, tr_y), va, epochs=3, out_dir=tmp_path, resume=True, **FAST)
+        train(tiny_net(), (bad, tr_y), va, epochs=3, out_dir=tmp_path, resume=True, **FAST)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     tr, va = _sample()
-    train(_tiny_net(), tr, va, epochs=1, out_dir=tmp_path, **FAST)
+    train(tiny_net(), tr, va, epochs=1, out_dir=tmp_path, **FAST)
     with pytest.raises(CheckpointError, match="method: checkpoint 'clean', this run 'moment'"):
-        train(_tiny_net(), tr, va, epochs=2, method="moment", out_dir=tmp_path, resume=True, **FAST)
+        train(tiny_net(), tr, va, epochs=2, method="moment", out_dir=tmp_path, resume=True, **FAST)
 
 
 def test_corrupted_checkpoint_is_a_clear_error(tmp_path):

@@ -21,6 +21,7 @@ __all__ = [
     "ABSTAIN",
     "RADII",
     "certify_line",
+    "certified_accuracy",
     "sample_counts",
     "lower_confidence_bound",
     "predict",
@@ -159,9 +160,19 @@ def certify_images(
     return rows
 
 
+def certified_accuracy(rows: list[dict], radii=RADII) -> dict[float, float]:
+    """radius -> the share (%) of rows (``correct``, ``radius``) certified correct at it: correct
+    and radius >= r (an abstention is never correct, so at r = 0 this is the smoothed
+    classifier's accuracy)."""
+    total = len(rows)
+    return {
+        r: 100.0 * sum(row["correct"] and row["radius"] >= r for row in rows) / total for r in radii
+    }
+
+
 def summarize(rows: list[dict], radii=RADII) -> dict:
-    """Certified accuracy (%) at each radius (correct and radius >= r) and the average certified
-    radius (ACR: mean of radius over correct predictions, 0 elsewhere)."""
+    """Certified accuracy (%) at each radius (:func:`certified_accuracy`) and the average
+    certified radius (ACR: mean of radius over correct predictions, 0 elsewhere)."""
     total = len(rows)
     if total == 0:
         raise ValueError("no certified images to summarize")
@@ -169,8 +180,7 @@ def summarize(rows: list[dict], radii=RADII) -> dict:
         "images": total,
         "abstained": sum(r["predict"] == ABSTAIN for r in rows),
         "certified_accuracy": {
-            f"{radius:g}": 100.0 * sum(r["correct"] and r["radius"] >= radius for r in rows) / total
-            for radius in radii
+            f"{radius:g}": value for radius, value in certified_accuracy(rows, radii).items()
         },
         "acr": sum(r["radius"] for r in rows if r["correct"]) / total,
         "seconds_per_image": sum(r["time"] for r in rows) / total,

@@ -14,6 +14,7 @@ The variance is evaluated in the cancellation-free form
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -94,7 +95,13 @@ def set_compile(enabled: bool) -> None:
 
 
 def _compile_available() -> bool:
-    return _compile_wanted and shutil.which(os.environ.get("CXX", "g++")) is not None
+    return _compile_wanted and _found(os.environ.get("CXX", "g++"))
+
+
+@functools.cache
+def _found(program: str) -> bool:
+    """Whether ``program`` is on PATH, looked up once: the check runs at every kernel call."""
+    return shutil.which(program) is not None
 
 
 def _kernel(kind: str, which: int, *args):
