@@ -14,7 +14,7 @@ from momentreg import (
 )
 from momentreg.models import Normalize, build_model, lenet
 from momentreg.moments import relu_mean
-from tests.helpers import MomentLossOf, theorem1_mean, two_layer
+from tests.helpers import HostReads, MomentLossOf, theorem1_mean, two_layer
 
 
 def test_expected_logits_is_exact_for_an_affine_tail():
@@ -103,6 +103,32 @@ def test_sigma_of_wrong_shape_is_a_clear_error(bad):
 def test_negative_or_non_finite_sigma_is_an_error(bad):
     with pytest.raises(ValueError, match="sigma must be"):
         expected_logits(build_model("lenet", "mnist"), torch.rand(2, 1, 28, 28), bad)
+
+
+def test_a_tensor_sigma_is_read_once_until_it_changes():
+    """A per-pixel sigma made once costs one host read (a sync on an accelerator), not one a step;
+    an in-place write to it, or a new tensor, is checked again."""
+    net = build_model("lenet", "mnist")
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([0, 1])
+    sigma = torch.full((1, 28, 28), 0.2)
+    reads = []
+    for _ in range(3):
+        with HostReads() as seen:
+            moment_loss(net, x, y, sigma, alpha=1.0)
+        reads.append(seen.ops)
+    assert reads == [["__bool__"], [], []]
+    sigma[0, 3, 4] = -1.0  # bumps its version counter
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0 everywhere"):
+        moment_loss(net, x, y, sigma, alpha=1.0)
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0 everywhere"):
+        moment_loss(net, x, y, sigma, alpha=1.0)  # the failed check is not remembered
+    with HostReads() as seen:
+        moment_loss(net, x, y, sigma.abs(), alpha=1.0)
+    assert seen.ops == ["__bool__"]
+    with torch.inference_mode():
+        frozen = torch.full((1, 28, 28), math.inf)
+    with pytest.raises(ValueError, match="sigma must be finite"):
+        expected_logits(net, x, frozen)  # no version counter: checked every call
 
 
 def test_a_number_and_a_tensor_sigma_give_the_same_bits():

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from momentreg.models import Normalize
 from momentreg.moments import affine_moments, network_moments, relu_and_mean, relu_mean
@@ -68,16 +69,29 @@ def split_at_first_relu(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def _checked_sigma(sigma: float | torch.Tensor) -> float | torch.Tensor:
-    """sigma as a float (a number, checked on the host) or a tensor (checked where it lives: one
-    host-device sync on an accelerator); ValueError unless finite and >= 0 everywhere."""
+    """sigma as a float (a number, checked on the host) or a tensor; ValueError unless finite and
+    >= 0 everywhere.
+
+    A tensor is checked where it lives, one host-device sync on an accelerator, and only once
+    while it is unchanged: the check is remembered for that tensor object and its version counter
+    (which an in-place write bumps), so a per-pixel sigma made once costs no sync per step.
+    """
     if isinstance(sigma, numbers.Real):
         if not (math.isfinite(sigma) and sigma >= 0):
             raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
         return float(sigma)
     sigma = torch.as_tensor(sigma)
-    if sigma.lt(0).any() or not torch.isfinite(sigma).all():
-        raise ValueError("sigma must be finite and >= 0 everywhere")
+    version = None if sigma.is_inference() else sigma._version
+    if version is None or _CHECKED.get(sigma) != version:
+        if (sigma.lt(0) | ~torch.isfinite(sigma)).any():
+            raise ValueError("sigma must be finite and >= 0 everywhere")
+        if version is not None:
+            _CHECKED[sigma] = version
     return sigma
+
+
+# tensor sigmas already checked, and their version then; an entry goes with its tensor
+_CHECKED = WeakIdKeyDictionary()
 
 
 def _input_variance(sigma: float | torch.Tensor, input_shape: torch.Size, like: torch.Tensor):
@@ -85,7 +99,7 @@ def _input_variance(sigma: float | torch.Tensor, input_shape: torch.Size, like: 
 
     A number is checked on the host and filled on the device: no host-device sync, which on a
     busy GPU costs a training step more than its arithmetic. A tensor is checked where it lives
-    (one sync if that is an accelerator).
+    (one sync on an accelerator, the first time it is seen unchanged: ``_checked_sigma``).
     """
     sigma = _checked_sigma(sigma)
     if isinstance(sigma, float):
