@@ -1,4 +1,4 @@
-"""Reproduce the paper's central MNIST claim with our code, and write docs/reproduction.md.
+r"""Reproduce the paper's central MNIST claim with our code, and write docs/reproduction.md.
 
     python experiments/reproduce.py --mnist-dir ../shared/datasets/mnist \
         --fashion-dir /usr/share/datasets/fashion-mnist [--device cuda --workers 8]

@@ -235,14 +235,18 @@ def provenance(results: Path, title: str, options: str = "") -> list[str]:
 
 def study_parser(doc: str, name: str, workers: int) -> argparse.ArgumentParser:
     """The options every study script shares; ``name`` names its runs, results and doc."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--mnist-dir", type=Path, help="the official MNIST files (train stage)")
     p.add_argument("--fashion-dir", type=Path, help="the official Fashion-MNIST files")
-    p.add_argument("--runs", type=Path, default=ROOT / "runs" / name)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / name, help="the run folders")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--workers", type=int, default=workers, help="trainings (evaluations) at once")
-    p.add_argument("--results", type=Path, default=ROOT / "docs/results" / name)
-    p.add_argument("--doc", type=Path, default=ROOT / f"docs/{name}.md")
+    p.add_argument(
+        "--results", type=Path, default=ROOT / "docs/results" / name, help="the exported results"
+    )
+    p.add_argument("--doc", type=Path, default=ROOT / f"docs/{name}.md", help="the page written")
     p.add_argument(
         "--set",
         type=parse_setting,
