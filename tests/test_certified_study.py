@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-import certified  # noqa: E402
+from certified_page import kept_weights  # noqa: E402
+from certified_results import load_rows, uncertified_runs  # noqa: E402
+from certified_verdict import anchor_check, goal_pairs  # noqa: E402
 
 
 def row(method, sigma, acr, se=0.02, budget=90, compute=1.0, label=None):
@@ -31,7 +33,7 @@ def test_consistency_is_set_against_the_best_analytic_variant_at_its_budget():
         row("noise", 1.0, 1.8),  # sampled: never the analytic side
         row("stability-analytic", 1.0, 1.9, budget=30),  # another budget
     ]
-    pairs = certified.goal_pairs(rows, "epochs", 1)
+    pairs = goal_pairs(rows, "epochs", 1)
     assert [(a["method"], a["acr"], b["method"]) for _, a, b in pairs] == [
         ("stability-analytic", 1.65, "consistency")
     ]
@@ -41,11 +43,11 @@ def test_macer_analytic_meets_macer_only_at_a_quarter_of_its_compute_or_less():
     macer = row("macer", 0.5, 1.5, compute=16.0)
     cheap = row("macer-analytic", 0.5, 1.6, compute=1.0)
     dear = row("macer-analytic", 0.5, 1.6, compute=5.0, label="macer-analytic (all layers)")
-    pairs = certified.goal_pairs([macer, cheap, dear], "epochs", 1)
+    pairs = goal_pairs([macer, cheap, dear], "epochs", 1)
     assert [(a["label"], b["label"]) for _, a, b in pairs] == [("macer-analytic", "macer")]
     # the study of seconds: MACER at 4x the analytic run's budget
     runs = [{**macer, "budget": 240}, {**cheap, "budget": 60}, {**cheap, "budget": 15}]
-    assert [a["budget"] for _, a, _ in certified.goal_pairs(runs, "s", 4)] == [60]
+    assert [a["budget"] for _, a, _ in goal_pairs(runs, "s", 4)] == [60]
 
 
 @pytest.mark.parametrize(
@@ -58,7 +60,7 @@ def test_macer_analytic_meets_macer_only_at_a_quarter_of_its_compute_or_less():
     ],
 )
 def test_noise_training_is_checked_against_the_published_cohen_acr(ours, words):
-    (line,) = certified.anchor_check([row("noise", 0.5, ours, se=0.02)], [0.5])
+    (line,) = anchor_check([row("noise", 0.5, ours, se=0.02)], [0.5])
     assert "published 1.558" in line and words in line
 
 
@@ -79,8 +81,8 @@ def test_runs_that_keep_weights_from_before_their_regularizer_are_named(tmp_path
     rows = [{**noise, "sigma": 0.5, "kept_epoch": 74, "epochs": 90, "delay": 0, "keep": "best"}]
     config = {"method": "macer", "sigma": 0.5, "alpha_delay": 31}
     _run(tmp_path, "macer", config, kept=25, certified_tsv=False)
-    waiting = certified.uncertified_runs(tmp_path)
-    text = "\n".join(certified.kept_weights(rows, waiting, "epochs"))
+    waiting = uncertified_runs(tmp_path)
+    text = "\n".join(kept_weights(rows, waiting, "epochs"))
     assert "2 of 2 runs keep an earlier epoch than their last" in text
     assert "macer at sigma 0.5 (epoch 25 of 90; regularizer from epoch 32)" in text
     assert "should keep the last epoch" in text
@@ -90,7 +92,7 @@ def test_runs_that_keep_weights_from_before_their_regularizer_are_named(tmp_path
 def test_a_run_that_keeps_its_last_epoch_is_not_flagged(tmp_path):
     config = {"method": "macer", "sigma": 1.0, "alpha_delay": 31, "keep": "last"}
     _run(tmp_path, "macer", config, kept=90, certified_tsv=False)
-    (line,) = certified.kept_weights([], certified.uncertified_runs(tmp_path), "epochs")
+    (line,) = kept_weights([], uncertified_runs(tmp_path), "epochs")
     assert "keeps its `last` weights" in line
     assert line.endswith("0 of 1 runs keep an earlier epoch than their last.")
 
@@ -98,7 +100,7 @@ def test_a_run_that_keeps_its_last_epoch_is_not_flagged(tmp_path):
 def test_a_run_shorter_than_its_regularizer_delay_is_named_without_the_keep_advice(tmp_path):
     config = {"method": "macer", "sigma": 1.0, "alpha_delay": 31, "keep": "last"}
     _run(tmp_path, "macer", config, kept=2, epochs=2, certified_tsv=False)
-    text = "\n".join(certified.kept_weights([], certified.uncertified_runs(tmp_path), "epochs"))
+    text = "\n".join(kept_weights([], uncertified_runs(tmp_path), "epochs"))
     assert "macer at sigma 1 (epoch 2 of 2; regularizer from epoch 32)" in text
     assert "keep=last" not in text  # it keeps its last epoch already
 
@@ -116,10 +118,10 @@ def _certified_run(folder, name, method="noise", sigma=0.5):
 
 def test_rows_read_the_acr_from_the_tsv_and_refuse_two_runs_of_one_method(tmp_path):
     _certified_run(tmp_path, "noise-a")
-    (row,) = certified.load_rows(tmp_path, "epochs")
+    (row,) = load_rows(tmp_path, "epochs")
     assert row["acr"] == pytest.approx(0.4) and row["budget"] == 90  # (0.8 + 0) / 2
     # certified accuracy counts correct predictions only, at r = 0 too (the wrong one has 0.3)
     assert row["at"] == {0.0: 50.0, 0.5: 50.0, 1.0: 0.0, 1.5: 0.0, 2.0: 0.0}
     _certified_run(tmp_path, "noise-b")  # a rerun's twin left beside it
     with pytest.raises(SystemExit, match="two runs of noise at sigma 0.5, budget 90"):
-        certified.load_rows(tmp_path, "epochs")
+        load_rows(tmp_path, "epochs")

@@ -1,0 +1,436 @@
+"""docs/certified.md and docs/certified-gpu.md with their figures, written from the exported
+results alone (certified_results) with the verdict of certified_verdict."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from certified_results import (
+    left_out_runs,
+    load_rows,
+    missing_runs,
+    row_order,
+    uncertified_runs,
+    untested,
+)
+from certified_study import (
+    ANCHOR_TOLERANCE,
+    ANCHORS,
+    DIVERGED,
+    RADII,
+    SAMPLED,
+    STUDIES,
+    TASK,
+    TIGHTNESS_IMAGES,
+    TIGHTNESS_SAMPLES,
+    Study,
+)
+from certified_verdict import anchor_check, verdict
+from matplotlib.ticker import FuncFormatter
+from study import fmt, provenance
+
+from momentreg.plots import plt
+from momentreg.rundir import CERTIFY_FILE, METRICS, TIGHTNESS_FILE, read_json
+from momentreg.tables import markdown_table
+
+
+def results_table(rows: list[dict], unit: str) -> str:
+    """One sigma's runs."""
+    header = ["method", f"budget ({unit})", "steps", "epoch kept", "passes per image",
+              "step seconds (x noise)", "compute (M image-passes)", "ACR",
+              *[f"cert. acc. r={r:g}" for r in RADII], "clean acc.", "GNR"]  # fmt: skip
+    body = [
+        [
+            r["label"],
+            f"{r['budget']:g}",
+            str(r["steps"]),
+            f"{r['kept_epoch']} of {r['epochs']}",
+            f"{r['passes']:.2f}",
+            f"{r['step_cost']:.2f}" if r["step_cost"] else "-",
+            f"{r['compute'] / 1e6:.3f}",
+            f"{r['acr']:.3f} ± {r['se']:.3f}",
+            *[f"{r['at'][x]:.0f}" for x in RADII],
+            fmt(r["accuracy"]),
+            fmt(r["gnr"]),
+        ]
+        for r in sorted(rows, key=row_order)
+    ]
+    return markdown_table(header, body, align="lrrrrrrr" + "r" * len(RADII) + "rr")
+
+
+def anchor_table(rows, sigmas, left_out: dict[float, set], unit: str, not_certified) -> str:
+    """The published ACRs beside each method's run at its largest budget, per sigma."""
+
+    def cell(name: str, sigma: float) -> str:
+        runs = [r for r in rows if r["method"] == name and r["sigma"] == sigma]
+        if runs:
+            r = max(runs, key=lambda r: r["budget"])
+            return f"{r['acr']:.3f} ({r['budget']:g} {unit})"
+        if name in not_certified.get(sigma, set()):
+            return "trained, not certified"
+        return "left out (one class)" if name in left_out.get(sigma, set()) else "not run"
+
+    header = ["method"] + [
+        f"{col}, sigma {s:g}" for s in sigmas for col in ("published", "ours (budget)")
+    ]
+    body = [
+        [name] + [x for s in sigmas for x in (f"{acr[s]:.3f}", cell(name, s))]
+        for name, acr in ANCHORS.items()
+    ]
+    return markdown_table(header, body, align="l" + "rr" * len(sigmas))
+
+
+def plot(rows: list[dict], sigma: float, path: Path, unit: str) -> None:
+    """ACR against the two costs, one line per method: training-step seconds on this machine (the
+    budget of a study of seconds; else as measured), and FLOP-counted clean image-passes (which
+    leave out elementwise work)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    names = sorted({r["label"] for r in rows}, key=lambda n: (n.split()[0] not in SAMPLED, n))
+    seconds = (
+        ("budget", "training-step seconds (2 CPU cores, one run per core)")
+        if unit == "s"
+        else ("seconds", "training-step seconds as measured (the runs shared one GPU)")
+    )
+    for ax, key, xlabel in (
+        (axes[0], *seconds),
+        (axes[1], "compute", "training compute (millions of clean image-passes, FLOP-counted)"),
+    ):
+        scale = 1e6 if key == "compute" else 1
+        for name in names:
+            pts = sorted((r[key] / scale, r["acr"]) for r in rows if r["label"] == name)
+            style = "-o" if name.split()[0] in SAMPLED else "--s"
+            ax.plot(*zip(*pts, strict=True), style, label=name)
+        ax.set_xscale("log")
+        if unit == "s":
+            ax.minorticks_off()
+            ticks = sorted({r["budget"] for r in rows}) if key == "budget" else [0.03, 0.1, 0.3, 1]
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        else:
+            plain = FuncFormatter(lambda v, _: f"{v:g}")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
+        ax.set_xlabel(xlabel)
+    axes[0].set_ylabel(f"ACR, sigma {sigma:g}")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"MNIST, sigma {sigma:g}: certified radius against training cost")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tightness_table(folder: Path, rows: list[dict], sigma: float, unit: str, least: float) -> str:
+    """The analytic expected logits against Monte Carlo on each model of at least ``least``
+    budget."""
+    header = ["method", f"budget ({unit})", "first layer: median error", "argmax agrees",
+              "all layers: median error", "argmax agrees", "Monte Carlo floor"]  # fmt: skip
+    body = []
+    for r in sorted(rows, key=row_order):
+        path = folder / r["run"] / TIGHTNESS_FILE
+        if r["sigma"] != sigma or r["budget"] < least or not path.exists():
+            continue
+        t = read_json(path)["rows"][0]
+        body.append(
+            [r["label"], f"{r['budget']:g}"]
+            + [f"{100 * t['analytic_error_median']:.1f}%", f"{t['analytic_argmax_agreement']:.0f}%"]
+            + [f"{100 * t['all_layers_error_median']:.1f}%"]
+            + [f"{t['all_layers_argmax_agreement']:.0f}%", f"{100 * t['mc_relative_se']:.2f}%"]
+        )
+    return markdown_table(header, body, align="lrrrrrr")
+
+
+def understated(rows: list[dict], unit: str, factor: float = 1.5) -> list[str]:
+    """Runs whose step seconds (against noise training's) exceed their FLOP-counted passes by more
+    than ``factor``: the elementwise work the counter leaves out."""
+    return [
+        f"{r['label']} at sigma {r['sigma']:g}, {r['budget']:g} {unit} ({r['step_cost']:.2f}x "
+        f"noise training's step seconds for {r['passes']:.2f} passes)"
+        for r in sorted(rows, key=row_order)
+        if r["step_cost"] and r["step_cost"] > factor * r["passes"]
+    ]
+
+
+def _losses(losses: list[float]) -> str:
+    """Validation losses by epoch; of a long run, its best and its last."""
+    if len(losses) <= 10:
+        return "validation loss by epoch " + ", ".join(f"{v:.3g}" for v in losses)
+    best = min(range(len(losses)), key=losses.__getitem__)
+    return f"best validation loss {losses[best]:.3g} (epoch {best + 1}), last {losses[-1]:.3g}"
+
+
+def diverged_lines(rows: list[dict], unit: str) -> list[str]:
+    return [
+        f"- {r['label']} at sigma {r['sigma']:g}, {r['budget']:g} {unit}: "
+        + _losses(r["val_losses"])
+        + f"; it keeps epoch {r['kept_epoch']} of {r['epochs']}."
+        for r in sorted(rows, key=row_order)
+        if r["val_losses"][-1] > DIVERGED * min(r["val_losses"])
+    ]
+
+
+def kept_weights(rows: list[dict], waiting: list[dict], unit: str) -> list[str]:
+    """Which epoch's weights each run (certified ``rows``, then the uncertified ``waiting``) ends
+    with, against the anchors' last epoch, and the runs whose weights never trained with their
+    regularizer (kept from before ``alpha_delay`` ended, or trained no longer than it)."""
+    runs = sorted(rows, key=row_order) + waiting
+    keeps = sorted({r["keep"] for r in runs})
+    before = [r for r in runs if r["kept_epoch"] < r["epochs"]]
+    early = [r for r in runs if r["kept_epoch"] <= r["delay"]]
+    lines = [
+        f"Every run here keeps its `{'` or `'.join(keeps)}` weights (config.json's `keep`: "
+        "`best` is the epoch of lowest clean validation loss, `last` the last epoch, which the "
+        f"anchors' code certifies). {len(before)} of {len(runs)} runs keep an earlier epoch than "
+        "their last"
+        + (
+            ": "
+            + "; ".join(
+                f"{r['label']} at sigma {r['sigma']:g}, epoch {r['kept_epoch']} of {r['epochs']}"
+                for r in before
+            )
+            if before
+            else ""
+        )
+        + "."
+    ]
+    if early:
+        chosen = any(r["kept_epoch"] < r["epochs"] for r in early)
+        lines += [
+            "",
+            "These keep an epoch from before their regularizer was switched on (after "
+            f"`alpha_delay` {unit}), so their weights never trained with it: "
+            + "; ".join(
+                f"{r['label']} at sigma {r['sigma']:g} (epoch {r['kept_epoch']} of "
+                f"{r['epochs']}; regularizer from epoch {r['delay'] + 1})"
+                for r in early
+            )
+            + "."
+            + (
+                " A clean validation loss cannot choose the weights of a method that trades "
+                "clean loss for radius: the next run of this study should keep the last epoch "
+                "(`--set keep=last`)."
+                if chosen
+                else ""
+            ),
+        ]
+    return lines
+
+
+def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images: int, n: int):
+    """The page's setting bullets: what was trained, for how long, and how it was certified."""
+    *rest, last = [f"{s:g}" for s in sigmas]
+    sig = f"{', '.join(rest)} and {last}" if rest else last
+    lenet = (
+        "the anchors' LeNet (`smoothing-lenet`: conv 20-50, fc 500, raw pixels) and recipe (SGD "
+        "0.01, momentum 0.9, weight decay 1e-4, batch 256)"
+    )
+    if study.unit == "s":
+        budgets = sorted({r["budget"] for r in rows})
+        trained = [
+            f"- The smallest informative version of issue 19, made without a GPU: MNIST, sigma "
+            f"{sig}, {lenet}, but each run trains for a budget of training-step seconds instead "
+            "of 90 epochs (experiments/certified.toml): "
+            + ", ".join(f"{b:g}" for b in budgets[:-1])
+            + f" and {budgets[-1]:g} s, MACER only at the largest. Every method gets the same "
+            "seconds, so a dearer step means fewer steps: the budget is the compute."
+        ]
+        delay = "the first 0.34 of their budget"
+        seconds = (
+            "*Step seconds* against noise training's at the same budget (MACER's against noise "
+            "training's at the largest)."
+        )
+        kept = (
+            "Each run keeps its best-validation epoch (the last one may be partial), so two "
+            "budgets can keep the same weights."
+        )
+    else:
+        runs = len([d for d in (results / TASK).iterdir() if (d / METRICS).exists()])
+        calls = len((results / "command.txt").read_text().splitlines())
+        noise_only = [
+            s for s in sigmas if {r["method"] for r in rows if r["sigma"] == s} == {"noise"}
+        ]
+        trained = [
+            f"- Issue 19's study on a GPU: MNIST, sigma {sig}, {lenet} for its 90 epochs, the "
+            "learning rate / 10 at epochs 30 and 60 (experiments/certified-gpu.toml). Every "
+            "method trains the same epochs, so its cost is its passes per image."
+            + (
+                " At sigma " + " and ".join(f"{s:g}" for s in noise_only) + " only noise "
+                "training, to check it against the anchors."
+                if noise_only
+                else ""
+            ),
+            f"- The {runs} runs trained at once, each its own process on one GPU, beside the "
+            "certification of the runs done before them"
+            + (
+                f", over {calls} calls of the command above, each resuming the runs the one "
+                "before left at its deadline (from their last epoch's checkpoints)"
+                if calls > 1
+                else ""
+            )
+            + ": a run's step seconds depend on what ran beside it, so the seconds below are "
+            "rough and the passes per image are the cost to compare.",
+        ]
+        delay = "their first 31 epochs"
+        seconds = "*Step seconds* against noise training's at the same sigma, as measured."
+        kept = "Which epoch's weights each run keeps: the section on them below."
+    return [
+        *trained,
+        f"- CERTIFY (Cohen et al.) at the training sigma on {images} test images (every "
+        f"{10_000 // images}th), n0 = 100, n = {n:,}, alpha = 0.001. ACR: the mean certified "
+        "radius (0 for a wrong or abstained prediction), ± its standard error over the images; "
+        "certified accuracy (%) at each radius (at r = 0 the smoothed classifier's accuracy, an "
+        "abstention counted as wrong). Every ACR below is computed from the committed per-image "
+        "TSVs.",
+        "- Cost, two ways. *Passes per image*: the FLOPs of one training step (forward and "
+        "backward, counted by `torch.utils.flop_counter` in `momentreg.cost`) over those of a "
+        "clean step on the same batch; noise training is 1, sampled consistency 2, MACER 16. "
+        f"{seconds} The compute column is steps x batch x passes per image, in "
+        f"millions of clean image-passes. {kept}",
+        "- Methods and their weights (lambda) are the authors' MNIST settings "
+        f"(src/momentreg/smoothing_losses.py); MACER and its analytic variants train {delay} "
+        "with the regularizer off (the authors defer it for 31 of 90 epochs). The "
+        "analytic variants replace the Monte Carlo mean by the analytic expectation (first-layer "
+        "moments, or all layers with a pairwise-probit E[softmax]); consistency-analytic keeps one "
+        "noisy copy. `moment` is the paper's regularizer.",
+    ]
+
+
+def write_doc(study: Study, results: Path, doc: Path) -> None:
+    unit = study.unit
+    rows = load_rows(results / TASK, unit)
+    if not rows:
+        sys.exit(f"no certified run under {results / TASK}: nothing to write")
+    sigmas = sorted({r["sigma"] for r in rows})
+    compared = [s for s in sigmas if len({r["method"] for r in rows if r["sigma"] == s}) > 1]
+    figures = doc.parent / study.name
+    figures.mkdir(parents=True, exist_ok=True)
+    for sigma in compared:
+        at = [r for r in rows if r["sigma"] == sigma]
+        plot(at, sigma, figures / f"acr-sigma{sigma:g}.png", unit)
+    left_out, left_methods = left_out_runs(results / TASK, unit)
+    waiting = uncertified_runs(results / TASK)
+    images = rows[0]["images"]
+    n = read_json(results / TASK / rows[0]["run"] / CERTIFY_FILE)[f"{rows[0]['sigma']:g}"]["n"]
+    key = next(k for k, v in STUDIES.items() if v is study)
+    options = "" if key == "cpu" else f"--study {key} "
+    md = provenance(results, "Certified robustness per unit of compute", options)
+    md += ["## Setting", "", *_setting(study, results, rows, sigmas, images, n), ""]
+    md += [
+        "## What we conclude",
+        "",
+        *verdict(rows, sigmas, left_methods, unit, study.macer_factor, untested(waiting)),
+    ]
+    if study.anchor_check:
+        md += [
+            "",
+            f"**Our noise training against the published Cohen ACR** (within {ANCHOR_TOLERANCE:g} "
+            "is issue 19's test that the comparison is fair; the anchors certify all 10,000 "
+            f"images, ours {images}, so our standard error bounds how finely this can tell):",
+            "",
+            *anchor_check(rows, sigmas),
+        ]
+    else:
+        md += [
+            "",
+            f"With {images} images and budgets of seconds this is a scaled-down study: read the "
+            "gaps with their standard errors. The study at the anchors' recipe (sigma 0.25, 0.5 "
+            "and 1.0; 90 epochs; 500 images at n = 100,000; our noise training checked against "
+            "the anchors) is [certified-gpu.md](certified-gpu.md).",
+        ]
+    md += ["", "## Results", ""]
+    for sigma in sigmas:
+        at = [r for r in rows if r["sigma"] == sigma]
+        md += [f"### Sigma {sigma:g}", "", results_table(at, unit), ""]
+        if sigma in compared:
+            md += [
+                f"![ACR against training compute, sigma {sigma:g}]"
+                f"({study.name}/acr-sigma{sigma:g}.png)",
+                "",
+            ]
+    slow = understated(rows, unit)
+    if slow:
+        md += [
+            "The FLOP count prices convolutions and matrix products only; elementwise work, such "
+            "as the Gaussian moments of every ReLU and pooling layer, is left out. These runs' "
+            "step seconds exceed their passes by more than 1.5x: " + "; ".join(slow) + ".",
+            "",
+        ]
+    md += [
+        "## The published anchors beside ours",
+        "",
+        anchor_table(rows, sigmas, left_methods, unit, untested(waiting)),
+        "",
+    ]
+    if study.anchor_check:
+        md += ["## Which weights were certified", "", *kept_weights(rows, waiting, unit), ""]
+    else:
+        md += [
+            "Ours are far below the anchors: seconds of CPU training against 90 epochs, on "
+            f"{images} images at n = {n:,} (a smaller n caps the radius lower). They compare "
+            "methods with each other, not with the published numbers.",
+            "",
+        ]
+    least = f"Runs of {study.tightness_from:g} {unit} and more:" if study.tightness_from else ""
+    md += [
+        "## How close the analytic expectation is on these models",
+        "",
+        f"`momentreg tightness` on the first {TIGHTNESS_IMAGES} test images, at each run's "
+        "sigma: the expected logits E[f(x + n)] of the first-layer split (what `moment` and the "
+        "analytic variants' first-layer form train with) and of moments through every layer, "
+        f"against a Monte Carlo mean of {TIGHTNESS_SAMPLES:,} draws per image. Median relative L2 "
+        "error, the share of images whose argmax matches the Monte Carlo one, and the Monte Carlo "
+        "standard error on the same scale (docs/tightness.md explains the measure)."
+        + (f" {least}" if least else ""),
+        "",
+    ]
+    for sigma in sigmas:
+        table = tightness_table(results / TASK, rows, sigma, unit, study.tightness_from)
+        md += [f"Sigma {sigma:g}:", "", table, ""]
+    unmeasured = [
+        f"{r['label']} at sigma {r['sigma']:g}"
+        for r in sorted(rows, key=row_order)
+        if r["budget"] >= study.tightness_from
+        and not (results / TASK / r["run"] / TIGHTNESS_FILE).exists()
+    ]
+    if unmeasured:
+        md += ["Not measured before the deadline: " + "; ".join(unmeasured) + ".", ""]
+    diverged = diverged_lines(rows, unit)
+    md += ["## Runs whose training diverged", ""]
+    if diverged:
+        md += [
+            f"Their last validation loss is over {DIVERGED:g}x their best (history.csv); each "
+            "keeps its best-validation epoch, which is what the tables certify:",
+            "",
+            *diverged,
+            "",
+        ]
+    else:
+        md += [
+            f"None: no run's last validation loss is over {DIVERGED:g}x its best (history.csv).",
+            "",
+        ]
+    if left_out:
+        noise = sorted((r for r in rows if r["method"] == "noise"), key=row_order)
+        md += [
+            "## Runs left out",
+            "",
+            "These runs predict one class for every test image (metrics.json flags them), so they "
+            "are in no table, figure or verdict above: " + "; ".join(left_out) + ". For "
+            "comparison, noise training took "
+            + ", ".join(
+                f"{r['steps']} steps in {r['budget']:g} {unit} at sigma {r['sigma']:g}"
+                for r in noise
+            )
+            + ".",
+            "",
+        ]
+    uncertified, untrained = missing_runs(study, results / TASK, waiting)
+    if uncertified or untrained:
+        md += ["## Runs of the spec without a result", ""]
+        if untrained:
+            md += ["Not trained before the deadline: " + "; ".join(untrained) + ".", ""]
+        if uncertified:
+            md += [
+                "Trained, not certified before the deadline: " + "; ".join(uncertified) + ".",
+                "",
+            ]
+    doc.write_text("\n".join(md))

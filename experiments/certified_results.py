@@ -1,0 +1,201 @@
+"""The certified study's exported results as rows, one per certified run: its config, cost and
+metrics, with the ACR and certified accuracies computed from its per-image TSV; and the runs that
+have no such row (one class predicted, not certified, not trained)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+from certified_study import RADII, SAMPLED, Study
+
+from momentreg.certify import certified_accuracy
+from momentreg.rundir import CONFIG, HISTORY, METRICS, certify_tsv, read_json
+from momentreg.sweep import expand, load_spec
+
+
+def read_tsv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [
+            {"radius": float(r["radius"]), "correct": int(r["correct"])}
+            for r in csv.DictReader(f, delimiter="\t")
+        ]
+
+
+def certified(tsv: list[dict]) -> dict:
+    """ACR (radius of correct predictions, 0 elsewhere), its standard error, and certified
+    accuracy (%) at RADII, from a per-image certification table."""
+    radii = [r["radius"] * r["correct"] for r in tsv]
+    n = len(radii)
+    acr = sum(radii) / n
+    se = math.sqrt(sum((r - acr) ** 2 for r in radii) / (n - 1) / n) if n > 1 else math.nan
+    return {"images": n, "acr": acr, "se": se, "at": certified_accuracy(tsv, RADII)}
+
+
+def label(config: dict) -> str:
+    depth = " (all layers)" if config.get("moment_depth") == "all" else ""
+    return config["method"] + depth
+
+
+def val_losses(run: Path) -> list[float]:
+    with open(run / HISTORY) as f:
+        return [float(r["val_loss"]) for r in csv.DictReader(f)]
+
+
+def kept_epoch(metrics: dict) -> int:
+    """The epoch whose weights the run ends with (runs before ``keep``: the best validation)."""
+    return metrics.get("kept_epoch", metrics["best_epoch"])
+
+
+def _kept(config: dict, metrics: dict) -> dict:
+    """Which weights a run ends with: the epoch, of how many, the run's ``keep`` and the epochs
+    its regularizer was off (alpha_delay)."""
+    return {
+        "kept_epoch": kept_epoch(metrics),
+        "epochs": metrics["epochs"],
+        "keep": config.get("keep", "best"),
+        "delay": config.get("alpha_delay", 0),
+    }
+
+
+def budget(config: dict, unit: str) -> float:
+    """What a run was given: seconds of training steps, or epochs."""
+    return config["time_budget"] if unit == "s" else config["epochs"]
+
+
+def load_rows(folder: Path, unit: str) -> list[dict]:
+    rows = []
+    for run in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not (run / METRICS).exists():
+            continue
+        config, metrics = read_json(run / CONFIG), read_json(run / METRICS)
+        tsv = run / certify_tsv(config["sigma"])
+        if not tsv.exists() or metrics.get("constant_predictions"):
+            continue
+        images_seen = metrics["steps"] * config["batch_size"]
+        rows.append(
+            {
+                "run": run.name,
+                "label": label(config),
+                "method": config["method"],
+                "sigma": config["sigma"],
+                "budget": budget(config, unit),
+                "seconds": metrics["step_seconds"],
+                "steps": metrics["steps"],
+                **_kept(config, metrics),
+                "seconds_per_step": metrics["step_seconds"] / metrics["steps"],
+                "passes": metrics["passes_per_image"],
+                "compute": images_seen * metrics["passes_per_image"],  # clean image-passes
+                "val_losses": val_losses(run),
+                "accuracy": metrics["test_accuracy"],
+                "gnr": metrics["gnr"],
+                **certified(read_tsv(tsv)),
+            }
+        )
+    _refuse_twins(rows, folder)
+    return with_step_cost(rows)
+
+
+def _refuse_twins(rows: list[dict], folder: Path) -> None:
+    """Stop where two runs share method, sigma and budget (say an earlier study's runs left in
+    the results beside a rerun's with other settings): the page would set either against the
+    other methods."""
+    seen = {}
+    for r in rows:
+        key = (r["label"], r["sigma"], r["budget"])
+        if key in seen:
+            sys.exit(
+                f"{folder} holds two runs of {r['label']} at sigma {r['sigma']:g}, budget "
+                f"{r['budget']:g}: {seen[key]} and {r['run']}; remove the stale one (or the "
+                "folder, and export again)"
+            )
+        seen[key] = r["run"]
+
+
+def row_order(row: dict) -> tuple:
+    analytic = row["method"] not in SAMPLED
+    return (row["sigma"], analytic, row["label"], row["budget"])
+
+
+def with_step_cost(rows: list[dict]) -> list[dict]:
+    """Each row with ``step_cost``: its seconds per step over noise training's at the same sigma
+    and budget, or at the largest budget noise training has at that sigma (None without one)."""
+    noise = {
+        (r["sigma"], r["budget"]): r["seconds_per_step"] for r in rows if r["method"] == "noise"
+    }
+    for r in rows:
+        budgets = [b for s, b in noise if s == r["sigma"]]
+        base = noise.get((r["sigma"], r["budget"])) or (
+            noise[(r["sigma"], max(budgets))] if budgets else None
+        )
+        r["step_cost"] = r["seconds_per_step"] / base if base else None
+    return rows
+
+
+def left_out_runs(folder: Path, unit: str) -> tuple[list[str], dict[float, set]]:
+    """The runs that predict one class: a line each, and their methods per sigma."""
+    lines, methods = [], {}
+    for run in sorted(folder.iterdir()):
+        metrics = read_json(run / METRICS) if (run / METRICS).exists() else {}
+        if metrics.get("constant_predictions"):
+            config = read_json(run / CONFIG)
+            methods.setdefault(config["sigma"], set()).add(config["method"])
+            lines.append(
+                f"{label(config)} at sigma {config['sigma']:g}, {budget(config, unit):g} {unit} "
+                f"({metrics['steps']} steps, accuracy {metrics['test_accuracy']:.2f}%)"
+            )
+    return lines, methods
+
+
+def uncertified_runs(folder: Path) -> list[dict]:
+    """Each run that trained and predicts more than one class but has no certification at its
+    sigma (a study cut short by its deadline): label, method, sigma, accuracy, GNR and which
+    weights it keeps."""
+    found = []
+    for run in sorted(folder.iterdir()):
+        if (run / METRICS).exists():
+            config, metrics = read_json(run / CONFIG), read_json(run / METRICS)
+            tsv = run / certify_tsv(config["sigma"])
+            if not metrics.get("constant_predictions") and not tsv.exists():
+                found.append(
+                    {
+                        "label": label(config),
+                        "method": config["method"],
+                        "sigma": config["sigma"],
+                        "accuracy": metrics["test_accuracy"],
+                        "gnr": metrics["gnr"],
+                        **_kept(config, metrics),
+                    }
+                )
+    return found
+
+
+def untested(waiting: list[dict]) -> dict[float, set]:
+    """sigma -> the methods trained there but not certified (``waiting``: uncertified_runs)."""
+    methods = {}
+    for r in waiting:
+        methods.setdefault(r["sigma"], set()).add(r["method"])
+    return methods
+
+
+def missing_runs(study: Study, folder: Path, waiting: list[dict]) -> tuple[list[str], list[str]]:
+    """The spec's runs with no certified result: those trained but not certified (``waiting``,
+    with their clean accuracy, GNR and kept epoch), and those with no finished training; a line
+    each."""
+    uncertified = [
+        f"{r['label']} at sigma {r['sigma']:g} (accuracy {r['accuracy']:.2f}%, GNR "
+        f"{r['gnr']:.2f}, epoch kept {r['kept_epoch']} of {r['epochs']})"
+        for r in waiting
+    ]
+    trained = {
+        (c["method"], c["sigma"], c.get("moment_depth", "first"))
+        for c in (read_json(d / CONFIG) for d in folder.iterdir() if (d / METRICS).exists())
+    }
+    untrained = [
+        f"{label(c)} at sigma {c['sigma']:g}"
+        for c in expand(load_spec(str(study.spec)))
+        if (c["method"], c["sigma"], c.get("moment_depth", "first")) not in trained
+    ]
+    return uncertified, untrained

@@ -1,0 +1,137 @@
+"""The certified study's verdict, computed from its rows: issue 19's goal checked pair by pair
+(analytic variant against the sampled method of the same cost), the plainest baseline against the
+best run, and our noise training against the published anchors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from certified_results import row_order
+from certified_study import ANCHOR_TOLERANCE, ANCHORS, SAMPLED
+
+
+def _gap(a: dict, b: dict) -> tuple[float, float]:
+    """a's ACR minus b's, and two standard errors of that difference."""
+    return a["acr"] - b["acr"], 2 * math.hypot(a["se"], b["se"])
+
+
+def _compare(a: dict, b: dict) -> str:
+    """'a >= b' or 'a < b', and whether the gap exceeds two standard errors of the difference."""
+    gap, two_se = _gap(a, b)
+    sign = ">=" if gap >= 0 else "<"
+    resolved = "resolved" if abs(gap) > two_se else "within two standard errors"
+    return f"{a['acr']:.3f} {sign} {b['acr']:.3f} ({resolved}: gap {gap:+.3f}, 2 SE {two_se:.3f})"
+
+
+def goal_pairs(rows: list[dict], unit: str, macer_factor: int) -> list[tuple[str, dict, dict]]:
+    """The issue's goal as (what, analytic run, sampled run) pairs, per sigma: (1) at each budget
+    consistency runs at, the best analytic variant against it; (2) each macer-analytic with at
+    most a quarter of MACER's measured compute against MACER at ``macer_factor`` x its budget."""
+    pairs = []
+    for sigma in sorted({r["sigma"] for r in rows}):
+        at_sigma = [r for r in rows if r["sigma"] == sigma]
+        for cons in sorted((r for r in at_sigma if r["method"] == "consistency"), key=row_order):
+            analytic = [
+                r for r in at_sigma if r["method"] not in SAMPLED and r["budget"] == cons["budget"]
+            ]
+            if analytic:
+                best = max(analytic, key=lambda r: r["acr"])
+                what = f"sigma {sigma:g}, {cons['budget']:g} {unit}, against consistency"
+                pairs.append((what, best, cons))
+        macers = [r for r in at_sigma if r["method"] == "macer"]
+        analytic = sorted((r for r in at_sigma if r["method"] == "macer-analytic"), key=row_order)
+        for macer, r in itertools.product(macers, analytic):
+            quarter = r["compute"] <= macer["compute"] / 4
+            if quarter and macer_factor * r["budget"] == macer["budget"]:
+                pairs.append((f"sigma {sigma:g}, {_macer_goal(unit, macer_factor)}", r, macer))
+    return pairs
+
+
+def _macer_goal(unit: str, factor: int) -> str:
+    if unit == "s" and factor == 4:
+        return "MACER's ACR at a quarter of its seconds"
+    return f"MACER's ACR at {'the same' if factor == 1 else f'1/{factor} of its'} {unit}"
+
+
+def verdict(rows, sigmas, left_out: dict[float, set], unit: str, macer_factor: int, not_certified):
+    """The goal, checked pair by pair, then the plainest baseline against the best run;
+    ``not_certified``: sigma -> the methods trained but not certified there."""
+    pairs = goal_pairs(rows, unit, macer_factor)
+    lines = []
+    for what, a, b in pairs:
+        lines.append(
+            f"- **{what}:** {a['label']} at {a['budget']:g} {unit} against {b['label']} at "
+            f"{b['budget']:g} {unit}: {_compare(a, b)}; compute {a['compute'] / b['compute']:.2f}x "
+            "the sampled run's (measured image-passes)."
+        )
+    for sigma in sigmas:
+        if "macer" in left_out.get(sigma, set()):
+            lines.append(
+                f"- **sigma {sigma:g}, {_macer_goal(unit, macer_factor)}:** not tested, "
+                "since MACER has no certified result that counts (see the runs left out below)."
+            )
+        missing = sorted({"macer", "macer-analytic"} & not_certified.get(sigma, set()))
+        if missing:
+            lines.append(
+                f"- **sigma {sigma:g}, {_macer_goal(unit, macer_factor)}:** not tested: "
+                + " and ".join(missing)
+                + " trained but were not certified before the deadline (see the end of the page)."
+            )
+    held = [(a, b) for _, a, b in pairs if a["acr"] >= b["acr"]]
+    resolved = sum(gap > two_se for gap, two_se in (_gap(a, b) for a, b in held))
+    same = (
+        "at the same seconds, or as MACER at 4x them"
+        if unit == "s" and macer_factor == 4
+        else f"at the same {unit}, or as MACER at "
+        + ("the same" if macer_factor == 1 else f"{macer_factor}x the")
+        + f" {unit} with at most a quarter of its measured compute"
+    )
+    head = (
+        "**Verdict:** the goal (an analytic variant at least as certifiably robust as the sampled "
+        f"method {same}) holds in "
+        f"{len(held)} of {len(pairs)} comparisons; {resolved} of them by more than two standard "
+        "errors."
+    )
+    for sigma in sigmas:
+        for b in sorted({r["budget"] for r in rows if r["method"] == "noise"}):
+            at = [r for r in rows if r["sigma"] == sigma and r["budget"] == b]
+            noise = next((r for r in at if r["method"] == "noise"), None)
+            if noise is None or len(at) == 1:
+                continue
+            best = max(at, key=lambda r: r["acr"])
+            where = f"- **sigma {sigma:g}, {b:g} {unit}, the plainest baseline:** noise training"
+            if best is noise:
+                lines.append(
+                    f"{where} has the highest ACR of the runs at {b:g} {unit}, {noise['acr']:.3f}."
+                )
+            else:
+                lines.append(
+                    f"{where} against the best run, {best['label']}: {_compare(noise, best)}."
+                )
+    return [head, "", *lines]
+
+
+def anchor_check(rows: list[dict], sigmas: list[float]) -> list[str]:
+    """Our noise training against the published Cohen ACR at each sigma: within
+    ANCHOR_TOLERANCE or not, with our standard error (the anchors certify all 10,000 images)."""
+    lines = []
+    for sigma in sigmas:
+        ours = [r for r in rows if r["method"] == "noise" and r["sigma"] == sigma]
+        if not ours or sigma not in ANCHORS["noise"]:
+            continue
+        r, published = max(ours, key=lambda r: r["budget"]), ANCHORS["noise"][sigma]
+        gap = r["acr"] - published
+        within = abs(gap) <= ANCHOR_TOLERANCE
+        lines.append(
+            f"- **sigma {sigma:g}:** ours {r['acr']:.3f} ± {r['se']:.3f}, published "
+            f"{published:.3f}: gap {gap:+.3f}, "
+            + (f"within {ANCHOR_TOLERANCE:g}" if within else f"outside {ANCHOR_TOLERANCE:g}")
+            + (
+                "; within two of our standard errors"
+                if abs(gap) <= 2 * r["se"]
+                else "; more than two of our standard errors"
+            )
+            + "."
+        )
+    return lines
