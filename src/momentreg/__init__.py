@@ -16,6 +16,13 @@ from momentreg.regularizer import (
     moment_loss,
     split_at_first_relu,
 )
+from momentreg.smoothing_losses import (
+    analytic_probs,
+    consistency_loss,
+    expected_softmax,
+    macer_loss,
+    stability_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -32,5 +39,10 @@ __all__ = [
     "head_variance",
     "moment_loss",
     "split_at_first_relu",
+    "analytic_probs",
+    "consistency_loss",
+    "expected_softmax",
+    "macer_loss",
+    "stability_loss",
     "__version__",
 ]
