@@ -32,11 +32,11 @@ from study import (
     provenance,
     run_jobs,
     study_parser,
+    task_figures,
 )
 
 from momentreg import report
 from momentreg.attacks import ATTACK_LABELS, ATTACKS
-from momentreg.plots import plot_consistency
 from momentreg.rundir import ATTACKS_FILE, read_json
 from momentreg.sweep import load_spec, sweep
 from momentreg.tables import markdown_table
@@ -100,17 +100,8 @@ def _task_section(task: str, rows: list[dict], attacks_images, figures: Path) ->
     spec = load_spec(str(spec_path))
     fair = report.fair_comparison(rows, 0.0)
     sel = fair["selected"]
-    report.plot_vs_sigma(rows, figures / f"{task}-vs-sigma.png", f"LeNet / {label}")
-    report.plot_fair(
-        sel,
-        figures / f"{task}-fair.png",
-        f"most robust run per group with accuracy >= clean mean {fair['threshold']:.2f}",
-    )
-    plot_consistency(
-        {report.describe(r): r["gnr_curve"] for r in sel.values()},
-        figures / f"{task}-curves.png",
-        f"fair-comparison winners, LeNet / {label}",
-    )
+    fair_title = f"most robust run per group with accuracy >= clean mean {fair['threshold']:.2f}"
+    task_figures(rows, sel, figures, task, f"LeNet / {label}", fair_title)
     rel = figures.name
     md = [
         f"## {label}",

@@ -22,6 +22,7 @@ import torch
 
 from momentreg import report, tables
 from momentreg.attacks import ATTACK_LABELS
+from momentreg.plots import plot_consistency
 from momentreg.rundir import (
     ATTACKS_FILE,
     CERTIFY_FILE,
@@ -286,3 +287,16 @@ def data_dirs(p: argparse.ArgumentParser, args, given: dict) -> dict[str, Path]:
     script = Path(sys.argv[0]).name
     record_environment(args.runs, f"python experiments/{script} " + " ".join(argv))
     return {task: path for task, (_, path) in given.items()}
+
+
+def task_figures(rows: list[dict], selected: dict, figures: Path, task: str, title: str,
+                 fair_title: str) -> None:  # fmt: skip
+    """A task's three figures in ``figures``: accuracy and GNR against sigma (every run), the
+    fair comparison's winners (``selected``) and their GNR curves."""
+    report.plot_vs_sigma(rows, figures / f"{task}-vs-sigma.png", title)
+    report.plot_fair(selected, figures / f"{task}-fair.png", fair_title)
+    plot_consistency(
+        {report.describe(r): r["gnr_curve"] for r in selected.values()},
+        figures / f"{task}-curves.png",
+        f"fair-comparison winners, {title}",
+    )
