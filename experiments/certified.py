@@ -52,6 +52,7 @@ from momentreg.rundir import CERTIFY_FILE, CONFIG, METRICS, TIGHTNESS_FILE, read
 from momentreg.sweep import child_env, load_spec, sweep
 
 STAGES = ("train", "evaluate", "export", "doc")
+POLL = 5  # seconds between looks for newly trained runs
 
 
 def train(study: Study, runs: Path, mnist: Path, device: str, workers: int, settings: dict):
@@ -88,8 +89,10 @@ def evaluate(study, runs, images, n, device, workers, trainer=None, deadline=mat
     """Run the evaluation jobs, ``workers`` at once, until none is left and ``trainer`` (the
     train stage's thread, if it runs beside) has ended, or until the monotonic clock passes
     ``deadline`` (a job still running then is killed). The tightness jobs wait until training has
-    ended and every certification has started, so that they never hold up one. Returns the
-    number of failed jobs; their output is printed."""
+    ended and every certification has started, so that they never hold up one. In a study of
+    seconds (``study.unit``) every job waits until training has ended: a job beside a run would
+    take CPU time from its budget and so cut its steps. Returns the number of failed jobs; their
+    output is printed."""
     started, failed = set(), 0
     env = child_env(max(1, (os.cpu_count() or 1) // workers))
 
@@ -102,6 +105,8 @@ def evaluate(study, runs, images, n, device, workers, trainer=None, deadline=mat
         while time.monotonic() < deadline:
             training = trainer is not None and trainer.is_alive()
             certify, tightness = evaluation_jobs(study, runs, images, n, device)
+            if training and study.unit == "s":
+                certify = tightness = []
             todo = [a for a in certify if tuple(a) not in started]
             if not todo and not training:
                 todo = [a for a in tightness if tuple(a) not in started]
@@ -111,9 +116,9 @@ def evaluate(study, runs, images, n, device, workers, trainer=None, deadline=mat
             if not running:
                 if not training:
                     break
-                time.sleep(5)  # until the next run is trained
+                time.sleep(POLL)  # until the next run is trained
                 continue
-            done, _ = wait(running, timeout=5, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=POLL, return_when=FIRST_COMPLETED)
             for future in done:
                 argv = running.pop(future)
                 try:

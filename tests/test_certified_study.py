@@ -3,13 +3,17 @@ to test it."""
 
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+import certified  # noqa: E402
 from certified_page import kept_weights  # noqa: E402
 from certified_results import load_rows, uncertified_runs  # noqa: E402
+from certified_study import STUDIES  # noqa: E402
 from certified_verdict import anchor_check, goal_pairs  # noqa: E402
 
 
@@ -125,3 +129,21 @@ def test_rows_read_the_acr_from_the_tsv_and_refuse_two_runs_of_one_method(tmp_pa
     _certified_run(tmp_path, "noise-b")  # a rerun's twin left beside it
     with pytest.raises(SystemExit, match="two runs of noise at sigma 0.5, budget 90"):
         load_rows(tmp_path, "epochs")
+
+
+@pytest.mark.parametrize("study, beside", [("cpu", False), ("gpu", True)])
+def test_a_study_of_seconds_evaluates_only_after_training(tmp_path, monkeypatch, study, beside):
+    """Budgets of seconds: a certification beside a training run would take CPU time from its
+    budget, so none starts before training ends; budgets of epochs: each starts at once."""
+    stamp = tmp_path / "started"
+    job = [sys.executable, "-c", f"import pathlib, time; pathlib.Path({str(stamp)!r})"
+           ".write_text(repr(time.monotonic()))"]  # fmt: skip
+    monkeypatch.setattr(certified, "evaluation_jobs", lambda *args: ([job], []))
+    monkeypatch.setattr(certified, "POLL", 0.05)
+    ended = []
+    trainer = threading.Thread(target=lambda: (time.sleep(1.5), ended.append(time.monotonic())))
+    trainer.start()
+    failed = certified.evaluate(STUDIES[study], tmp_path, 1, 1, "cpu", 1, trainer,
+                                time.monotonic() + 60)  # fmt: skip
+    trainer.join()
+    assert failed == 0 and (float(stamp.read_text()) < ended[0]) == beside
