@@ -54,6 +54,25 @@ def _entropy(p):
 SIGMA = 0.3
 
 
+@pytest.mark.parametrize("loss", [sl.stability_loss, sl.consistency_loss, sl.macer_loss])
+@pytest.mark.parametrize("analytic", [False, True])
+def test_a_bad_sigma_is_a_clear_error_sampled_or_analytic(loss, analytic):
+    """The sampled losses would take a negative sigma for its absolute value (the noise is
+    symmetric) where the analytic ones refuse it: both refuse it, and NaN."""
+    net, (x, y) = _net(), _batch()
+    for bad in (-0.3, math.nan):
+        with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+            loss(net, x, y, bad, 1.0, None, analytic=analytic)
+    if loss is sl.macer_loss:
+        with pytest.raises(ValueError, match="macer_loss needs sigma as a number"):
+            loss(net, x, y, torch.full((1, 6, 6), SIGMA, dtype=x.dtype), 1.0, None)
+    else:  # a per-pixel sigma works, and is the number's loss when uniform
+        uniform = torch.full((1, 6, 6), SIGMA, dtype=x.dtype)
+        got = loss(net, x, y, uniform, 1.0, torch.Generator().manual_seed(0), analytic=analytic)
+        want = loss(net, x, y, SIGMA, 1.0, torch.Generator().manual_seed(0), analytic=analytic)
+        torch.testing.assert_close(got[0], want[0])
+
+
 def test_stability_loss_is_ce_plus_lambda_kl_clean_to_noisy():
     net, (x, y) = _net(), _batch()
     noise = _draws(x, 1, 5)

@@ -68,7 +68,7 @@ def split_at_first_relu(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     raise ValueError("the model has no nn.ReLU to split at")
 
 
-def _checked_sigma(sigma: float | torch.Tensor) -> float | torch.Tensor:
+def checked_sigma(sigma: float | torch.Tensor) -> float | torch.Tensor:
     """sigma as a float (a number, checked on the host) or a tensor; ValueError unless finite and
     >= 0 everywhere.
 
@@ -99,9 +99,9 @@ def _input_variance(sigma: float | torch.Tensor, input_shape: torch.Size, like: 
 
     A number is checked on the host and filled on the device: no host-device sync, which on a
     busy GPU costs a training step more than its arithmetic. A tensor is checked where it lives
-    (one sync on an accelerator, the first time it is seen unchanged: ``_checked_sigma``).
+    (one sync on an accelerator, the first time it is seen unchanged: ``checked_sigma``).
     """
-    sigma = _checked_sigma(sigma)
+    sigma = checked_sigma(sigma)
     if isinstance(sigma, float):
         # squared on the device, in ``like``'s dtype, as a tensor sigma is: the same bits
         full = torch.full((1, *input_shape), sigma, dtype=like.dtype, device=like.device)
@@ -289,7 +289,7 @@ class MomentRegularizer(nn.Module):
         super().__init__()
         if alpha < 0:
             raise ValueError("alpha must be >= 0")
-        _checked_sigma(sigma)  # now, not at the first batch
+        checked_sigma(sigma)  # now, not at the first batch
         self.model = model
         self.sigma, self.alpha, self.depth, self.loss = sigma, alpha, depth, loss
         # a plain tuple: the halves share the model's modules and are not registered twice

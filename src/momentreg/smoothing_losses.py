@@ -34,7 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from momentreg.moments import relu_and_mean, relu_mean
-from momentreg.regularizer import Split, head_moments, output_moments, split_at_first_relu
+from momentreg.regularizer import (
+    Split,
+    checked_sigma,
+    head_moments,
+    output_moments,
+    split_at_first_relu,
+)
 
 __all__ = [
     "analytic_probs",
@@ -111,6 +117,7 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 def stability_loss(model, x, y, sigma, lbd, gen, *, analytic=False, depth="first", split=None):
     """CE(f(x), y) + lambda * KL(p(x) || p(x + n)); analytic: KL(p(x) || phat(x))."""
+    sigma = checked_sigma(sigma)
     if analytic and depth == "first":  # one head pass, the tail on [relu(h); E[relu(h)]]
         head, tail = split or split_at_first_relu(model)
         logits, expected = tail(relu_and_mean(*head_moments(head, sigma, x))).split(len(x))
@@ -130,6 +137,7 @@ def consistency_loss(
 ):
     """Sampled: mean_i CE(f(x + n_i), y) + lambda * mean_i KL(pbar || p_i) + eta * H(pbar) over
     ``copies`` noisy copies. Analytic: one noisy copy, and pbar = ``analytic_probs``."""
+    sigma = checked_sigma(sigma)
     if analytic:
         noisy = _noisy(x, sigma, 1, gen)
         if depth == "first":
@@ -181,7 +189,10 @@ def macer_loss(
     split=None,
 ):
     """NLL(log ghat, y) + lambda * sigma / 2 * hinge, averaged over the batch (MACER's loss);
-    ghat is the mean softmax over ``copies`` noisy copies, or ``analytic_probs``."""
+    ghat is the mean softmax over ``copies`` noisy copies, or ``analytic_probs``. ``sigma`` is
+    a number: the hinge's radius is in its units."""
+    if not isinstance(checked_sigma(sigma), float):
+        raise ValueError("macer_loss needs sigma as a number (its radius is in units of sigma)")
     if analytic:
         moments = analytic_logits(model, x, sigma, split, depth)  # one pass for both betas
         g = softmax_of(*moments)
