@@ -28,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from study import (  # noqa: E402
+    ROOT,
     attack_commands,
     attack_winners,
     data_dirs,
@@ -47,7 +48,6 @@ from momentreg.rundir import ATTACKS_FILE, read_json  # noqa: E402
 from momentreg.sweep import load_spec, sweep  # noqa: E402
 from momentreg.tables import markdown_table
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "experiments" / "beyond.toml"
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 STAGES = ("train", "evaluate", "export", "doc")

@@ -89,10 +89,8 @@ def evaluate(study, runs, images, n, device, workers, trainer=None, deadline=mat
     """Run the evaluation jobs, ``workers`` at once, until none is left and ``trainer`` (the
     train stage's thread, if it runs beside) has ended, or until the monotonic clock passes
     ``deadline`` (a job still running then is killed). The tightness jobs wait until training has
-    ended and every certification has started, so that they never hold up one. In a study of
-    seconds (``study.unit``) every job waits until training has ended: a job beside a run would
-    take CPU time from its budget and so cut its steps. Returns the number of failed jobs; their
-    output is printed."""
+    ended and every certification has started, so that they never hold up one. Returns the
+    number of failed jobs; their output is printed."""
     started, failed = set(), 0
     env = child_env(max(1, (os.cpu_count() or 1) // workers))
 
@@ -105,8 +103,6 @@ def evaluate(study, runs, images, n, device, workers, trainer=None, deadline=mat
         while time.monotonic() < deadline:
             training = trainer is not None and trainer.is_alive()
             certify, tightness = evaluation_jobs(study, runs, images, n, device)
-            if training and study.unit == "s":
-                certify = tightness = []
             todo = [a for a in certify if tuple(a) not in started]
             if not todo and not training:
                 todo = [a for a in tightness if tuple(a) not in started]
@@ -137,8 +133,14 @@ def evaluate(study, runs, images, n, device, workers, trainer=None, deadline=mat
 def train_and_evaluate(study: Study, args, mnist: Path | None) -> None:
     """The train and evaluate stages of ``args.stages``, evaluating each run once it is trained;
     after ``args.deadline`` seconds (0: none) whatever still runs is killed, by leaving through
-    os._exit (the sweep's runs die with their parent)."""
+    os._exit (the sweep's runs die with their parent). A study of seconds (``study.unit``)
+    evaluates only after training has ended: a job beside a run would take CPU time from its
+    budget and so cut its steps."""
     deadline = time.monotonic() + args.deadline if args.deadline else math.inf
+
+    def left() -> float | None:
+        return max(0.0, deadline - time.monotonic()) if deadline < math.inf else None
+
     trainer = None
     if "train" in args.stages:
         trainer = threading.Thread(
@@ -147,13 +149,15 @@ def train_and_evaluate(study: Study, args, mnist: Path | None) -> None:
             daemon=True,
         )
         trainer.start()
+        if study.unit == "s":
+            trainer.join(left())
     failed = 0
     if "evaluate" in args.stages:
         images, n = args.certify_images, args.certify_n
         failed = evaluate(study, args.runs, images, n, args.device, args.eval_workers, trainer,
                           deadline)  # fmt: skip
     if trainer is not None:
-        trainer.join(max(0.0, deadline - time.monotonic()) if deadline < math.inf else None)
+        trainer.join(left())
         if trainer.is_alive():
             print(f"the deadline ({args.deadline:g} s) stopped the training", file=sys.stderr)
             sys.stdout.flush()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from study import ROOT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cifar_study import CIFAR_TASKS, ROOT, TASKS, TOLERANCE
+from cifar_study import CIFAR_TASKS, TASKS, TOLERANCE
 from cifar_verdicts import (
     PAPER_TABLE4,
     at_chance,
@@ -25,6 +25,7 @@ from cifar_verdicts import (
 )
 from study import (
     PAPER,
+    ROOT,
     attack_table,
     attack_winners,
     fmt,

@@ -4,10 +4,7 @@ the page."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from study import ROOT
 
 # name -> (spec, model label, dataset label)
 TASKS = {
@@ -20,11 +17,8 @@ TASKS = {
     "mnist-paper": (ROOT / "experiments/mnist-paper.toml", "LeNet", "MNIST"),
 }
 
-
 CIFAR_TASKS = ("cifar10-lenet", "cifar10-alexnet")
 
-
 TOLERANCE = 0.39  # accuracy points below the clean mean that still compete (paper, Fig. 3b)
-
 
 SMOOTHING = {"sigma": 0.25, "n0": 100, "alpha": 0.001}

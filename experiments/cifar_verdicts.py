@@ -7,9 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cifar_study import TASKS, TOLERANCE
-from study import (
-    fmt,
-)
+from study import fmt
 
 from momentreg import report
 from momentreg.attacks import ATTACK_LABELS

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from study import (
     PAPER,
+    ROOT,
     attack_commands,
     attack_table,
     attack_winners,
@@ -41,7 +42,6 @@ from momentreg.rundir import ATTACKS_FILE, read_json
 from momentreg.sweep import load_spec, sweep
 from momentreg.tables import markdown_table
 
-ROOT = Path(__file__).resolve().parent.parent
 TASKS = {  # name -> (spec, dataset label)
     "mnist-lenet": (ROOT / "experiments" / "mnist-lenet.toml", "MNIST"),
     "fashion-lenet": (ROOT / "experiments" / "fashion-lenet.toml", "Fashion-MNIST"),

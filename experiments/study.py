@@ -289,8 +289,9 @@ def data_dirs(p: argparse.ArgumentParser, args, given: dict) -> dict[str, Path]:
     return {task: path for task, (_, path) in given.items()}
 
 
-def task_figures(rows: list[dict], selected: dict, figures: Path, task: str, title: str,
-                 fair_title: str) -> None:  # fmt: skip
+def task_figures(
+    rows: list[dict], selected: dict, figures: Path, task: str, title: str, fair_title: str
+) -> None:
     """A task's three figures in ``figures``: accuracy and GNR against sigma (every run), the
     fair comparison's winners (``selected``) and their GNR curves."""
     report.plot_vs_sigma(rows, figures / f"{task}-vs-sigma.png", title)

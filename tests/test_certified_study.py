@@ -1,9 +1,9 @@
 """The rules behind the verdicts of docs/certified.md and docs/certified-gpu.md, each on rows made
 to test it."""
 
+import argparse
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -141,9 +141,12 @@ def test_a_study_of_seconds_evaluates_only_after_training(tmp_path, monkeypatch,
     monkeypatch.setattr(certified, "evaluation_jobs", lambda *args: ([job], []))
     monkeypatch.setattr(certified, "POLL", 0.05)
     ended = []
-    trainer = threading.Thread(target=lambda: (time.sleep(1.5), ended.append(time.monotonic())))
-    trainer.start()
-    failed = certified.evaluate(STUDIES[study], tmp_path, 1, 1, "cpu", 1, trainer,
-                                time.monotonic() + 60)  # fmt: skip
-    trainer.join()
-    assert failed == 0 and (float(stamp.read_text()) < ended[0]) == beside
+    monkeypatch.setattr(
+        certified, "train", lambda *args: (time.sleep(1.5), ended.append(time.monotonic()))
+    )
+    args = argparse.Namespace(
+        stages={"train", "evaluate"}, deadline=0, runs=tmp_path, device="cpu", workers=1, set=[],
+        certify_images=1, certify_n=1, eval_workers=1,
+    )  # fmt: skip
+    certified.train_and_evaluate(STUDIES[study], args, tmp_path)  # SystemExit if the job failed
+    assert (float(stamp.read_text()) < ended[0]) == beside

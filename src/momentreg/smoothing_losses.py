@@ -191,7 +191,8 @@ def macer_loss(
     """NLL(log ghat, y) + lambda * sigma / 2 * hinge, averaged over the batch (MACER's loss);
     ghat is the mean softmax over ``copies`` noisy copies, or ``analytic_probs``. ``sigma`` is
     a number: the hinge's radius is in its units."""
-    if not isinstance(checked_sigma(sigma), float):
+    sigma = checked_sigma(sigma)
+    if not isinstance(sigma, float):
         raise ValueError("macer_loss needs sigma as a number (its radius is in units of sigma)")
     if analytic:
         moments = analytic_logits(model, x, sigma, split, depth)  # one pass for both betas
