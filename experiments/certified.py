@@ -20,6 +20,11 @@ the same command after a crash):
      to docs/results/<study>/;
   4. doc: docs/<study>.md and its figures, from those files alone (ACRs from the TSVs).
 
+--methods M1,M2 trains only those methods of the spec, a partial rerun (say, with other settings
+after a change to the spec): the export puts its runs in place of the committed runs of the same
+cells (method, sigma, weight, budget) and keeps the others, and the page says which command made
+which runs.
+
 This file runs the stages; what the study is lives in certified_study.py, the exported runs as
 rows in certified_results.py, the verdict in certified_verdict.py and the page in
 certified_page.py.
@@ -55,8 +60,17 @@ STAGES = ("train", "evaluate", "export", "doc")
 POLL = 5  # seconds between looks for newly trained runs
 
 
-def train(study: Study, runs: Path, mnist: Path, device: str, workers: int, settings: dict):
+def chosen(spec: dict, methods: list[str] | None) -> dict:
+    """The spec with only the entries of ``methods`` (None: all of them)."""
+    if methods is None:
+        return spec
+    return {**spec, "methods": [m for m in spec["methods"] if m["method"] in methods]}
+
+
+def train(study: Study, runs: Path, mnist: Path, device: str, workers: int, settings: dict,
+          methods: list[str] | None = None):  # fmt: skip
     spec = {**load_spec(str(study.spec)), "data_dir": str(mnist), "device": device, **settings}
+    spec = chosen(spec, methods)
     counts = sweep(spec, runs / TASK, workers=workers, progress=True)
     if counts["failed"]:
         print(f"{counts['failed']} runs failed; see their error.txt", file=sys.stderr)
@@ -145,7 +159,7 @@ def train_and_evaluate(study: Study, args, mnist: Path | None) -> None:
     if "train" in args.stages:
         trainer = threading.Thread(
             target=train,
-            args=(study, args.runs, mnist, args.device, args.workers, dict(args.set)),
+            args=(study, args.runs, mnist, args.device, args.workers, dict(args.set), args.methods),
             daemon=True,
         )
         trainer.start()
@@ -179,7 +193,17 @@ def main() -> None:
     p.add_argument(
         "--deadline", type=float, default=0, help="stop training and evaluating then (s)"
     )
+    p.add_argument(
+        "--methods",
+        type=lambda text: text.split(","),
+        help="train only these methods of the spec (comma-separated): a partial rerun, whose "
+        "runs the export puts in place of the committed runs of their cells",
+    )
     args, args.stages = parse_stages(p, STAGES)
+    known = {m["method"] for m in load_spec(str(study.spec))["methods"]}
+    if args.methods and set(args.methods) - known:
+        unknown = ", ".join(sorted(set(args.methods) - known))
+        p.error(f"--methods: {unknown} not in {study.spec.name}; it has {', '.join(sorted(known))}")
     mnist = None
     if "train" in args.stages:
         mnist = data_dirs(p, args, {TASK: ("--mnist-dir", args.mnist_dir)})[TASK]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from certified_results import (
+    batches,
     left_out_runs,
     load_rows,
     missing_runs,
@@ -31,7 +32,7 @@ from matplotlib.ticker import FuncFormatter
 from study import fmt, provenance
 
 from momentreg.plots import plt
-from momentreg.rundir import CERTIFY_FILE, METRICS, TIGHTNESS_FILE, read_json
+from momentreg.rundir import CERTIFY_FILE, CONFIG, METRICS, TIGHTNESS_FILE, read_json
 from momentreg.tables import markdown_table
 
 
@@ -215,6 +216,27 @@ def kept_weights(rows: list[dict], waiting: list[dict], unit: str) -> list[str]:
     return lines
 
 
+def later_batches(rows: list[dict], trained: list[dict], made: dict[str, str]) -> list[str]:
+    """A bullet for each partial rerun (``made``: certified_results.batches): which runs it
+    trained (``trained``: the config of every trained run), how many at once, and where and when
+    (as its certified ``rows`` recorded it)."""
+    lines = []
+    for value in sorted(set(made.values())):
+        count = len([c for c in trained if made.get(c["method"]) == value])
+        places = {
+            (e["gpu"] or f"{e['cpus']} CPU cores", e["torch"], e["python"], e["date"])
+            for e in (r["environment"] for r in rows if r["batch"] == value)
+            if e
+        }
+        where = " on {} (torch {}, Python {}, {})".format(*places.pop()) if len(places) == 1 else ""
+        lines.append(
+            f"- The command with `--methods {value}` trained the runs of those methods again, "
+            f"{count} at once{where}, in place of the earlier runs of their cells (git history "
+            "keeps those). Their step seconds are against the noise training beside them."
+        )
+    return lines
+
+
 def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images: int, n: int):
     """The page's setting bullets: what was trained, for how long, and how it was certified."""
     *rest, last = [f"{s:g}" for s in sigmas]
@@ -243,8 +265,13 @@ def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images
             "budgets can keep the same weights."
         )
     else:
-        runs = len([d for d in (results / TASK).iterdir() if (d / METRICS).exists()])
-        calls = len((results / "command.txt").read_text().splitlines())
+        made = batches(results)
+        configs = [
+            read_json(d / CONFIG) for d in (results / TASK).iterdir() if (d / METRICS).exists()
+        ]
+        runs = len([c for c in configs if not made.get(c["method"])])
+        commands = (results / "command.txt").read_text().splitlines()
+        calls = len([line for line in commands if "--methods" not in line.split()])
         noise_only = [
             s for s in sigmas if {r["method"] for r in rows if r["sigma"] == s} == {"noise"}
         ]
@@ -268,6 +295,7 @@ def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images
             )
             + ": a run's step seconds depend on what ran beside it, so the seconds below are "
             "rough and the passes per image are the cost to compare.",
+            *later_batches(rows, configs, made),
         ]
         delay = "their first 31 epochs"
         seconds = "*Step seconds* against noise training's at the same sigma, as measured."

@@ -65,7 +65,21 @@ def budget(config: dict, unit: str) -> float:
     return config["time_budget"] if unit == "s" else config["epochs"]
 
 
+def batches(results: Path) -> dict[str, str]:
+    """method -> the batch that made its runs: the ``--methods`` value of the last command in
+    results/command.txt that names the method (a partial rerun), or "" (the full study's
+    commands made it)."""
+    made, commands = {}, results / "command.txt"
+    for line in commands.read_text().splitlines() if commands.exists() else []:
+        words = line.split()
+        if "--methods" in words:
+            value = words[words.index("--methods") + 1]
+            made.update(dict.fromkeys(value.split(","), value))
+    return made
+
+
 def load_rows(folder: Path, unit: str) -> list[dict]:
+    made = batches(folder.parent)
     rows = []
     for run in sorted(folder.iterdir()) if folder.is_dir() else []:
         if not (run / METRICS).exists():
@@ -82,6 +96,8 @@ def load_rows(folder: Path, unit: str) -> list[dict]:
                 "method": config["method"],
                 "sigma": config["sigma"],
                 "budget": budget(config, unit),
+                "batch": made.get(config["method"], ""),
+                "environment": metrics.get("environment"),
                 "seconds": metrics["step_seconds"],
                 "steps": metrics["steps"],
                 **_kept(config, metrics),
@@ -120,16 +136,18 @@ def row_order(row: dict) -> tuple:
 
 
 def with_step_cost(rows: list[dict]) -> list[dict]:
-    """Each row with ``step_cost``: its seconds per step over noise training's at the same sigma
-    and budget, or at the largest budget noise training has at that sigma (None without one)."""
+    """Each row with ``step_cost``: its seconds per step over those of noise training made in the
+    same batch (the runs beside it) at the same sigma and budget, or at the largest budget noise
+    training has there (None without one)."""
     noise = {
-        (r["sigma"], r["budget"]): r["seconds_per_step"] for r in rows if r["method"] == "noise"
+        (r["batch"], r["sigma"], r["budget"]): r["seconds_per_step"]
+        for r in rows
+        if r["method"] == "noise"
     }
     for r in rows:
-        budgets = [b for s, b in noise if s == r["sigma"]]
-        base = noise.get((r["sigma"], r["budget"])) or (
-            noise[(r["sigma"], max(budgets))] if budgets else None
-        )
+        at = (r["batch"], r["sigma"])
+        budgets = [b for *key, b in noise if tuple(key) == at]
+        base = noise.get((*at, r["budget"])) or (noise[(*at, max(budgets))] if budgets else None)
         r["step_cost"] = r["seconds_per_step"] / base if base else None
     return rows
 

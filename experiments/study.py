@@ -8,9 +8,7 @@ A study script (reproduce.py, beyond.py, cifar.py) imports this module, never an
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -18,11 +16,10 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
 from momentreg import report, tables
 from momentreg.attacks import ATTACK_LABELS
 from momentreg.plots import plot_consistency
+from momentreg.run import environment
 from momentreg.rundir import (
     ATTACKS_FILE,
     CERTIFY_FILE,
@@ -136,45 +133,65 @@ def run_jobs(jobs: list[list[list[str]]], workers: int) -> None:
 def record_environment(runs: Path, command: str) -> None:
     """Where and how the runs are made: exported beside their metrics. A command that resumes
     the runs with other options is added as a line of its own to command.txt."""
-    cuda = torch.cuda.is_available()
     runs.mkdir(parents=True, exist_ok=True)
     path = runs / "command.txt"
     before = path.read_text().splitlines() if path.exists() else []
     if command not in before:
         path.write_text("".join(line + "\n" for line in [*before, command]))
-    write_json(
-        runs / "environment.json",
-        {
-            "date": datetime.date.today().isoformat(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if cuda else None,
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
-    )
+    write_json(runs / "environment.json", environment())
+
+
+def cell(run: str) -> str:
+    """A run folder's name without its config hash: the study's cell it fills (method, sigma,
+    weight, budget; sweep.run_dir_name)."""
+    return run.rsplit("-", 1)[0]
 
 
 def export(runs: Path, results: Path, tasks) -> None:
     """Copy the small files of every finished run (COPIED and its per-image certification TSVs),
     and the config and error.txt of every failed one, to results/<task>/<run>/, with the runs'
-    command.txt and environment.json."""
+    command.txt and environment.json.
+
+    Results hold one run per cell: an exported run replaces an earlier one of its cell made with
+    other settings (another config hash), which is said. A partial rerun thus adds to the results
+    of the first: while any earlier run remains, command.txt gains the new commands and
+    environment.json stays the earlier one (each run records where it was made in its
+    metrics.json)."""
+    kept_before = False
     for task in tasks:
         root = runs / task / "runs"
+        exported = {}
         for run in sorted(root.iterdir()) if root.is_dir() else []:
             if (run / METRICS).exists():
-                paths = [run / name for name in COPIED] + sorted(run.glob(CERTIFY_TSVS))
+                exported[run] = [run / name for name in COPIED] + sorted(run.glob(CERTIFY_TSVS))
             elif (run / ERROR).exists():
-                paths = [run / CONFIG, run / ERROR]  # a failed run: why it failed
-            else:
+                exported[run] = [run / CONFIG, run / ERROR]  # a failed run: why it failed
+        names = {run.name for run in exported}
+        cells = {cell(name) for name in names}
+        folder = results / task
+        for old in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if old.name in names:
                 continue
-            dest = results / task / run.name
+            if cell(old.name) in cells:
+                shutil.rmtree(old)
+                print(f"replaced {task}/{old.name}: a run of its cell with other settings is new")
+            else:
+                kept_before = True
+        for run, paths in exported.items():
+            dest = folder / run.name
             dest.mkdir(parents=True, exist_ok=True)
             for path in paths:
                 if path.exists():
                     shutil.copy2(path, dest / path.name)
-    for name in ("command.txt", "environment.json"):
-        shutil.copy2(runs / name, results / name)
+    results.mkdir(parents=True, exist_ok=True)
+    if kept_before and (results / "environment.json").exists():  # a partial rerun: add to it
+        commands = results / "command.txt"
+        before = commands.read_text().splitlines()
+        new = [c for c in (runs / "command.txt").read_text().splitlines() if c not in before]
+        commands.write_text("".join(line + "\n" for line in [*before, *new]))
+    else:
+        for name in ("command.txt", "environment.json"):
+            shutil.copy2(runs / name, results / name)
 
 
 def image_counts(images: dict[str, int]) -> str:

@@ -3,6 +3,7 @@ to test it."""
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,10 +12,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 import certified  # noqa: E402
-from certified_page import kept_weights  # noqa: E402
+from certified_page import kept_weights, later_batches  # noqa: E402
 from certified_results import load_rows, uncertified_runs  # noqa: E402
 from certified_study import STUDIES  # noqa: E402
 from certified_verdict import anchor_check, goal_pairs  # noqa: E402
+from study import export  # noqa: E402
+
+from momentreg.sweep import expand, load_spec  # noqa: E402
 
 
 def row(method, sigma, acr, se=0.02, budget=90, compute=1.0, label=None):
@@ -146,7 +150,92 @@ def test_a_study_of_seconds_evaluates_only_after_training(tmp_path, monkeypatch,
     )
     args = argparse.Namespace(
         stages={"train", "evaluate"}, deadline=0, runs=tmp_path, device="cpu", workers=1, set=[],
-        certify_images=1, certify_n=1, eval_workers=1,
+        certify_images=1, certify_n=1, eval_workers=1, methods=None,
     )  # fmt: skip
     certified.train_and_evaluate(STUDIES[study], args, tmp_path)  # SystemExit if the job failed
     assert (float(stamp.read_text()) < ended[0]) == beside
+
+
+def _study_folder(folder, command, date, runs):
+    """A study's runs (or results) folder: its command, environment and run folders."""
+    (folder / "mnist").mkdir(parents=True)
+    (folder / "command.txt").write_text(command + "\n")
+    made = {"date": date, "python": "3", "torch": "2", "gpu": None, "cpus": 2, "platform": "x"}
+    (folder / "environment.json").write_text(json.dumps(made))
+    for name, method, seconds in runs:
+        _certified_run(folder / "mnist", name, method)
+        metrics = json.loads((folder / "mnist" / name / "metrics.json").read_text())
+        metrics.update(step_seconds=seconds, environment=made)
+        (folder / "mnist" / name / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_a_partial_rerun_replaces_the_runs_of_its_cells_and_keeps_the_others(tmp_path, capsys):
+    first = "python experiments/certified.py --study gpu --deadline 500"
+    results = tmp_path / "results"
+    old = [
+        ("noise-s0.5-aaaaaaaa", "noise", 10.0),
+        ("consistency-s0.5-a5.0-bbbbbbbb", "consistency", 20.0),
+    ]
+    _study_folder(results, first, "2026-11-30", old)
+    again = "python experiments/certified.py --study gpu --methods noise,macer --deadline 540"
+    runs = tmp_path / "runs"
+    new = [("noise-s0.5-cccccccc", "noise", 5.0), ("macer-s0.5-a16.0-dddddddd", "macer", 40.0)]
+    _study_folder(runs, again, "2026-12-01", [])
+    for name, method, seconds in new:  # the runs folder: <task>/runs/<run>
+        (runs / "mnist" / "runs").mkdir(exist_ok=True)
+        _certified_run(runs / "mnist" / "runs", name, method)
+        path = runs / "mnist" / "runs" / name / "metrics.json"
+        metrics = json.loads(path.read_text())
+        made = {**json.loads((runs / "environment.json").read_text()), "gpu": "GPU X"}
+        path.write_text(json.dumps({**metrics, "step_seconds": seconds, "environment": made}))
+
+    export(runs, results, ["mnist"])
+    names = sorted(p.name for p in (results / "mnist").iterdir())
+    assert names == [
+        "consistency-s0.5-a5.0-bbbbbbbb",
+        "macer-s0.5-a16.0-dddddddd",
+        "noise-s0.5-cccccccc",
+    ]
+    assert "replaced mnist/noise-s0.5-aaaaaaaa" in capsys.readouterr().out
+    assert (results / "command.txt").read_text().splitlines() == [first, again]
+    assert json.loads((results / "environment.json").read_text())["date"] == "2026-11-30"
+
+    rows = {r["method"]: r for r in load_rows(results / "mnist", "epochs")}
+    assert rows["noise"]["batch"] == rows["macer"]["batch"] == "noise,macer"
+    assert rows["consistency"]["batch"] == ""
+    assert rows["macer"]["step_cost"] == pytest.approx(8.0)  # against the noise run beside it
+    assert rows["consistency"]["step_cost"] is None  # its noise run was replaced
+    configs = [{"method": m} for m in ("noise", "macer", "consistency")]
+    (line,) = later_batches(
+        list(rows.values()), configs, {"noise": "noise,macer", "macer": "noise,macer"}
+    )
+    assert "`--methods noise,macer` trained the runs of those methods again, 2 at once" in line
+    assert "on GPU X (torch 2, Python 3, 2026-12-01)" in line
+
+    # a rerun of every cell: the results are the new runs alone, made where they say
+    _certified_run(runs / "mnist" / "runs", "consistency-s0.5-a5.0-eeeeeeee", "consistency")
+    export(runs, results, ["mnist"])
+    assert (results / "command.txt").read_text().splitlines() == [again]
+    assert json.loads((results / "environment.json").read_text())["date"] == "2026-12-01"
+
+
+def test_the_gpu_rerun_of_the_macer_comparison_is_seven_runs_keeping_their_last_epoch():
+    spec = load_spec(str(STUDIES["gpu"].spec))
+    runs = expand(certified.chosen(spec, ["macer", "macer-analytic", "noise"]))
+    assert sorted((r["method"], r["sigma"]) for r in runs) == [
+        ("macer", 0.5), ("macer", 1.0), ("macer-analytic", 0.5), ("macer-analytic", 1.0),
+        ("noise", 0.25), ("noise", 0.5), ("noise", 1.0),
+    ]  # fmt: skip
+    assert {r["keep"] for r in runs} == {"last"} and len(expand(spec)) == 15
+
+
+def test_an_unknown_method_is_a_usage_error(tmp_path):
+    script = Path(certified.__file__)
+    result = subprocess.run(
+        [sys.executable, str(script), "--study", "gpu", "--methods", "macer,macr",
+         "--stages", "doc", "--doc", str(tmp_path / "page.md")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--methods: macr not in certified-gpu.toml" in result.stderr
+    assert not (tmp_path / "page.md").exists()

@@ -1,8 +1,11 @@
+import datetime
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from momentreg.cli import main
 from tests.helpers import QUICK, cli
@@ -41,6 +44,10 @@ def test_train_writes_the_run_layout(run_dir):
         assert key in metrics
     assert 1.5 < metrics["passes_per_image"] < 2.5  # the moment step: about two clean passes
     assert len(metrics["gnr_curve"]["sigmas"]) == 30
+    made = metrics["environment"]  # where it was made: a study may mix runs of two machines
+    assert made["torch"] == torch.__version__ and made["gpu"] is None  # trained on the CPU
+    made_on = datetime.date.fromisoformat(made["date"])
+    assert abs(made_on - datetime.date.today()).days <= 1 and made["cpus"] == os.cpu_count()
     header = (run_dir / "history.csv").read_text().splitlines()[0]
     assert header.startswith("epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr")
 

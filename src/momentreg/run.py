@@ -13,7 +13,9 @@ A run directory's files are named in ``momentreg.rundir``.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -52,6 +54,7 @@ from momentreg.training import (
 
 __all__ = [
     "RunConfig",
+    "environment",
     "train_run",
     "load_run",
     "test_subset",
@@ -198,6 +201,23 @@ def robustness_metrics(model, images, labels, gnr_images, noise_samples, seed, d
     }
 
 
+def environment(device: torch.device | str | None = None) -> dict:
+    """Where results are made: the date, the Python and torch versions, the GPU (the name of
+    ``device`` if it is a CUDA one; with no device, of the current CUDA device if there is one,
+    else None), the CPU count and the platform. A run records it in its metrics.json, a study
+    beside its runs."""
+    device = None if device is None else torch.device(device)
+    cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    return {
+        "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(device if device is not None else None) if cuda else None,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+
+
 def train_run(
     config: RunConfig,
     out: Path,
@@ -262,6 +282,7 @@ def train_run(
         seconds_per_epoch=history[-1]["train_seconds"] / len(history),
         passes_per_image=passes,  # a step's FLOPs over a clean step's (momentreg.cost)
         wall_seconds=time.perf_counter() - t0,
+        environment=environment(device),  # where it was made: a study may mix runs of two days
     )
     write_json(out / METRICS, metrics)
     return metrics
