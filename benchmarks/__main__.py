@@ -45,11 +45,12 @@ from benchmarks.evaluation import (
 from benchmarks.timing import median_times, sync
 from momentreg import moments
 from momentreg.malloc import keep_freed_memory
+from momentreg.methods import step_loss
 from momentreg.models import DATASETS, build_model
 from momentreg.regularizer import split_at_first_relu
 from momentreg.robustness import gaussian_robustness
 from momentreg.tables import markdown_table
-from momentreg.training import TrainConfig, step_loss
+from momentreg.training import TrainConfig
 
 METHODS = ["clean", "moment", "augment2", "augment6", "augment11", "augment21", "noise"]
 

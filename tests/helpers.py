@@ -187,6 +187,6 @@ def tiny_net() -> nn.Sequential:
 def step_cases() -> list[tuple[str, str]]:
     """(method, moment depth): every training method at the paper's depth, and the methods with
     an analytic expectation at depth "all" too."""
-    from momentreg.training import ANALYTIC, LOSSES
+    from momentreg.methods import ANALYTIC, LOSSES
 
     return [(m, "first") for m in LOSSES] + [(m, "all") for m in ANALYTIC]

@@ -6,11 +6,11 @@ from torch import nn
 
 from momentreg.data import load_dataset, to_float, train_val_split
 from momentreg.errors import CheckpointError, TrainingError
+from momentreg.methods import ANALYTIC
 from momentreg.models import build_model
 from momentreg.regularizer import check_regularizable
 from momentreg.robustness import accuracy
 from momentreg.training import (
-    ANALYTIC,
     TrainConfig,
     TrainState,
     _budget_lr,

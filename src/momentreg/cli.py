@@ -15,6 +15,7 @@ from momentreg.certify import certify_line
 from momentreg.data import DATASET_NAMES
 from momentreg.errors import MomentregError, UsageError
 from momentreg.malloc import keep_freed_memory
+from momentreg.methods import METHODS
 from momentreg.models import MODELS, is_factory
 from momentreg.regularizer import DEPTHS, MOMENT_LOSSES
 from momentreg.run import (
@@ -31,7 +32,7 @@ from momentreg.run import (
 )
 from momentreg.rundir import read_json
 from momentreg.tables import attack_table, markdown_table, write_table
-from momentreg.training import KEEP, LR_SCHEDULES, METHODS
+from momentreg.train_config import KEEP, LR_SCHEDULES
 
 USAGE_ERROR = 2
 USER_MODEL_HELP = "the FILE.py:FUNCTION the run was trained with, to allow running it again"

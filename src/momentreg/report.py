@@ -18,11 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from momentreg.attacks import ATTACK_LABELS  # noqa: E402
+from momentreg.methods import ANALYTIC, WEIGHTED  # noqa: E402
 from momentreg.plots import plot_certified, plot_consistency  # noqa: E402
 from momentreg.rundir import CERTIFY_FILE, METRICS, read_json, read_run  # noqa: E402
 from momentreg.sweep import MOMENT_VARIANTS, moment_variants  # noqa: E402
 from momentreg.tables import fmt, markdown_table  # noqa: E402
-from momentreg.training import ANALYTIC, WEIGHTED  # noqa: E402
 
 __all__ = [
     "TOLERANCE",

@@ -28,6 +28,7 @@ from momentreg.cost import passes_per_image
 from momentreg.data import DATASET_NAMES, IMAGEFOLDER, load_dataset, to_float, train_val_split
 from momentreg.errors import MomentregError, UsageError
 from momentreg.imagefolder import imagefolder_classes
+from momentreg.methods import ANALYTIC
 from momentreg.models import MODELS, build_model, input_spec, is_factory
 from momentreg.regularizer import check_regularizable
 from momentreg.robustness import gaussian_robustness, prediction_stats
@@ -43,14 +44,8 @@ from momentreg.rundir import (
     read_json,
     write_json,
 )
-from momentreg.training import (
-    ANALYTIC,
-    PROTOCOLS,
-    TrainConfig,
-    load_checkpoint,
-    model_weights,
-    train,
-)
+from momentreg.train_config import PROTOCOLS, TrainConfig
+from momentreg.training import load_checkpoint, model_weights, train
 
 __all__ = [
     "RunConfig",
@@ -88,7 +83,7 @@ class RunConfig:
     @classmethod
     def from_settings(cls, settings: dict) -> RunConfig:
         """Flat settings -> a validated RunConfig. Training fields not given come from the
-        model's protocol (``training.PROTOCOLS``; a user model gets LeNet's)."""
+        model's protocol (``train_config.PROTOCOLS``; a user model gets LeNet's)."""
         run_fields = {f.name for f in dataclasses.fields(cls)} - {"train"}
         unknown = set(settings) - run_fields - TRAIN_FIELDS - set(_RECORDED)
         if unknown:

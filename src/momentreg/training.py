@@ -1,5 +1,6 @@
-"""Training with the paper's protocol: clean, N-fold Gaussian augmentation, Cohen-style noise
-training, and the analytic moment regularizer; atomic per-epoch checkpoints and exact resume.
+"""The training loop of every method (``momentreg.methods``) under a ``TrainConfig``: epochs of
+index-selected batches, validation, the learning-rate schedule, early stopping, time budgets,
+atomic per-epoch checkpoints and exact resume.
 
 Data are (images uint8 or float [N, C, H, W], labels int64 [N]) tensors held in memory; batches are
 index-selected from them (no loader processes). Early stopping and the learning-rate schedule follow
@@ -21,171 +22,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from momentreg import smoothing_losses
 from momentreg.data import to_float
 from momentreg.errors import CheckpointError, TrainingError
-from momentreg.regularizer import DEPTHS, MOMENT_LOSSES, Split, moment_loss
+from momentreg.methods import step_loss
+from momentreg.regularizer import Split
 from momentreg.rundir import CHECKPOINT, HISTORY, atomic_write
+from momentreg.train_config import TrainConfig
 
 __all__ = [
-    "TrainConfig",
+    "TrainConfig",  # train()'s settings, from momentreg.train_config
     "TrainState",
-    "PROTOCOLS",
-    "METHODS",
-    "LOSSES",
-    "KEEP",
-    "ANALYTIC",
-    "WEIGHTED",
-    "step_loss",
     "train",
     "train_one_epoch",
     "load_checkpoint",
     "model_weights",
 ]
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every training setting. ``folds`` is N of N-fold augmentation (N = 1 is clean)."""
-
-    method: str = "clean"
-    sigma: float = 0.0
-    alpha: float = 1.0
-    folds: int = 1
-    moment_depth: str = "first"  # moment: "first" (the paper) or "all" layers
-    moment_loss: str = "mean"  # moment: "mean" or "expected-ce" (needs moment_depth="all")
-    moment_noise: bool = False  # moment: the first term sees a freshly noised batch (hybrid)
-    samples: int = 0  # consistency, macer: noisy copies per image (0: theirs, 2 and 16)
-    eta: float = 0.5  # consistency: the weight of the mean prediction's entropy
-    macer_beta: float = 16.0  # macer: the inverse temperature of the soft smoothed classifier
-    macer_gamma: float = 8.0  # macer: the hinge's margin
-    alpha_delay: int = 0  # epochs trained with the regularizer off (MACER's deferral)
-    alpha_delay_budget: float = 0.0  # the same, as a share of time_budget (a budget run's deferral)
-    sigma_warmup: int = 100  # steps over which the noise rises linearly to sigma (0: none)
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    batch_size: int = 1000
-    epochs: int = 100
-    lr_schedule: str = "plateau"  # "plateau" (on the validation loss), "step" or "budget-step"
-    lr_step: int = 30  # step schedule: epochs between decays
-    lr_step_budget: float = 1 / 3  # budget-step schedule: share of time_budget between decays
-    lr_gamma: float = 0.1  # step schedule: the decay factor
-    plateau_factor: float = 0.9
-    plateau_patience: int = 3
-    early_stop: int = 10
-    time_budget: float = 0.0  # stop once the training steps took this many seconds (0: no limit)
-    keep: str = "best"  # the weights a run ends with: "best" validation loss, or the "last" epoch's
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        if self.moment_depth not in DEPTHS:
-            raise ValueError(f"unknown moment depth {self.moment_depth!r}; choose from {DEPTHS}")
-        if self.moment_loss not in MOMENT_LOSSES:
-            raise ValueError(f"unknown moment loss {self.moment_loss!r}; choose {MOMENT_LOSSES}")
-        if self.moment_loss == "expected-ce" and self.moment_depth != "all":
-            raise ValueError("moment loss expected-ce needs moment depth all (the output variance)")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose {LR_SCHEDULES}")
-        if self.keep not in KEEP:
-            raise ValueError(f"unknown keep {self.keep!r}; choose {' or '.join(KEEP)}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
-        checks = {
-            "sigma": self.sigma >= 0 and math.isfinite(self.sigma),
-            "alpha": self.alpha >= 0 and math.isfinite(self.alpha),
-            "folds": self.folds >= 1,
-            "lr": self.lr > 0 and math.isfinite(self.lr),
-            "batch_size": self.batch_size >= 1,
-            "epochs": self.epochs >= 1,
-            "weight_decay": self.weight_decay >= 0,
-            "momentum": self.momentum >= 0,
-            "plateau_factor": 0 < self.plateau_factor < 1,
-            "plateau_patience": self.plateau_patience >= 0,
-            "early_stop": self.early_stop >= 1,
-            "samples": self.samples >= 0,
-            "eta": self.eta >= 0 and math.isfinite(self.eta),
-            "macer_beta": self.macer_beta > 0 and math.isfinite(self.macer_beta),
-            "macer_gamma": self.macer_gamma > 0 and math.isfinite(self.macer_gamma),
-            "alpha_delay": self.alpha_delay >= 0,
-            "alpha_delay_budget": 0 <= self.alpha_delay_budget < 1,
-            "lr_step_budget": 0 < self.lr_step_budget <= 1,
-            "sigma_warmup": self.sigma_warmup >= 0,
-            "lr_step": self.lr_step >= 1,
-            "lr_gamma": 0 < self.lr_gamma <= 1,
-            "time_budget": self.time_budget >= 0 and math.isfinite(self.time_budget),
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid {bad[0].replace('_', '-')}: {getattr(self, bad[0])}")
-        if (self.alpha_delay_budget or self.lr_schedule == "budget-step") and not self.time_budget:
-            raise ValueError(
-                "alpha-delay-budget and the budget-step schedule are shares of the time budget: "
-                "set time-budget"
-            )
-
-
-# The paper's protocol per model; any field can be overridden.
-PROTOCOLS: dict[str, dict] = {
-    "lenet": dict(
-        optimizer="adam",
-        lr=1e-4,
-        batch_size=1000,
-        weight_decay=0.0,
-        plateau_factor=0.9,
-        plateau_patience=3,
-        early_stop=10,
-    ),
-    "smoothing-lenet": dict(  # the baselines' MNIST recipe: 90 epochs, lr / 10 every 30
-        optimizer="sgd",
-        lr=0.01,
-        momentum=0.9,
-        nesterov=False,
-        weight_decay=1e-4,
-        batch_size=256,
-        lr_schedule="step",
-        lr_step=30,
-        lr_gamma=0.1,
-        early_stop=90,
-    ),
-    "alexnet": dict(
-        optimizer="sgd",
-        lr=0.1,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-        batch_size=128,
-        plateau_factor=0.5,
-        plateau_patience=5,
-        early_stop=20,
-    ),
-    "resnet18": dict(  # the usual CIFAR recipe, with the plateau schedule of the other models
-        optimizer="sgd",
-        lr=0.1,
-        momentum=0.9,
-        nesterov=False,
-        weight_decay=5e-4,
-        batch_size=128,
-        plateau_factor=0.1,
-        plateau_patience=10,
-        early_stop=30,
-    ),
-    "resnet20": dict(  # He et al. 2016, with the plateau schedule of the other models
-        optimizer="sgd",
-        lr=0.1,
-        momentum=0.9,
-        nesterov=False,
-        weight_decay=1e-4,
-        batch_size=128,
-        plateau_factor=0.1,
-        plateau_patience=10,
-        early_stop=30,
-    ),
-}
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -253,86 +104,6 @@ def _validate(model, images, labels, batch_size, device) -> tuple[float, float]:
     losses, hits = torch.stack(parts).T.tolist()
     loss, correct = sum(losses), int(sum(hits))
     return loss / len(labels), 100.0 * correct / len(labels)
-
-
-# -- one loss per method: (model, x, y, noisy, cfg, gen, split) -> (loss, logits) ----------------
-# x [B, C, H, W] float, y [B]; noisy: bool [B], the augmentation copies of this batch; gen: the
-# device generator that draws the noise; split: an explicit (head, tail) for the regularizer.
-
-
-def clean_loss(model, x, y, noisy, cfg, gen, split):
-    logits = model(x)
-    return F.cross_entropy(logits, y), logits
-
-
-def _noise(x, cfg, gen):
-    return torch.randn(x.shape, generator=gen, device=x.device).mul_(cfg.sigma)
-
-
-def augment_loss(model, x, y, noisy, cfg, gen, split):
-    """N-fold augmentation: the copies marked ``noisy`` get fresh Gaussian noise."""
-    if cfg.sigma > 0:
-        x = x + _noise(x, cfg, gen) * noisy.view(-1, *[1] * (x.dim() - 1))
-    return clean_loss(model, x, y, noisy, cfg, gen, split)
-
-
-def noise_loss(model, x, y, noisy, cfg, gen, split):
-    """Cohen et al.'s noise training: every image freshly noised at every visit."""
-    if cfg.sigma > 0:
-        x = x + _noise(x, cfg, gen)
-    return clean_loss(model, x, y, noisy, cfg, gen, split)
-
-
-def moment_method_loss(model, x, y, noisy, cfg, gen, split):
-    """The analytic moment regularizer (and its variants, see ``moment_loss``)."""
-    extra = _noise(x, cfg, gen) if cfg.moment_noise and cfg.sigma > 0 else None
-    loss, parts = moment_loss(
-        model, x, y, cfg.sigma, cfg.alpha, split, depth=cfg.moment_depth, loss=cfg.moment_loss,
-        noisy=extra,
-    )  # fmt: skip
-    return loss, parts["logits"]
-
-
-def _smoothing(name: str, analytic: bool):
-    """A randomized-smoothing baseline (``momentreg.smoothing_losses``) as a method; ``alpha`` is
-    its lambda, ``moment_depth`` the depth of its analytic expectation."""
-    fn = getattr(smoothing_losses, f"{name}_loss")
-
-    def loss(model, x, y, noisy, cfg, gen, split):
-        kwargs = {"analytic": analytic, "depth": cfg.moment_depth, "split": split}
-        if name == "consistency":
-            kwargs.update(copies=cfg.samples or 2, eta=cfg.eta)
-        elif name == "macer":
-            kwargs.update(copies=cfg.samples or 16, beta=cfg.macer_beta, gamma=cfg.macer_gamma)
-        return fn(model, x, y, cfg.sigma, cfg.alpha, gen, **kwargs)
-
-    loss.__name__ = f"{name}{'_analytic' if analytic else ''}_loss"
-    return loss
-
-
-LOSSES = {
-    "clean": clean_loss,
-    "augment": augment_loss,
-    "noise": noise_loss,
-    "moment": moment_method_loss,
-    **{
-        name + suffix: _smoothing(name, bool(suffix))
-        for name in ("stability", "consistency", "macer")
-        for suffix in ("", "-analytic")
-    },
-}
-ANALYTIC = ("moment", "stability-analytic", "consistency-analytic", "macer-analytic")
-WEIGHTED = tuple(m for m in LOSSES if m not in ("clean", "augment", "noise"))  # alpha matters
-
-
-METHODS = tuple(LOSSES)
-LR_SCHEDULES = ("plateau", "step", "budget-step")
-KEEP = ("best", "last")
-
-
-def step_loss(model, x, y, noisy, cfg: TrainConfig, gen, split=None):
-    """The loss of one batch under ``cfg.method`` and the logits it saw."""
-    return LOSSES[cfg.method](model, x, y, noisy, cfg, gen, split)
 
 
 # -- the state of a run, and its checkpoint ------------------------------------------------------
