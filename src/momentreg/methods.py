@@ -2,24 +2,20 @@
 logits)``, registered in ``LOSSES`` by name.
 
 x [B, C, H, W] float, y [B] int64; noisy: bool [B], the augmentation copies of the batch; cfg: the
-run's ``TrainConfig``; gen: the device generator that draws the noise; split: an explicit (head,
-tail) for the regularizer, or None. Clean training, N-fold augmentation, Cohen et al.'s noise
-training and the paper's moment regularizer are here; the randomized-smoothing baselines live in
+run's ``TrainConfig`` (``momentreg.train_config``, which imports this module for the names of
+the methods); gen: the device generator that draws the noise; split: an explicit (head, tail)
+for the regularizer, or None. Clean training, N-fold augmentation, Cohen et al.'s noise training
+and the paper's moment regularizer are here; the randomized-smoothing baselines live in
 ``momentreg.smoothing_losses`` and are adapted to this signature by ``_smoothing``.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from momentreg import smoothing_losses
 from momentreg.regularizer import moment_loss
-
-if TYPE_CHECKING:
-    from momentreg.train_config import TrainConfig
 
 __all__ = ["LOSSES", "METHODS", "ANALYTIC", "WEIGHTED", "step_loss"]
 
@@ -90,6 +86,6 @@ WEIGHTED = tuple(m for m in LOSSES if m not in ("clean", "augment", "noise"))  #
 METHODS = tuple(LOSSES)
 
 
-def step_loss(model, x, y, noisy, cfg: TrainConfig, gen, split=None):
+def step_loss(model, x, y, noisy, cfg, gen, split=None):
     """The loss of one batch under ``cfg.method`` and the logits it saw."""
     return LOSSES[cfg.method](model, x, y, noisy, cfg, gen, split)
