@@ -18,6 +18,8 @@ from momentreg.certify import (
     sample_counts,
     summarize,
 )
+from momentreg.run import certify_run
+from momentreg.rundir import certify_partial, certify_tsv, clear_run
 from tests.helpers import HostReads
 
 SIGMA = 0.25
@@ -131,3 +133,74 @@ def test_certify_images_in_groups_draws_what_certify_draws_image_by_image(monkey
     assert [(r["predict"], r["radius"]) for r in rows] == one_by_one
     assert [r["idx"] for r in rows] == [0, 1, 2, 3, 4]
     assert len({r["radius"] for r in rows}) >= 3  # the images differ: a misplaced one shows
+
+
+def _five_images():
+    model, x, _ = _linear(margin=0.05)
+    images = x + 0.1 * torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    return model, images, torch.tensor([1, 0, 1, 1, 0])
+
+
+# Each image takes 4 forward passes: n0 = 20 samples in one batch of 128, n = 300 in three.
+PASSES = 4
+
+
+def _certify_into(run, model, images, labels, crash_after=None):
+    """(certify_run's summary, the model's forward passes) of a certification into ``run``; with
+    ``crash_after``, the process is interrupted (KeyboardInterrupt) after that many passes."""
+    run.mkdir(exist_ok=True)
+    passes = []
+
+    def count(*_):
+        passes.append(1)
+        if crash_after is not None and len(passes) > crash_after:
+            raise KeyboardInterrupt
+
+    hook = model.register_forward_pre_hook(count)
+    try:
+        settings = {"sigma": SIGMA, "n0": 20, "n": 300, "batch": 128, "seed": 6, "stride": 3}
+        return certify_run(run, model, images, labels, progress=False, **settings), len(passes)
+    finally:
+        hook.remove()
+
+
+def _rows(run):
+    """The per-image TSV without its time column."""
+    lines = (run / certify_tsv(SIGMA)).read_text().splitlines()
+    return [line.rsplit("\t", 1)[0] for line in lines]
+
+
+def test_a_certification_killed_halfway_continues_to_the_uninterrupted_rows(tmp_path, monkeypatch):
+    model, images, labels = _five_images()
+    monkeypatch.setattr(certify_module, "_SAMPLES_PER_READ", 2 * (20 + 300))  # groups 2, 2, 1
+    whole, _ = _certify_into(tmp_path / "whole", model, images, labels)
+    run = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):  # killed in the second group of images
+        _certify_into(run, model, images, labels, crash_after=2 * PASSES + 2)
+    assert (run / certify_partial(SIGMA)).exists() and not (run / certify_tsv(SIGMA)).exists()
+
+    resumed, passes = _certify_into(run, model, images, labels)
+    assert passes == 3 * PASSES  # the first group's two images are not certified again
+    assert _rows(run) == _rows(tmp_path / "whole")  # the same stream of noise, continued
+    assert {**resumed, "seconds_per_image": 0} == {**whole, "seconds_per_image": 0}
+    assert not (run / certify_partial(SIGMA)).exists()
+
+
+def test_an_interrupted_certification_of_other_weights_starts_over(tmp_path, monkeypatch):
+    model, images, labels = _five_images()
+    monkeypatch.setattr(certify_module, "_SAMPLES_PER_READ", 2 * (20 + 300))
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _certify_into(run, model, images, labels, crash_after=2 * PASSES + 2)
+    with torch.no_grad():
+        model[1].bias[1] += 0.02  # retrained, say: the rows kept belong to another model
+    _, passes = _certify_into(run, model, images, labels)
+    assert passes == 5 * PASSES  # every image certified again
+    _certify_into(tmp_path / "fresh", model, images, labels)
+    assert _rows(run) == _rows(tmp_path / "fresh")
+
+    (run / certify_partial(SIGMA)).write_bytes(b"torn")  # a torn file is not read either
+    assert _certify_into(run, model, images, labels)[1] == 5 * PASSES
+    (run / certify_partial(SIGMA)).write_bytes(b"torn")
+    clear_run(run)
+    assert not list(run.iterdir())  # train --force leaves nothing of the old certification

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from collections.abc import Callable
 
 import torch
 from scipy.stats import beta, binomtest, norm
@@ -119,23 +120,37 @@ def certify_images(
     batch: int = 1000,
     seed: int = 0,
     progress: bool = False,
+    done: list[dict] | None = None,
+    state: torch.Tensor | None = None,
+    checkpoint: Callable[[list[dict], torch.Tensor], None] | None = None,
 ) -> list[dict]:
     """CERTIFY every image [N, C, H, W] (float, [0, 1]); one row per image with the columns of
     locuslab/smoothing's certify.py: idx, label, predict, radius, correct, time.
 
     The images are certified one after another from one seeded stream of noise, as by
     :func:`certify`, but their results are read from the device in groups (about two million
-    samples each); ``time`` is the seconds of an image's group over its size."""
+    samples each); ``time`` is the seconds of an image's group over its size.
+
+    Resuming: after each group ``checkpoint(rows, state)`` gets the rows so far and the noise
+    generator's state. Given back as ``done`` and ``state`` (with the same model, images and
+    settings), the images of ``done`` are not certified again and the others continue the same
+    stream of noise, so the rows are those of one uninterrupted call (but for ``time``)."""
     if not (sigma > 0 and n0 >= 1 and n >= 1 and 0 < alpha < 1 and batch >= 1):
         raise ValueError("certify needs sigma > 0, n0 >= 1, n >= 1, 0 < alpha < 1 and batch >= 1")
+    if (done is None) != (state is None):
+        raise ValueError("resuming needs both the rows done and the generator state after them")
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    if state is not None:
+        generator.set_state(state)
     images, labels = images.to(device), labels.tolist()
     group = max(1, _SAMPLES_PER_READ // (n0 + n))
-    rows = []
-    with tqdm(total=len(labels), desc=f"certify sigma={sigma}", disable=not progress) as bar:
-        for first in range(0, len(labels), group):
+    rows = list(done or [])
+    with tqdm(
+        total=len(labels), initial=len(rows), desc=f"certify sigma={sigma}", disable=not progress
+    ) as bar:
+        for first in range(len(rows), len(labels), group):
             t0 = time.perf_counter()
             drawn = [
                 _selection_and_count(model, x, sigma, n0, n, batch, generator)
@@ -157,6 +172,8 @@ def certify_images(
                     }
                 )
             bar.update(len(results))
+            if checkpoint is not None and len(rows) < len(labels):
+                checkpoint(rows, generator.get_state())
     return rows
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import io
 import os
 import platform
 import shutil
@@ -39,6 +41,7 @@ from momentreg.rundir import (
     CONFIG,
     METRICS,
     atomic_write,
+    certify_partial,
     certify_tsv,
     clear_run,
     read_json,
@@ -358,14 +361,30 @@ def certify_run(run: Path, model, images, labels, *, sigma: float, n0: int = 100
                 stride: int = 1, progress: bool = True) -> dict:  # fmt: skip
     """Cohen et al.'s CERTIFY for every image: certify-sigma<S>.tsv (per image, ``idx`` the index
     in the test set when ``images`` are its every ``stride``-th) and this sigma's summary in
-    certify.json; returns the summary."""
+    certify.json; returns the summary.
+
+    Until it ends, the rows so far and the noise generator's state are kept in
+    certify-sigma<S>.partial.pt after each group of images, so that a call killed halfway is
+    continued by the next one with the same model weights, images and settings, to the rows an
+    uninterrupted call gives (certify.certify_images); anything else starts over."""
     from momentreg.certify import certify_images, format_tsv, summarize
 
     if not alpha < 1:
         raise UsageError(f"--alpha must be below 1, got {alpha}")
+    partial = run / certify_partial(sigma)
+    fingerprint = _fingerprint(model, images, labels, [sigma, n0, n, alpha, batch, seed])
+    done, state = _certified_so_far(partial, fingerprint)
+    if done and progress:
+        print(f"resuming the certification at image {len(done) + 1} of {len(labels)}")
+
+    def keep(rows, generator_state):
+        buf = io.BytesIO()
+        torch.save({"fingerprint": fingerprint, "rows": rows, "state": generator_state}, buf)
+        atomic_write(partial, buf.getvalue())
+
     rows = certify_images(
         model, images, labels, sigma, n0=n0, n=n, alpha=alpha, batch=batch, seed=seed,
-        progress=progress,
+        progress=progress, done=done, state=state, checkpoint=keep,
     )  # fmt: skip
     for row in rows:  # the TSV's idx is the test-set index: images are every stride-th
         row["idx"] *= stride
@@ -375,4 +394,27 @@ def certify_run(run: Path, model, images, labels, *, sigma: float, n0: int = 100
     settings = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "stride": stride}
     results[f"{sigma:g}"] = {**summarize(rows), **settings}
     write_json(path, results)
+    partial.unlink(missing_ok=True)
     return results[f"{sigma:g}"]
+
+
+def _fingerprint(model, images, labels, settings: list) -> str:
+    """A digest of the model's weights, the images, their labels and ``settings``."""
+    digest = hashlib.sha256(repr(settings).encode())
+    for t in (*model.state_dict().values(), images, labels):
+        digest.update(t.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _certified_so_far(partial: Path, fingerprint: str) -> tuple[list[dict] | None, object]:
+    """(rows, generator state) of an interrupted certification of the same ``fingerprint``, else
+    (None, None): a file of another model, images or settings, or one that cannot be read."""
+    if not partial.exists():
+        return None, None
+    try:
+        kept = torch.load(partial, map_location="cpu", weights_only=True)
+    except Exception:  # torn or not ours: certify from the start
+        return None, None
+    if not isinstance(kept, dict) or kept.get("fingerprint") != fingerprint:
+        return None, None
+    return kept["rows"], kept["state"]

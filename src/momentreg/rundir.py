@@ -2,9 +2,9 @@
 
 A run directory (``momentreg train --out``) holds config.json, checkpoint.pt, history.csv,
 metrics.json and, with --tensorboard, tensorboard/; ``evaluate --attacks`` adds attacks.json,
-``evaluate --certify`` certify.json and certify-sigma<S>.tsv, ``momentreg tightness``
-tightness.json. ``clear_run`` removes all of them, so nothing of an old model outlives
-``train --force``.
+``evaluate --certify`` certify.json and certify-sigma<S>.tsv (and, until it ends,
+certify-sigma<S>.partial.pt), ``momentreg tightness`` tightness.json. ``clear_run`` removes all of
+them, so nothing of an old model outlives ``train --force``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ __all__ = [
     "read_run",
     "clear_run",
     "certify_tsv",
+    "certify_partial",
     "RUN_FILES",
 ]
 
@@ -40,6 +41,7 @@ RUN_FILES = (CONFIG, CHECKPOINT, HISTORY, METRICS, ATTACKS_FILE, CERTIFY_FILE, T
 
 
 CERTIFY_TSVS = "certify-sigma*.tsv"  # a glob: one file per smoothing sigma
+CERTIFY_PARTS = "certify-sigma*.partial.pt"  # an interrupted certification's rows and noise state
 
 
 def certify_tsv(sigma: float) -> str:
@@ -47,11 +49,16 @@ def certify_tsv(sigma: float) -> str:
     return f"certify-sigma{sigma:g}.tsv"
 
 
+def certify_partial(sigma: float) -> str:
+    """Where a certification at ``sigma`` keeps its progress until it ends (run.certify_run)."""
+    return f"certify-sigma{sigma:g}.partial.pt"
+
+
 def clear_run(run: Path) -> None:
     """Remove what training and evaluations wrote into ``run`` (and nothing else of the folder)."""
     for name in RUN_FILES:
         (run / name).unlink(missing_ok=True)
-    for tsv in run.glob(CERTIFY_TSVS):
+    for tsv in [*run.glob(CERTIFY_TSVS), *run.glob(CERTIFY_PARTS)]:
         tsv.unlink()
     shutil.rmtree(run / "tensorboard", ignore_errors=True)
 
