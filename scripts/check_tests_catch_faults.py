@@ -60,6 +60,18 @@ MUTATIONS = {
         "    out.mkdir(parents=True, exist_ok=True)\n" + LOAD,
         RELIABILITY + "test_random_train_command_lines_exit_0_or_2_and_leave_no_partial_run",
     ),
+    "certification not continued": (
+        "src/momentreg/certify.py",
+        "        generator.set_state(state)",
+        "        pass",
+        "tests/test_certify.py::test_a_certification_killed_halfway_continues_to_the_uninterrupted_rows",
+    ),
+    "partial of other weights continued": (
+        "src/momentreg/run.py",
+        'kept.get("fingerprint") != fingerprint:',
+        "False:",
+        "tests/test_certify.py::test_an_interrupted_certification_of_other_weights_starts_over",
+    ),
     "ValueError not caught": (
         "src/momentreg/cli.py",
         "    except (MomentregError, ValueError) as e:",
