@@ -365,14 +365,17 @@ def certify_run(run: Path, model, images, labels, *, sigma: float, n0: int = 100
 
     Until it ends, the rows so far and the noise generator's state are kept in
     certify-sigma<S>.partial.pt after each group of images, so that a call killed halfway is
-    continued by the next one with the same model weights, images and settings, to the rows an
-    uninterrupted call gives (certify.certify_images); anything else starts over."""
+    continued by the next one with the same model weights, images, settings, kind of device and
+    torch version, to the rows an uninterrupted call gives (certify.certify_images); anything
+    else starts over."""
     from momentreg.certify import certify_images, format_tsv, summarize
 
     if not alpha < 1:
         raise UsageError(f"--alpha must be below 1, got {alpha}")
     partial = run / certify_partial(sigma)
-    fingerprint = _fingerprint(model, images, labels, [sigma, n0, n, alpha, batch, seed])
+    device = next(model.parameters()).device.type  # the generator's state is of its device
+    drawn_with = [sigma, n0, n, alpha, batch, seed, device, torch.__version__]
+    fingerprint = _fingerprint(model, images, labels, drawn_with)
     done, state = _certified_so_far(partial, fingerprint)
     if done and progress:
         print(f"resuming the certification at image {len(done) + 1} of {len(labels)}")
