@@ -10,6 +10,7 @@ from certified_results import (
     batches,
     left_out_runs,
     load_rows,
+    methods_option,
     missing_runs,
     row_order,
     uncertified_runs,
@@ -271,7 +272,7 @@ def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images
         ]
         runs = len([c for c in configs if not made.get(c["method"])])
         commands = (results / "command.txt").read_text().splitlines()
-        calls = len([line for line in commands if "--methods" not in line.split()])
+        calls = len([line for line in commands if methods_option(line) is None])
         noise_only = [
             s for s in sigmas if {r["method"] for r in rows if r["sigma"] == s} == {"noise"}
         ]

@@ -65,15 +65,25 @@ def budget(config: dict, unit: str) -> float:
     return config["time_budget"] if unit == "s" else config["epochs"]
 
 
+def methods_option(command: str) -> str | None:
+    """The ``--methods`` value of a study command line (a partial rerun), or None."""
+    words = command.split()
+    for i, word in enumerate(words):
+        if word.startswith("--methods="):
+            return word.split("=", 1)[1]
+        if word == "--methods" and i + 1 < len(words):
+            return words[i + 1]
+    return None
+
+
 def batches(results: Path) -> dict[str, str]:
     """method -> the batch that made its runs: the ``--methods`` value of the last command in
     results/command.txt that names the method (a partial rerun), or "" (the full study's
     commands made it)."""
     made, commands = {}, results / "command.txt"
     for line in commands.read_text().splitlines() if commands.exists() else []:
-        words = line.split()
-        if "--methods" in words:
-            value = words[words.index("--methods") + 1]
+        value = methods_option(line)
+        if value:
             made.update(dict.fromkeys(value.split(","), value))
     return made
 

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 import certified  # noqa: E402
 from certified_page import kept_weights, later_batches  # noqa: E402
-from certified_results import load_rows, uncertified_runs  # noqa: E402
+from certified_results import load_rows, methods_option, uncertified_runs  # noqa: E402
 from certified_study import STUDIES  # noqa: E402
 from certified_verdict import anchor_check, goal_pairs  # noqa: E402
 from study import export  # noqa: E402
@@ -203,6 +203,7 @@ def test_a_partial_rerun_replaces_the_runs_of_its_cells_and_keeps_the_others(tmp
     rows = {r["method"]: r for r in load_rows(results / "mnist", "epochs")}
     assert rows["noise"]["batch"] == rows["macer"]["batch"] == "noise,macer"
     assert rows["consistency"]["batch"] == ""
+    assert methods_option(again.replace("--methods ", "--methods=")) == "noise,macer"
     assert rows["macer"]["step_cost"] == pytest.approx(8.0)  # against the noise run beside it
     assert rows["consistency"]["step_cost"] is None  # its noise run was replaced
     configs = [{"method": m} for m in ("noise", "macer", "consistency")]
