@@ -34,6 +34,7 @@ from study import fmt, provenance
 
 from momentreg.plots import plt
 from momentreg.rundir import CERTIFY_FILE, CONFIG, METRICS, TIGHTNESS_FILE, read_json
+from momentreg.sweep import load_spec
 from momentreg.tables import markdown_table
 
 
@@ -170,10 +171,13 @@ def diverged_lines(rows: list[dict], unit: str) -> list[str]:
     ]
 
 
-def kept_weights(rows: list[dict], waiting: list[dict], unit: str) -> list[str]:
+def kept_weights(
+    rows: list[dict], waiting: list[dict], unit: str, spec_keep: str = "best"
+) -> list[str]:
     """Which epoch's weights each run (certified ``rows``, then the uncertified ``waiting``) ends
     with, against the anchors' last epoch, and the runs whose weights never trained with their
-    regularizer (kept from before ``alpha_delay`` ended, or trained no longer than it)."""
+    regularizer (kept from before ``alpha_delay`` ended, or trained no longer than it); what the
+    study's spec, which keeps ``spec_keep`` weights, does about them."""
     runs = sorted(rows, key=row_order) + waiting
     keeps = sorted({r["keep"] for r in runs})
     before = [r for r in runs if r["kept_epoch"] < r["epochs"]]
@@ -196,6 +200,7 @@ def kept_weights(rows: list[dict], waiting: list[dict], unit: str) -> list[str]:
     ]
     if early:
         chosen = any(r["kept_epoch"] < r["epochs"] for r in early)
+        again = ",".join(dict.fromkeys(r["method"] for r in early))
         lines += [
             "",
             "These keep an epoch from before their regularizer was switched on (after "
@@ -208,8 +213,14 @@ def kept_weights(rows: list[dict], waiting: list[dict], unit: str) -> list[str]:
             + "."
             + (
                 " A clean validation loss cannot choose the weights of a method that trades "
-                "clean loss for radius: the next run of this study should keep the last epoch "
-                "(`--set keep=last`)."
+                "clean loss for radius: "
+                + (
+                    'the spec keeps the last epoch now (`keep = "last"`), and '
+                    f"`--methods {again}` trains these runs again with it."
+                    if spec_keep == "last"
+                    else "the next run of this study should keep the last epoch "
+                    "(`--set keep=last`)."
+                )
                 if chosen
                 else ""
             ),
@@ -390,7 +401,9 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
         "",
     ]
     if study.anchor_check:
-        md += ["## Which weights were certified", "", *kept_weights(rows, waiting, unit), ""]
+        spec_keep = load_spec(str(study.spec)).get("keep", "best")
+        md += ["## Which weights were certified", "", *kept_weights(rows, waiting, unit, spec_keep)]
+        md += [""]
     else:
         md += [
             "Ours are far below the anchors: seconds of CPU training against 90 epochs, on "

@@ -95,6 +95,8 @@ def test_runs_that_keep_weights_from_before_their_regularizer_are_named(tmp_path
     assert "macer at sigma 0.5 (epoch 25 of 90; regularizer from epoch 32)" in text
     assert "should keep the last epoch" in text
     assert "noise at sigma 0.5 (epoch" not in text  # no regularizer to miss
+    text = "\n".join(kept_weights(rows, waiting, "epochs", spec_keep="last"))
+    assert "the spec keeps the last epoch now" in text and "`--methods macer` trains" in text
 
 
 def test_a_run_that_keeps_its_last_epoch_is_not_flagged(tmp_path):
