@@ -297,11 +297,19 @@ def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images
                 if noise_only
                 else ""
             ),
-            f"- The {runs} runs trained at once, each its own process on one GPU, beside the "
-            "certification of the runs done before them"
+            (
+                f"- The {runs} runs trained at once"
+                if not made
+                else f"- The first calls' {runs} runs here trained at once with the earlier runs "
+                f"of {', '.join(sorted(set(made)))}"
+            )
+            + ", each its own process on one GPU, beside the certification of the runs done "
+            "before them"
             + (
-                f", over {calls} calls of the command above, each resuming the runs the one "
-                "before left at its deadline (from their last epoch's checkpoints)"
+                f", over {calls} calls of the command above"
+                + (" (the lines without `--methods`)" if made else "")
+                + ", each resuming the runs the one before left at its deadline (from their last "
+                "epoch's checkpoints)"
                 if calls > 1
                 else ""
             )
