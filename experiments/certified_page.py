@@ -201,6 +201,12 @@ def kept_weights(
     if early:
         chosen = any(r["kept_epoch"] < r["epochs"] for r in early)
         again = ",".join(dict.fromkeys(r["method"] for r in early))
+        advice = (
+            f'the spec keeps the last epoch now (`keep = "last"`), and `--methods {again}` '
+            "trains these runs again with it."
+            if spec_keep == "last"
+            else "the next run of this study should keep the last epoch (`--set keep=last`)."
+        )
         lines += [
             "",
             "These keep an epoch from before their regularizer was switched on (after "
@@ -213,14 +219,7 @@ def kept_weights(
             + "."
             + (
                 " A clean validation loss cannot choose the weights of a method that trades "
-                "clean loss for radius: "
-                + (
-                    'the spec keeps the last epoch now (`keep = "last"`), and '
-                    f"`--methods {again}` trains these runs again with it."
-                    if spec_keep == "last"
-                    else "the next run of this study should keep the last epoch "
-                    "(`--set keep=last`)."
-                )
+                f"clean loss for radius: {advice}"
                 if chosen
                 else ""
             ),
@@ -284,6 +283,20 @@ def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images
         runs = len([c for c in configs if not made.get(c["method"])])
         commands = (results / "command.txt").read_text().splitlines()
         calls = len([line for line in commands if methods_option(line) is None])
+        first = (
+            f"- The {runs} runs trained at once"
+            if not made
+            else f"- The first calls' {runs} runs here trained at once with the earlier runs of "
+            + ", ".join(sorted(made))
+        )
+        resumed = (
+            f", over {calls} calls of the command above"
+            + (" (the lines without `--methods`)" if made else "")
+            + ", each resuming the runs the one before left at its deadline (from their last "
+            "epoch's checkpoints)"
+            if calls > 1
+            else ""
+        )
         noise_only = [
             s for s in sigmas if {r["method"] for r in rows if r["sigma"] == s} == {"noise"}
         ]
@@ -297,24 +310,9 @@ def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images
                 if noise_only
                 else ""
             ),
-            (
-                f"- The {runs} runs trained at once"
-                if not made
-                else f"- The first calls' {runs} runs here trained at once with the earlier runs "
-                f"of {', '.join(sorted(set(made)))}"
-            )
-            + ", each its own process on one GPU, beside the certification of the runs done "
-            "before them"
-            + (
-                f", over {calls} calls of the command above"
-                + (" (the lines without `--methods`)" if made else "")
-                + ", each resuming the runs the one before left at its deadline (from their last "
-                "epoch's checkpoints)"
-                if calls > 1
-                else ""
-            )
-            + ": a run's step seconds depend on what ran beside it, so the seconds below are "
-            "rough and the passes per image are the cost to compare.",
+            f"{first}, each its own process on one GPU, beside the certification of the runs "
+            f"done before them{resumed}: a run's step seconds depend on what ran beside it, so the "
+            "seconds below are rough and the passes per image are the cost to compare.",
             *later_batches(rows, configs, made),
         ]
         delay = "their first 31 epochs"

@@ -134,11 +134,16 @@ def record_environment(runs: Path, command: str) -> None:
     """Where and how the runs are made: exported beside their metrics. A command that resumes
     the runs with other options is added as a line of its own to command.txt."""
     runs.mkdir(parents=True, exist_ok=True)
-    path = runs / "command.txt"
-    before = path.read_text().splitlines() if path.exists() else []
-    if command not in before:
-        path.write_text("".join(line + "\n" for line in [*before, command]))
+    add_commands(runs / "command.txt", [command])
     write_json(runs / "environment.json", environment())
+
+
+def add_commands(path: Path, commands: list[str]) -> None:
+    """Append to the command.txt at ``path`` each of ``commands`` it does not hold yet."""
+    before = path.read_text().splitlines() if path.exists() else []
+    new = [c for c in dict.fromkeys(commands) if c not in before]
+    if new:
+        path.write_text("".join(line + "\n" for line in [*before, *new]))
 
 
 def cell(run: str) -> str:
@@ -185,10 +190,7 @@ def export(runs: Path, results: Path, tasks) -> None:
                     shutil.copy2(path, dest / path.name)
     results.mkdir(parents=True, exist_ok=True)
     if kept_before and (results / "environment.json").exists():  # a partial rerun: add to it
-        commands = results / "command.txt"
-        before = commands.read_text().splitlines()
-        new = [c for c in (runs / "command.txt").read_text().splitlines() if c not in before]
-        commands.write_text("".join(line + "\n" for line in [*before, *new]))
+        add_commands(results / "command.txt", (runs / "command.txt").read_text().splitlines())
     else:
         for name in ("command.txt", "environment.json"):
             shutil.copy2(runs / name, results / name)

@@ -210,7 +210,7 @@ def environment(device: torch.device | str | None = None) -> dict:
         "date": datetime.date.today().isoformat(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(device if device is not None else None) if cuda else None,
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
     }

@@ -58,8 +58,8 @@ def clear_run(run: Path) -> None:
     """Remove what training and evaluations wrote into ``run`` (and nothing else of the folder)."""
     for name in RUN_FILES:
         (run / name).unlink(missing_ok=True)
-    for tsv in [*run.glob(CERTIFY_TSVS), *run.glob(CERTIFY_PARTS)]:
-        tsv.unlink()
+    for path in [*run.glob(CERTIFY_TSVS), *run.glob(CERTIFY_PARTS)]:
+        path.unlink()
     shutil.rmtree(run / "tensorboard", ignore_errors=True)
 
 
