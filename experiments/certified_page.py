@@ -318,6 +318,12 @@ def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images
         delay = "their first 31 epochs"
         seconds = "*Step seconds* against noise training's at the same sigma, as measured."
         kept = "Which epoch's weights each run keeps: the section on them below."
+    macer_copies = (
+        ", and so does the NLL of `macer-analytic (1 noisy copy)`, with the analytic mean in its "
+        "hinge only"
+        if any(r["label"] == "macer-analytic (1 noisy copy)" for r in rows)
+        else ""
+    )
     return [
         *trained,
         f"- CERTIFY (Cohen et al.) at the training sigma on {images} test images (every "
@@ -336,7 +342,7 @@ def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images
         "with the regularizer off (the authors defer it for 31 of 90 epochs). The "
         "analytic variants replace the Monte Carlo mean by the analytic expectation (first-layer "
         "moments, or all layers with a pairwise-probit E[softmax]); consistency-analytic keeps one "
-        "noisy copy. `moment` is the paper's regularizer.",
+        f"noisy copy{macer_copies}. `moment` is the paper's regularizer.",
     ]
 
 

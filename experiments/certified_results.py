@@ -35,8 +35,13 @@ def certified(tsv: list[dict]) -> dict:
 
 
 def label(config: dict) -> str:
-    depth = " (all layers)" if config.get("moment_depth") == "all" else ""
-    return config["method"] + depth
+    """The method, and how its analytic expectation is made where that is not the default:
+    "macer-analytic (all layers)", "macer-analytic (1 noisy copy)"."""
+    notes = ["all layers"] if config.get("moment_depth") == "all" else []
+    copies = config.get("samples", 0)
+    if config["method"] == "macer-analytic" and copies:
+        notes.append(f"{copies} noisy {'copy' if copies == 1 else 'copies'}")
+    return config["method"] + (f" ({', '.join(notes)})" if notes else "")
 
 
 def val_losses(run: Path) -> list[float]:

@@ -128,6 +128,46 @@ def test_macer_loss_matches_a_direct_computation_of_its_hinge():
     assert loss.item() == pytest.approx(total / len(x), rel=1e-6)
 
 
+@pytest.mark.parametrize("copies", [1, 3])
+def test_macer_analytic_with_noisy_copies_hinges_on_the_analytic_mean(copies):
+    """Its NLL is sampled MACER's on the same noisy copies; its hinge is on
+    softmax(beta * tail(E[relu(head(x + n))])) instead of the copies' mean."""
+    net, (x, y) = _net(), _batch()
+    y[:2] = expected_logits(net, x, SIGMA)[:2].argmax(1)  # two rows the hinge counts, one not
+    beta, gamma, lbd = 2.0, 8.0, 3.0
+    noise = _draws(x, copies, 5)
+    loss, logits = sl.macer_loss(
+        net, x, y, SIGMA, lbd, torch.Generator().manual_seed(5), copies=copies, beta=beta,
+        gamma=gamma, analytic=True,
+    )  # fmt: skip
+    expected = expected_logits(net, x, SIGMA).tolist()  # first-layer moments
+    ndtri = torch.distributions.Normal(0.0, 1.0).icdf
+    total, hinged = 0.0, 0
+    for b in range(len(x)):
+        rows = [_row(net, x[b] + SIGMA * noise[i * len(x) + b]) for i in range(copies)]
+        g = [sum(_softmax(r)[k] for r in rows) / copies for k in range(4)]
+        g_beta = _softmax([beta * v for v in expected[b]])
+        total -= math.log(g[y[b]] + 1e-10)
+        order = sorted(range(4), key=lambda k: -g_beta[k])
+        if order[0] == y[b]:
+            gap = float(
+                ndtri(torch.tensor(g_beta[order[0]])) - ndtri(torch.tensor(g_beta[order[1]]))
+            )
+            if gap <= gamma:
+                total += lbd * SIGMA / 2 * (gamma - gap)
+                hinged += 1
+    assert hinged == 2  # the case exercises the hinge
+    assert loss.item() == pytest.approx(total / len(x), rel=1e-6)
+    first_copy = [v for b in range(3) for v in _row(net, x[b] + SIGMA * noise[b])]
+    assert logits.flatten().tolist() == pytest.approx(first_copy)  # accuracy reads a noisy copy
+
+
+def test_sampled_macer_without_a_copy_is_a_clear_error():
+    net, (x, y) = _net(), _batch()
+    with pytest.raises(ValueError, match="copies >= 1"):
+        sl.macer_loss(net, x, y, SIGMA, 1.0, torch.Generator(), copies=0)
+
+
 def test_macer_hinge_leaves_out_rows_with_zero_and_finite_gradients():
     """Rows whose top class is wrong, whose gap is infinite (g1 = 1) or over gamma add nothing,
     and their gradient is 0, not NaN; the others add gamma - (Phi^-1(g1) - Phi^-1(g2))."""

@@ -127,7 +127,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--samples",
         type=nonneg_int,
-        help="consistency, macer: noisy copies per image (default 2 and 16, the authors')",
+        help="consistency, macer: noisy copies per image (default 2 and 16, the authors'); "
+        "macer-analytic: noisy copies for its NLL term (default 0: none)",
     )
     p.add_argument("--eta", type=nonneg_float, help="consistency: entropy weight (default 0.5)")
     p.add_argument("--macer-beta", type=pos_float, help="macer: inverse temperature (default 16)")

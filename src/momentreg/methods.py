@@ -63,7 +63,7 @@ def _smoothing(name: str, analytic: bool):
         if name == "consistency":
             kwargs.update(copies=cfg.samples or 2, eta=cfg.eta)
         elif name == "macer":
-            kwargs.update(copies=cfg.samples or 16, beta=cfg.macer_beta, gamma=cfg.macer_gamma)
+            kwargs.update(copies=cfg.samples or None, beta=cfg.macer_beta, gamma=cfg.macer_gamma)
         return fn(model, x, y, cfg.sigma, cfg.alpha, gen, **kwargs)
 
     loss.__name__ = f"{name}{'_analytic' if analytic else ''}_loss"

@@ -11,7 +11,8 @@ Sampled (n_i ~ N(0, sigma^2 I) fresh for every image and step; p = softmax):
   max(0, gamma - (Phi^-1(g1) - Phi^-1(g2))) over the images the soft classifier gets right, with
   g1 >= g2 the top two entries of mean_i softmax(beta * f(x + n_i)).
 
-Analytic (``*-analytic``): pbar, ghat and the noisy softmax are replaced by ``analytic_probs``,
+Analytic (``*-analytic``): pbar, ghat and the noisy softmax are replaced by ``analytic_probs``
+(MACER with ``copies`` >= 1: only its hinge's; its NLL keeps those noisy copies),
 an approximation of E[softmax(beta * f(x + n))]: with moments through the first layer (the paper's
 split, ``depth="first"``) it is softmax(beta * tail(E[relu(head(x + n))])); with moments through
 every layer (``depth="all"``) it is ``expected_softmax`` of the logits' mean and variance (a
@@ -181,7 +182,7 @@ def macer_loss(
     lbd,
     gen,
     *,
-    copies=16,
+    copies=None,
     beta=16.0,
     gamma=8.0,
     analytic=False,
@@ -189,12 +190,19 @@ def macer_loss(
     split=None,
 ):
     """NLL(log ghat, y) + lambda * sigma / 2 * hinge, averaged over the batch (MACER's loss);
-    ghat is the mean softmax over ``copies`` noisy copies, or ``analytic_probs``. ``sigma`` is
-    a number: the hinge's radius is in its units."""
+    ghat is the mean softmax over ``copies`` noisy copies (default 16). Analytic: the hinge's
+    soft smoothed classifier is ``analytic_probs``, and so is ghat with ``copies`` 0, the
+    default, when no noisy image is seen; with copies >= 1 the NLL trains on those noisy copies,
+    as consistency-analytic's CE on its one. ``sigma`` is a number: the hinge's radius is in its
+    units."""
     sigma = checked_sigma(sigma)
     if not isinstance(sigma, float):
         raise ValueError("macer_loss needs sigma as a number (its radius is in units of sigma)")
-    if analytic:
+    if copies is None:
+        copies = 0 if analytic else 16
+    if copies < (0 if analytic else 1):
+        raise ValueError(f"macer_loss needs copies >= {0 if analytic else 1}, got {copies}")
+    if analytic and not copies:
         moments = analytic_logits(model, x, sigma, split, depth)  # one pass for both betas
         g = softmax_of(*moments)
         g_beta = softmax_of(*moments, beta) if lbd else None
@@ -202,8 +210,13 @@ def macer_loss(
     else:
         out = model(_noisy(x, sigma, copies, gen)).view(copies, len(x), -1)
         g = out.softmax(2).mean(0)
-        g_beta = (beta * out).softmax(2).mean(0) if lbd else None
         logits = out[0]
+        if not lbd:
+            g_beta = None
+        elif analytic:
+            g_beta = analytic_probs(model, x, sigma, split, depth=depth, beta=beta)
+        else:
+            g_beta = (beta * out).softmax(2).mean(0)
     nll = F.nll_loss((g + 1e-10).log(), y, reduction="sum")  # as the authors' code
     hinge = _macer_hinge(g_beta, y, gamma) * sigma / 2 if lbd else torch.zeros((), device=x.device)
     return (nll + lbd * hinge) / len(x), logits

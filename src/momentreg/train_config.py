@@ -26,7 +26,8 @@ class TrainConfig:
     moment_depth: str = "first"  # moment: "first" (the paper) or "all" layers
     moment_loss: str = "mean"  # moment: "mean" or "expected-ce" (needs moment_depth="all")
     moment_noise: bool = False  # moment: the first term sees a freshly noised batch (hybrid)
-    samples: int = 0  # consistency, macer: noisy copies per image (0: theirs, 2 and 16)
+    samples: int = 0  # consistency, macer: noisy copies per image (0: theirs, 2 and 16;
+    # macer-analytic: copies for its NLL term, 0 for none)
     eta: float = 0.5  # consistency: the weight of the mean prediction's entropy
     macer_beta: float = 16.0  # macer: the inverse temperature of the soft smoothed classifier
     macer_gamma: float = 8.0  # macer: the hinge's margin
