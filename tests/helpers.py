@@ -184,9 +184,10 @@ def tiny_net() -> nn.Sequential:
     )
 
 
-def step_cases() -> list[tuple[str, str]]:
-    """(method, moment depth): every training method at the paper's depth, and the methods with
-    an analytic expectation at depth "all" too."""
+def step_cases() -> list[tuple[str, str, int]]:
+    """(method, moment depth, samples): every training method at the paper's depth, the methods
+    with an analytic expectation at depth "all" too, and macer-analytic with a noisy copy."""
     from momentreg.methods import ANALYTIC, LOSSES
 
-    return [(m, "first") for m in LOSSES] + [(m, "all") for m in ANALYTIC]
+    cases = [(m, "first") for m in LOSSES] + [(m, "all") for m in ANALYTIC]
+    return [(m, depth, 0) for m, depth in cases] + [("macer-analytic", "first", 1)]

@@ -15,7 +15,7 @@ import certified  # noqa: E402
 from certified_page import _setting, kept_weights, later_batches  # noqa: E402
 from certified_results import load_rows, methods_option, uncertified_runs  # noqa: E402
 from certified_study import STUDIES  # noqa: E402
-from certified_verdict import anchor_check, goal_pairs  # noqa: E402
+from certified_verdict import anchor_check, goal_pairs, over_a_quarter  # noqa: E402
 from study import export  # noqa: E402
 
 from momentreg.sweep import expand, load_spec  # noqa: E402
@@ -56,6 +56,11 @@ def test_macer_analytic_meets_macer_only_at_a_quarter_of_its_compute_or_less():
     # the study of seconds: MACER at 4x the analytic run's budget
     runs = [{**macer, "budget": 240}, {**cheap, "budget": 60}, {**cheap, "budget": 15}]
     assert [a["budget"] for _, a, _ in goal_pairs(runs, "s", 4)] == [60]
+    # a run left out for its compute is named, with its share of MACER's
+    (line,) = over_a_quarter([macer, cheap, dear], "epochs", 1)
+    assert "macer-analytic (all layers) at 90 epochs is not compared" in line
+    assert "0.31x MACER's" in line
+    assert over_a_quarter(runs, "s", 4) == []
 
 
 @pytest.mark.parametrize(
@@ -228,14 +233,15 @@ def test_a_partial_rerun_replaces_the_runs_of_its_cells_and_keeps_the_others(tmp
     assert json.loads((results / "environment.json").read_text())["date"] == "2026-12-01"
 
 
-def test_the_gpu_rerun_of_the_macer_comparison_is_seven_runs_keeping_their_last_epoch():
+def test_the_gpu_rerun_of_the_macer_comparison_is_nine_runs_keeping_their_last_epoch():
     spec = load_spec(str(STUDIES["gpu"].spec))
     runs = expand(certified.chosen(spec, ["macer", "macer-analytic", "noise"]))
-    assert sorted((r["method"], r["sigma"]) for r in runs) == [
-        ("macer", 0.5), ("macer", 1.0), ("macer-analytic", 0.5), ("macer-analytic", 1.0),
-        ("noise", 0.25), ("noise", 0.5), ("noise", 1.0),
+    assert sorted((r["method"], r["sigma"], r.get("samples", 0)) for r in runs) == [
+        ("macer", 0.5, 0), ("macer", 1.0, 0), ("macer-analytic", 0.5, 0),
+        ("macer-analytic", 0.5, 1), ("macer-analytic", 1.0, 0), ("macer-analytic", 1.0, 1),
+        ("noise", 0.25, 0), ("noise", 0.5, 0), ("noise", 1.0, 0),
     ]  # fmt: skip
-    assert {r["keep"] for r in runs} == {"last"} and len(expand(spec)) == 15
+    assert {r["keep"] for r in runs} == {"last"} and len(expand(spec)) == 17
 
 
 def test_an_unknown_method_is_a_usage_error(tmp_path):

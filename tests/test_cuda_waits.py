@@ -38,10 +38,12 @@ def _net():
     return tiny_net().to(CUDA)
 
 
-@pytest.mark.parametrize("method, depth", step_cases())
-def test_a_cuda_training_step_synchronizes_once(method, depth):
+@pytest.mark.parametrize("method, depth, samples", step_cases())
+def test_a_cuda_training_step_synchronizes_once(method, depth, samples):
     net = _net()
-    cfg = TrainConfig(method=method, sigma=0.5, alpha=1.0, moment_depth=depth, folds=2)
+    cfg = TrainConfig(
+        method=method, sigma=0.5, alpha=1.0, moment_depth=depth, folds=2, samples=samples
+    )
     state = TrainState.start(net, cfg, CUDA)
     split = check_regularizable(net, depth) if method in ANALYTIC else None
     x = torch.rand(8, 1, 28, 28, device=CUDA)

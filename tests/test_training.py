@@ -48,13 +48,15 @@ def test_every_method_trains_and_is_deterministic(method):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-@pytest.mark.parametrize("method, depth", step_cases())
-def test_a_training_step_waits_for_the_device_once(method, depth):
+@pytest.mark.parametrize("method, depth, samples", step_cases())
+def test_a_training_step_waits_for_the_device_once(method, depth, samples):
     """The loss read back (the non-finite check) is a step's one host-device sync: on a GPU
     shared by many runs every further one costs a round of the other runs' work."""
     torch.manual_seed(0)
     net = tiny_net()
-    cfg = TrainConfig(method=method, sigma=0.5, alpha=1.0, moment_depth=depth, folds=2)
+    cfg = TrainConfig(
+        method=method, sigma=0.5, alpha=1.0, moment_depth=depth, folds=2, samples=samples
+    )
     state = TrainState.start(net, cfg, torch.device("cpu"))
     split = check_regularizable(net, depth) if method in ANALYTIC else None
     x, y = torch.rand(8, 1, 28, 28), torch.arange(8) % 10
