@@ -86,6 +86,7 @@ def test_non_empty_out_needs_resume_or_force(run_dir):
         (["--alpha-delay-budget", "0.3"], "set time-budget"),
         (["--alpha-delay-budget", "1", "--time-budget", "5"], "invalid alpha-delay-budget"),
         (["--lr-step-budget", "1.5", "--time-budget", "5"], "invalid lr-step-budget"),
+        (["--method", "consistency-analytic", "--samples", "3"], "has none to set"),
     ],
 )
 def test_invalid_arguments_exit_2_with_one_line(tmp_path, args, message, capsys):

@@ -58,6 +58,15 @@ def test_the_moment_step_costs_the_variance_and_a_second_tail_pass():
     assert passes_per_image(_net(), x, y, cfg) == pytest.approx(expected / _clean_flops(B))
 
 
+def test_macer_analytic_with_a_noisy_copy_costs_a_pass_and_the_analytic_one():
+    """A full pass on the noisy copy (its NLL), and for the hinge the head on the images and on
+    the variance, then the tail on the expected activations."""
+    x, y = _batch()
+    cfg = TrainConfig(method="macer-analytic", sigma=0.5, alpha=2.0, samples=1)
+    expected = _clean_flops(B) + 4 * B * D * H + 4 * D * H + 6 * B * H * K
+    assert step_flops(_net(), x, y, cfg) == expected
+
+
 def test_counting_changes_neither_the_model_nor_the_random_streams():
     net, (x, y) = _net(), _batch()
     before = {k: v.clone() for k, v in net.state_dict().items()}

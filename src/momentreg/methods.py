@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from momentreg import smoothing_losses
 from momentreg.regularizer import moment_loss
 
-__all__ = ["LOSSES", "METHODS", "ANALYTIC", "WEIGHTED", "step_loss"]
+__all__ = ["LOSSES", "METHODS", "ANALYTIC", "COPIES", "WEIGHTED", "step_loss"]
 
 
 def clean_loss(model, x, y, noisy, cfg, gen, split):
@@ -82,6 +82,7 @@ LOSSES = {
     },
 }
 ANALYTIC = ("moment", "stability-analytic", "consistency-analytic", "macer-analytic")
+COPIES = ("consistency", "macer", "macer-analytic")  # the methods whose noisy copies can be set
 WEIGHTED = tuple(m for m in LOSSES if m not in ("clean", "augment", "noise"))  # alpha matters
 METHODS = tuple(LOSSES)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from momentreg.methods import METHODS
+from momentreg.methods import COPIES, METHODS
 from momentreg.regularizer import DEPTHS, MOMENT_LOSSES
 
 __all__ = ["TrainConfig", "PROTOCOLS", "LR_SCHEDULES", "KEEP"]
@@ -94,6 +94,11 @@ class TrainConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid {bad[0].replace('_', '-')}: {getattr(self, bad[0])}")
+        if self.samples and self.method not in COPIES:
+            raise ValueError(
+                f"samples sets the noisy copies of {', '.join(COPIES)}; {self.method} has none "
+                "to set"
+            )
         if (self.alpha_delay_budget or self.lr_schedule == "budget-step") and not self.time_budget:
             raise ValueError(
                 "alpha-delay-budget and the budget-step schedule are shares of the time budget: "
