@@ -82,3 +82,68 @@ def test_heap_trace_records_both_allocators(tmp_path):
     for run in ("glibc_defaults", "freed_memory_kept"):
         assert len(data[run]["rss_mib_every_10_steps"]) == 1
         assert data[run]["peak_mib"] >= data[run]["rss_mib_every_10_steps"][0]
+
+
+SMOOTHING_START = (
+    "<!-- smoothing: python -m benchmarks.smoothing --markdown benchmarks/smoothing.json -->"
+)
+SMOOTHING_END = "<!-- end of smoothing -->"
+
+
+@pytest.mark.slow
+def test_smoothing_benchmark_prices_every_method_against_its_flops(tmp_path):
+    out = tmp_path / "smoothing.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.smoothing", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    methods = json.loads(out.read_text())["methods"]
+    passes = {label: round(m["passes_per_image"], 1) for label, m in methods.items()}
+    assert passes["clean"] == passes["noise"] == 1.0 and passes["macer"] == 16.0
+    assert passes["consistency"] == passes["macer-analytic (1 noisy copy)"] == 2.0
+    for m in methods.values():
+        floor = m["passes_per_image"] * methods["clean"]["seconds"]
+        assert m["ratio_to_floor"] == pytest.approx(m["seconds"] / floor)
+    assert "step / floor" in result.stdout
+
+
+def test_performance_doc_embeds_the_committed_smoothing_table():
+    from benchmarks.smoothing import markdown
+
+    results = json.loads((ROOT / "benchmarks" / "smoothing.json").read_text())
+    doc = (ROOT / "docs" / "performance.md").read_text()
+    start = doc.index(SMOOTHING_START) + len(SMOOTHING_START)
+    assert doc[start : doc.index(SMOOTHING_END)].strip() == markdown(results).strip()
+
+
+def test_readme_quotes_the_committed_benchmark_runs():
+    """The README's performance paragraph is the committed results, not an older run's."""
+    r = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    smoothing = json.loads((ROOT / "benchmarks" / "smoothing.json").read_text())["methods"]
+    lenet, alexnet = r["steps"]["lenet-mnist"], r["steps"]["alexnet-cifar10"]
+    resnet = r["steps"]["resnet18-cifar10"]
+    memory = r["memory"]["lenet-mnist"]["peak_mib"]
+    first = [m["ratio_to_floor"] for m in smoothing.values() if "moment_depth" not in m["settings"]]
+    quoted = [
+        f"{lenet['ratio_to_clean']['moment']:.2f}x a clean LeNet step",
+        f"{lenet['ratio_to_clean']['moment_over_floor']:.2f}x the floor of a",
+        f"{alexnet['ratio_to_clean']['moment']:.2f}x a clean AlexNet step at batch 128 "
+        f"({alexnet['ratio_to_clean']['moment_over_floor']:.2f}x the floor)",
+        f"{resnet['ratio_to_clean']['moment']:.2f}x a clean step of ResNet-18 at batch 128 "
+        f"({resnet['ratio_to_clean']['moment_over_floor']:.2f}x the floor)",
+        f"({lenet['ratio_to_clean']['augment21']:.1f}x for N = 21)",
+        f"{r['gnr']['ratio']:.2f}x the floor of 31",
+        f"{100 * r['data_loading']['share']:.2f}% of a clean",
+        f"took {r['malloc_default']['seconds']['moment']:.3f} s instead of "
+        f"{lenet['seconds']['moment']:.3f} s, for "
+        f"+{100 * (memory['moment'] / memory['moment+glibc-malloc'] - 1):.0f}% peak memory",
+        f"{min(first):.2f}x to {max(first):.2f}x that floor",
+        f"{smoothing['macer-analytic (all layers)']['ratio_to_floor']:.2f}x for MACER",
+        f"python -m benchmarks` ({round(r['benchmark_seconds'] / 60)} min here",
+    ]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert [q for q in quoted if q not in readme] == []
