@@ -481,7 +481,7 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
     if uncertified or untrained:
         md += ["## Runs of the spec without a result", ""]
         if untrained:
-            md += ["Not trained before the deadline: " + "; ".join(untrained) + ".", ""]
+            md += ["Not trained by the commands above: " + "; ".join(untrained) + ".", ""]
         if uncertified:
             md += [
                 "Trained, not certified before the deadline: " + "; ".join(uncertified) + ".",

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 from certified_study import RADII, SAMPLED, Study
+from study import cell
 
 from momentreg.certify import certified_accuracy
 from momentreg.rundir import CONFIG, HISTORY, METRICS, certify_tsv, read_json
-from momentreg.sweep import expand, load_spec
+from momentreg.sweep import expand, load_spec, run_dir_name
 
 
 def read_tsv(path: Path) -> list[dict]:
@@ -222,13 +223,11 @@ def missing_runs(study: Study, folder: Path, waiting: list[dict]) -> tuple[list[
         f"{r['gnr']:.2f}, epoch kept {r['kept_epoch']} of {r['epochs']})"
         for r in waiting
     ]
-    trained = {
-        (c["method"], c["sigma"], c.get("moment_depth", "first"))
-        for c in (read_json(d / CONFIG) for d in folder.iterdir() if (d / METRICS).exists())
-    }
+    trained = {cell(d.name) for d in folder.iterdir() if (d / METRICS).exists()}
     untrained = [
         f"{label(c)} at sigma {c['sigma']:g}"
+        + (f", {c['time_budget']:g} s" if c.get("time_budget") else "")
         for c in expand(load_spec(str(study.spec)))
-        if (c["method"], c["sigma"], c.get("moment_depth", "first")) not in trained
+        if cell(run_dir_name(c)) not in trained
     ]
     return uncertified, untrained

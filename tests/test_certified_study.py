@@ -2,6 +2,7 @@
 to test it."""
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,12 +14,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 import certified  # noqa: E402
 from certified_page import _setting, kept_weights, later_batches  # noqa: E402
-from certified_results import load_rows, methods_option, uncertified_runs  # noqa: E402
+from certified_results import (  # noqa: E402
+    load_rows,
+    methods_option,
+    missing_runs,
+    uncertified_runs,
+)
 from certified_study import STUDIES  # noqa: E402
 from certified_verdict import anchor_check, goal_pairs, over_a_quarter  # noqa: E402
 from study import export  # noqa: E402
 
-from momentreg.sweep import expand, load_spec  # noqa: E402
+from momentreg.sweep import expand, load_spec, run_dir_name  # noqa: E402
 
 
 def row(method, sigma, acr, se=0.02, budget=90, compute=1.0, label=None):
@@ -102,6 +108,25 @@ def test_runs_that_keep_weights_from_before_their_regularizer_are_named(tmp_path
     assert "noise at sigma 0.5 (epoch" not in text  # no regularizer to miss
     text = "\n".join(kept_weights(rows, waiting, "epochs", spec_keep="last"))
     assert "the spec keeps the last epoch now" in text and "`--methods macer` trains" in text
+
+
+def test_the_runs_of_the_spec_never_trained_are_named_cell_by_cell(tmp_path):
+    """A variant added to the spec after the runs (macer-analytic with a noisy copy beside the
+    one without) is named as untrained, though a run of its method and sigma exists."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        'model = "smoothing-lenet"\ndataset = "mnist"\nsigma = 0.5\nepochs = 90\n\n'
+        '[[methods]]\nmethod = "noise"\n\n[[methods]]\nmethod = "macer-analytic"\n\n'
+        '[[methods]]\nmethod = "macer-analytic"\nsamples = 1\n'
+    )
+    study = dataclasses.replace(STUDIES["gpu"], spec=spec)
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for config in expand(load_spec(str(spec))):
+        if not config.get("samples"):  # trained elsewhere: another data_dir, same cell
+            _run(folder, run_dir_name({**config, "data_dir": "/data"}), config, kept=90)
+    untrained = ["macer-analytic (1 noisy copy) at sigma 0.5"]
+    assert missing_runs(study, folder, []) == ([], untrained)
 
 
 def test_a_run_that_keeps_its_last_epoch_is_not_flagged(tmp_path):
