@@ -319,9 +319,9 @@ def _setting(study, results: Path, rows: list[dict], sigmas: list[float], images
         seconds = "*Step seconds* against noise training's at the same sigma, as measured."
         kept = "Which epoch's weights each run keeps: the section on them below."
     macer_copies = (
-        ", and so does the NLL of `macer-analytic (1 noisy copy)`, with the analytic mean in its "
-        "hinge only"
-        if any(r["label"] == "macer-analytic (1 noisy copy)" for r in rows)
+        "; macer-analytic labelled with noisy copies trains its NLL on them and keeps the "
+        "analytic mean for its hinge"
+        if any(r["method"] == "macer-analytic" and "noisy cop" in r["label"] for r in rows)
         else ""
     )
     return [

@@ -191,10 +191,10 @@ def macer_loss(
 ):
     """NLL(log ghat, y) + lambda * sigma / 2 * hinge, averaged over the batch (MACER's loss);
     ghat is the mean softmax over ``copies`` noisy copies (default 16). Analytic: the hinge's
-    soft smoothed classifier is ``analytic_probs``, and so is ghat with ``copies`` 0, the
-    default, when no noisy image is seen; with copies >= 1 the NLL trains on those noisy copies,
-    as consistency-analytic's CE on its one. ``sigma`` is a number: the hinge's radius is in its
-    units."""
+    soft smoothed classifier is ``analytic_probs``. With ``copies`` 0 (the default) so is ghat,
+    and no noisy image is seen; with copies >= 1 the NLL keeps the sampled ghat of those copies,
+    as consistency-analytic keeps the CE of its one noisy copy. ``sigma`` is a number: the
+    hinge's radius is in its units."""
     sigma = checked_sigma(sigma)
     if not isinstance(sigma, float):
         raise ValueError("macer_loss needs sigma as a number (its radius is in units of sigma)")
