@@ -38,6 +38,8 @@ def goal_pairs(rows: list[dict], unit: str, macer_factor: int) -> list[tuple[str
             if analytic:
                 best = max(analytic, key=lambda r: r["acr"])
                 what = f"sigma {sigma:g}, {cons['budget']:g} {unit}, against consistency"
+                if len(analytic) > 1:  # the best of several: say how many were tried
+                    what += f" (the best of {len(analytic)} analytic runs)"
                 pairs.append((what, best, cons))
         for macer, r in _against_macer(at_sigma, macer_factor):
             if r["compute"] <= macer["compute"] / 4:

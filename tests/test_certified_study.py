@@ -51,6 +51,7 @@ def test_consistency_is_set_against_the_best_analytic_variant_at_its_budget():
     assert [(a["method"], a["acr"], b["method"]) for _, a, b in pairs] == [
         ("stability-analytic", 1.65, "consistency")
     ]
+    assert pairs[0][0] == "sigma 1, 90 epochs, against consistency (the best of 2 analytic runs)"
 
 
 def test_macer_analytic_meets_macer_only_at_a_quarter_of_its_compute_or_less():
