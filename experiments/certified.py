@@ -26,8 +26,8 @@ cells (method, sigma, weight, budget) and keeps the others, and the page says wh
 which runs.
 
 This file runs the stages; what the study is lives in certified_study.py, the exported runs as
-rows in certified_results.py, the verdict in certified_verdict.py and the page in
-certified_page.py.
+rows in certified_results.py, the verdict in certified_verdict.py, the page's setting bullets in
+certified_setting.py and the page in certified_page.py.
 """
 
 from __future__ import annotations

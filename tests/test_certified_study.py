@@ -13,13 +13,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 import certified  # noqa: E402
-from certified_page import _setting, kept_weights, later_batches  # noqa: E402
+from certified_page import kept_weights  # noqa: E402
 from certified_results import (  # noqa: E402
     load_rows,
     methods_option,
     missing_runs,
     uncertified_runs,
 )
+from certified_setting import later_batches, setting  # noqa: E402
 from certified_study import STUDIES  # noqa: E402
 from certified_verdict import anchor_check, goal_pairs, over_a_quarter  # noqa: E402
 from study import export  # noqa: E402
@@ -245,12 +246,12 @@ def test_a_partial_rerun_replaces_the_runs_of_its_cells_and_keeps_the_others(tmp
     )
     assert "`--methods noise,macer` trained the runs of those methods again, 2 at once" in line
     assert "on GPU X (torch 2, Python 3, 2026-12-01)" in line
-    setting = "\n".join(_setting(STUDIES["gpu"], results, list(rows.values()), [0.5], 2, 100))
+    bullets = "\n".join(setting(STUDIES["gpu"], results, list(rows.values()), [0.5], 2, 100))
     assert (
         "The first calls' 1 runs here trained at once with the earlier runs of macer, noise"
-        in setting
+        in bullets
     )
-    assert line in setting
+    assert line in bullets
 
     # a rerun of every cell: the results are the new runs alone, made where they say
     _certified_run(runs / "mnist" / "runs", "consistency-s0.5-a5.0-eeeeeeee", "consistency")
