@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 import certified  # noqa: E402
-from certified_page import kept_weights  # noqa: E402
+from certified_page import kept_weights, soft_table, tightness_table  # noqa: E402
 from certified_results import (  # noqa: E402
     load_rows,
     methods_option,
@@ -281,3 +281,21 @@ def test_an_unknown_method_is_a_usage_error(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--methods: macr not in certified-gpu.toml" in result.stderr
     assert not (tmp_path / "page.md").exists()
+
+
+def test_the_soft_classifier_table_shows_the_runs_measured_with_it(tmp_path):
+    logits = {"analytic_error_median": 0.1, "analytic_argmax_agreement": 100.0,
+              "all_layers_error_median": 0.05, "all_layers_argmax_agreement": 98.0,
+              "mc_relative_se": 0.005}  # fmt: skip
+    soft = {"analytic_tv_beta16_median": 0.25, "all_layers_tv_beta16_median": 0.125,
+            "mc_tv_floor_beta16": 0.01, "mc_hinge_share": 100.0, "analytic_hinge_share": 4.0,
+            "all_layers_hinge_share": 24.0}  # fmt: skip
+    rows = []
+    for name, measured in (("new", {**logits, **soft}), ("old", logits)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tightness.json").write_text(json.dumps({"rows": [measured]}))
+        rows.append({"run": name, "label": name, "method": "noise", "sigma": 0.5, "budget": 90})
+    lines = soft_table(tmp_path, rows, 0.5, "epochs", 0).splitlines()
+    assert lines[2:] == ["| new | 90 | 0.250 | 0.125 | 0.010 | 100% | 4% | 24% |"]
+    assert len(tightness_table(tmp_path, rows, 0.5, "epochs", 0).splitlines()) == 4  # both
+    assert soft_table(tmp_path, rows[1:], 0.5, "epochs", 0) == ""

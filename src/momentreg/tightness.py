@@ -14,6 +14,13 @@ For a model split at its first ReLU, f(x) = tail(relu(head(x))), with pre-activa
 
 The first two are exact when the tail is affine. Errors are relative L2 distances of the logit
 vectors to the Monte Carlo mean, per image; the Monte Carlo standard error is the noise floor.
+
+The randomized-smoothing losses need probabilities, the soft smoothed classifier
+E[softmax(beta f(x + n))] (beta 1: MACER's and consistency's mean prediction; 16: MACER's hinge),
+which their analytic variants replace by ``smoothing_losses.analytic_probs``: softmax(beta
+tail(T)) from the first layer, the pairwise-probit ``expected_softmax`` from all layers. Their
+distance to the Monte Carlo mean of softmax(beta f(x + n)) is the total variation,
+0.5 sum_k |p_k - q_k|, per image.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from tqdm.auto import tqdm
 from momentreg.moments import relu_mean
 from momentreg.regularizer import Split, head_moments, output_moments, split_at_first_relu
 from momentreg.rundir import atomic_write
+from momentreg.smoothing_losses import analytic_probs
 from momentreg.tables import markdown_table
 
 __all__ = [
@@ -42,6 +50,8 @@ __all__ = [
 
 
 ESTIMATES = ("analytic", "linearized", "all_layers")
+SOFT_BETAS = (1.0, 16.0)  # the soft smoothed classifier's inverse temperatures (MACER: 1 and 16)
+HINGE_GAMMA = 8.0  # MACER's margin (smoothing_losses.macer_loss)
 
 
 @torch.no_grad()
@@ -62,21 +72,62 @@ def estimates(
 
 
 @torch.no_grad()
+def soft_estimates(
+    model: nn.Module, x: torch.Tensor, sigma: float, beta: float, split: Split | None = None
+) -> dict[str, torch.Tensor]:
+    """name -> the analytic variants' E[softmax(beta f(x + n))] [B, K]: ``analytic`` (first
+    layer) and, for an ``nn.Sequential`` model, ``all_layers``."""
+    out = {"analytic": analytic_probs(model, x, sigma, split, depth="first", beta=beta)}
+    if isinstance(model, nn.Sequential) and split is None:
+        out["all_layers"] = analytic_probs(model, x, sigma, depth="all", beta=beta)
+    return out
+
+
+def _mean_and_se(total: torch.Tensor, total_sq: torch.Tensor, samples: int):
+    mean = total / samples
+    var = (total_sq / samples - mean * mean).clamp_min(0) * samples / max(samples - 1, 1)
+    return mean, (var / samples).sqrt()
+
+
+@torch.no_grad()
 def monte_carlo(
-    model: nn.Module, x: torch.Tensor, sigma: float, samples: int, batch: int, generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of model(x + n) over ``samples`` draws per image and its standard error, each [B, K]."""
-    total = total_sq = None
+    model: nn.Module,
+    x: torch.Tensor,
+    sigma: float,
+    samples: int,
+    batch: int,
+    generator,
+    betas: tuple[float, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor, dict[float, tuple[torch.Tensor, torch.Tensor]]]:
+    """Mean of model(x + n) over ``samples`` draws per image and its standard error, each [B, K],
+    and for each of ``betas`` the mean of softmax(beta model(x + n)) and its standard error, from
+    the same draws."""
+    sums = {}  # key -> (sum, sum of squares) over the draws; "logits" or a beta
+
+    def add(key, values):
+        s, sq = values.sum(0), (values * values).sum(0)
+        sums[key] = (s, sq) if key not in sums else (sums[key][0] + s, sums[key][1] + sq)
+
     for start in range(0, samples, batch):
         draws = min(batch, samples - start)
         noise = torch.randn((draws, *x.shape), generator=generator, device=x.device)
         logits = model((x.unsqueeze(0) + sigma * noise).flatten(0, 1)).double()
         logits = logits.view(draws, len(x), -1)
-        s, sq = logits.sum(0), (logits * logits).sum(0)
-        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
-    mean = total / samples
-    var = (total_sq / samples - mean * mean).clamp_min(0) * samples / max(samples - 1, 1)
-    return mean, (var / samples).sqrt()
+        add("logits", logits)
+        for beta in betas:
+            add(beta, (beta * logits).softmax(2))
+    mean, se = _mean_and_se(*sums["logits"], samples)
+    return mean, se, {beta: _mean_and_se(*sums[beta], samples) for beta in betas}
+
+
+def hinge_share(probs: torch.Tensor, gamma: float = HINGE_GAMMA) -> float:
+    """% of the images [B, K] on which MACER's hinge can act (the label aside): the gap
+    Phi^-1(g1) - Phi^-1(g2) of the top two probabilities is finite and at most ``gamma``. As
+    g2 <= 1 - g1, the gap is at least 2 Phi^-1(g1): at gamma 8 no image with g1 > Phi(4) =
+    0.99997 counts."""
+    top = probs.topk(2, dim=1).values
+    gap = torch.special.ndtri(top[:, 0]) - torch.special.ndtri(top[:, 1])
+    return float(100.0 * (torch.isfinite(gap) & (gap <= gamma)).double().mean())
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -104,7 +155,7 @@ def tightness(
     generator = torch.Generator(device=device).manual_seed(seed)
     rows = []
     for sigma in tqdm(sigmas, desc="tightness", disable=not progress):
-        mc, se = monte_carlo(model, images, sigma, samples, batch, generator)
+        mc, se, soft = monte_carlo(model, images, sigma, samples, batch, generator, SOFT_BETAS)
         row = {"sigma": sigma, "images": len(images), "samples": samples}
         row["mc_relative_se"] = float((se.norm(dim=1) / mc.norm(dim=1).clamp_min(1e-12)).median())
         for name, est in estimates(model, images, sigma, split).items():
@@ -114,6 +165,15 @@ def tightness(
             row[f"{name}_argmax_agreement"] = float(
                 100.0 * (est.argmax(1) == mc.argmax(1)).double().mean()
             )
+        for beta, (probs, probs_se) in soft.items():
+            row[f"mc_tv_floor_beta{beta:g}"] = float(0.5 * probs_se.sum(1).median())
+            if beta == max(SOFT_BETAS):  # the hinge's
+                row["mc_hinge_share"] = hinge_share(probs)
+            for name, est in soft_estimates(model, images, sigma, beta, split).items():
+                tv = 0.5 * (est.double() - probs).abs().sum(1)
+                row[f"{name}_tv_beta{beta:g}_median"] = float(tv.median())
+                if beta == max(SOFT_BETAS):
+                    row[f"{name}_hinge_share"] = hinge_share(est)
         rows.append(row)
     return rows
 
@@ -134,6 +194,12 @@ image) and compared with
 Errors are median relative L2 distances between logit vectors; the noise floor is the Monte Carlo
 standard error on the same scale, below which an error cannot be resolved. Agreement is the share
 of images whose expected argmax matches the Monte Carlo argmax.
+
+The TV columns compare probabilities, as the randomized-smoothing losses' analytic variants use
+them: the total variation between E[softmax(16 f(x + n))] (MACER's soft smoothed classifier, by
+Monte Carlo from the same draws) and its analytic stand-ins, softmax(16 tail(T)) for **analytic**
+and the pairwise-probit form for **all_layers** (`momentreg.smoothing_losses.analytic_probs`);
+its floor is half the sum of the Monte Carlo standard errors of the probabilities.
 
 """
 
@@ -163,12 +229,16 @@ def tightness_table(table: dict[str, list[dict]]) -> str:
     """Rows of ``tightness`` per run -> one Markdown table of errors and argmax agreement."""
     rows = [r for rs in table.values() for r in rs]
     names = [n for n in ESTIMATES if any(f"{n}_error_median" in r for r in rows)]
+    soft = [n for n in names if any(f"{n}_tv_beta16_median" in r for r in rows)]
     header = ["run", "sigma", "MC noise floor"]
     header += [f"{n} error (median)" for n in names] + [f"{n} argmax agrees (%)" for n in names]
+    header += [f"{n} TV, beta 16 (median)" for n in soft] + ["MC TV floor, beta 16"] * bool(soft)
     cells = [
         [run, f"{r['sigma']:g}", f"{r['mc_relative_se']:.4f}"]
         + [f"{r[f'{n}_error_median']:.4f}" for n in names]
         + [f"{r[f'{n}_argmax_agreement']:.1f}" for n in names]
+        + [f"{r[f'{n}_tv_beta16_median']:.4f}" for n in soft]
+        + [f"{r['mc_tv_floor_beta16']:.4f}"] * bool(soft)
         for run, rs in table.items()
         for r in rs
     ]
