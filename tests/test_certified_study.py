@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 import certified  # noqa: E402
-from certified_page import kept_weights, soft_table, tightness_table  # noqa: E402
+from certified_page import hinge_lines, kept_weights, soft_table, tightness_table  # noqa: E402
 from certified_results import (  # noqa: E402
     load_rows,
     methods_option,
@@ -299,3 +299,19 @@ def test_the_soft_classifier_table_shows_the_runs_measured_with_it(tmp_path):
     assert lines[2:] == ["| new | 90 | 0.250 | 0.125 | 0.010 | 100% | 4% | 24% |"]
     assert len(tightness_table(tmp_path, rows, 0.5, "epochs", 0).splitlines()) == 4  # both
     assert soft_table(tmp_path, rows[1:], 0.5, "epochs", 0) == ""
+
+
+def test_the_hinge_share_is_read_at_the_depth_each_macer_analytic_model_trains_with(tmp_path):
+    shares = {"mc_hinge_share": 100.0, "analytic_hinge_share": 0.0, "all_layers_hinge_share": 30.0}
+    rows = []
+    for label in ("macer-analytic", "macer-analytic (all layers)", "noise"):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "tightness.json").write_text(json.dumps({"rows": [shares]}))
+        method = label.split()[0]
+        rows.append({"run": label, "label": label, "method": method, "sigma": 1.0, "budget": 60})
+    (line,) = hinge_lines(tmp_path, rows, "s", 0)
+    assert line.startswith("- **sigma 1, MACER's hinge under the analytic expectation:**")
+    assert line.endswith(
+        ": macer-analytic at 60 s, 0% against 100%; macer-analytic (all layers) at 60 s, 30% "
+        "against 100%."
+    )
