@@ -221,3 +221,19 @@ def test_config_of_a_run_retrains_it_and_refuses_other_options(tmp_path, capsys)
     capsys.readouterr()
     assert main([*again, "--sigma", "0.5", "--out", str(tmp_path / "x")]) == 2
     assert "drop --sigma" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_model_that_predicts_one_class_is_warned_of(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli("train", *QUICK, "--out", str(run)).returncode == 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    for state in (ckpt["model"], ckpt["best"]["state"]):
+        for key, value in state.items():
+            if key.endswith(("weight", "bias")):
+                value.zero_()  # every logit 0: class 0 for every image
+    torch.save(ckpt, run / "checkpoint.pt")
+    assert main(["evaluate", str(run), "--limit", "20", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the model predicts one class for every test image" in err
+    assert json.loads((run / "metrics.json").read_text())["constant_predictions"] is True

@@ -213,6 +213,17 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Run
         raise UsageError(str(e)) from None
 
 
+def warn_if_constant(metrics: dict) -> None:
+    """Say on stderr when the model predicts one class for every test image: its GNR of 100
+    measures nothing (metrics.json flags it, and reports leave the run out)."""
+    if metrics.get("constant_predictions"):
+        print(
+            "momentreg: warning: the model predicts one class for every test image, so its GNR "
+            "means nothing; reports leave this run out",
+            file=sys.stderr,
+        )
+
+
 def cmd_train(args) -> None:
     config = run_config(args, args.parser)
     options = {"resume": args.resume, "force": args.force, "tensorboard": args.tensorboard}
@@ -221,6 +232,7 @@ def cmd_train(args) -> None:
         f"test accuracy {metrics['test_accuracy']:.2f}%  GNR {metrics['gnr']:.2f}  "
         f"{metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s -> {args.out}"
     )
+    warn_if_constant(metrics)
 
 
 def cmd_evaluate(args) -> None:
@@ -239,6 +251,7 @@ def cmd_evaluate(args) -> None:
         )  # fmt: skip
         line = f"test accuracy {metrics['test_accuracy']:.2f}% on {len(labels)} images"
         print(line + (f"  GNR {metrics['gnr']:.2f}" if args.gnr else ""))
+        warn_if_constant(metrics)
     if args.attacks:
         results = attack_run(
             args.run, model, images, labels, args.attacks, tol=args.tol, seed=args.seed,
