@@ -164,8 +164,8 @@ def hinge_lines(folder: Path, rows: list[dict], unit: str, least: float) -> list
         found = []
         for r, t in _tightness(folder, rows, sigma, least):
             if r["method"] == "macer-analytic" and "mc_hinge_share" in t:
-                depth = "all_layers" if "all layers" in r["label"] else "analytic"
-                share, mc = t[f"{depth}_hinge_share"], t["mc_hinge_share"]
+                stand_in = "all_layers" if r["depth"] == "all" else "analytic"
+                share, mc = t[f"{stand_in}_hinge_share"], t["mc_hinge_share"]
                 found.append(
                     f"{r['label']} at {r['budget']:g} {unit}, {share:.0f}% against {mc:.0f}%"
                 )

@@ -110,6 +110,8 @@ def load_rows(folder: Path, unit: str) -> list[dict]:
                 "run": run.name,
                 "label": label(config),
                 "method": config["method"],
+                "depth": config.get("moment_depth", "first"),
+                "copies": config.get("samples", 0),
                 "sigma": config["sigma"],
                 "budget": budget(config, unit),
                 "batch": made.get(config["method"], ""),

@@ -105,7 +105,7 @@ def setting(study, results: Path, rows: list[dict], sigmas: list[float], images:
     macer_copies = (
         "; macer-analytic labelled with noisy copies trains its NLL on them and keeps the "
         "analytic mean for its hinge"
-        if any(r["method"] == "macer-analytic" and "noisy cop" in r["label"] for r in rows)
+        if any(r["method"] == "macer-analytic" and r["copies"] for r in rows)
         else ""
     )
     return [

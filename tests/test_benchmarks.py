@@ -1,3 +1,4 @@
+import importlib
 import json
 import platform
 import subprocess
@@ -10,6 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TABLES_START = "<!-- tables: python -m benchmarks --markdown benchmarks/results.json -->"
 TABLES_END = "<!-- end of tables -->"
+SMOOTHING_START = (
+    "<!-- smoothing: python -m benchmarks.smoothing --markdown benchmarks/smoothing.json -->"
+)
+SMOOTHING_END = "<!-- end of smoothing -->"
 
 
 @pytest.mark.slow
@@ -56,13 +61,19 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert "ratio" in result.stdout
 
 
-def test_performance_doc_embeds_the_committed_results():
-    from benchmarks.__main__ import markdown
-
-    results = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+@pytest.mark.parametrize(
+    "module, results, start, end",
+    [
+        ("benchmarks.__main__", "results.json", TABLES_START, TABLES_END),
+        ("benchmarks.smoothing", "smoothing.json", SMOOTHING_START, SMOOTHING_END),
+    ],
+)
+def test_performance_doc_embeds_the_committed_results(module, results, start, end):
+    markdown = importlib.import_module(module).markdown
+    tables = markdown(json.loads((ROOT / "benchmarks" / results).read_text()))
     doc = (ROOT / "docs" / "performance.md").read_text()
-    start = doc.index(TABLES_START) + len(TABLES_START)
-    assert doc[start : doc.index(TABLES_END)].strip() == markdown(results).strip()
+    begin = doc.index(start) + len(start)
+    assert doc[begin : doc.index(end)].strip() == tables.strip()
 
 
 @pytest.mark.slow
@@ -84,12 +95,6 @@ def test_heap_trace_records_both_allocators(tmp_path):
         assert data[run]["peak_mib"] >= data[run]["rss_mib_every_10_steps"][0]
 
 
-SMOOTHING_START = (
-    "<!-- smoothing: python -m benchmarks.smoothing --markdown benchmarks/smoothing.json -->"
-)
-SMOOTHING_END = "<!-- end of smoothing -->"
-
-
 @pytest.mark.slow
 def test_smoothing_benchmark_prices_every_method_against_its_flops(tmp_path):
     out = tmp_path / "smoothing.json"
@@ -109,15 +114,6 @@ def test_smoothing_benchmark_prices_every_method_against_its_flops(tmp_path):
         floor = m["passes_per_image"] * methods["clean"]["seconds"]
         assert m["ratio_to_floor"] == pytest.approx(m["seconds"] / floor)
     assert "step / floor" in result.stdout
-
-
-def test_performance_doc_embeds_the_committed_smoothing_table():
-    from benchmarks.smoothing import markdown
-
-    results = json.loads((ROOT / "benchmarks" / "smoothing.json").read_text())
-    doc = (ROOT / "docs" / "performance.md").read_text()
-    start = doc.index(SMOOTHING_START) + len(SMOOTHING_START)
-    assert doc[start : doc.index(SMOOTHING_END)].strip() == markdown(results).strip()
 
 
 def test_readme_quotes_the_committed_benchmark_runs():

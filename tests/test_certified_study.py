@@ -304,11 +304,13 @@ def test_the_soft_classifier_table_shows_the_runs_measured_with_it(tmp_path):
 def test_the_hinge_share_is_read_at_the_depth_each_macer_analytic_model_trains_with(tmp_path):
     shares = {"mc_hinge_share": 100.0, "analytic_hinge_share": 0.0, "all_layers_hinge_share": 30.0}
     rows = []
-    for label in ("macer-analytic", "macer-analytic (all layers)", "noise"):
+    for label, depth in (("macer-analytic", "first"), ("macer-analytic (all layers)", "all"),
+                         ("noise", "first")):  # fmt: skip
         (tmp_path / label).mkdir()
         (tmp_path / label / "tightness.json").write_text(json.dumps({"rows": [shares]}))
         method = label.split()[0]
-        rows.append({"run": label, "label": label, "method": method, "sigma": 1.0, "budget": 60})
+        rows.append({"run": label, "label": label, "method": method, "depth": depth,
+                     "sigma": 1.0, "budget": 60})  # fmt: skip
     (line,) = hinge_lines(tmp_path, rows, "s", 0)
     assert line.startswith("- **sigma 1, MACER's hinge under the analytic expectation:**")
     assert line.endswith(

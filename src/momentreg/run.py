@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import io
 import os
 import platform
 import shutil
@@ -40,6 +39,7 @@ from momentreg.rundir import (
     CHECKPOINT,
     CONFIG,
     METRICS,
+    atomic_save,
     atomic_write,
     certify_partial,
     certify_tsv,
@@ -381,9 +381,7 @@ def certify_run(run: Path, model, images, labels, *, sigma: float, n0: int = 100
         print(f"resuming the certification at image {len(done) + 1} of {len(labels)}")
 
     def keep(rows, generator_state):
-        buf = io.BytesIO()
-        torch.save({"fingerprint": fingerprint, "rows": rows, "state": generator_state}, buf)
-        atomic_write(partial, buf.getvalue())
+        atomic_save(partial, {"fingerprint": fingerprint, "rows": rows, "state": generator_state})
 
     rows = certify_images(
         model, images, labels, sigma, n0=n0, n=n, alpha=alpha, batch=batch, seed=seed,

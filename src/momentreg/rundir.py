@@ -9,15 +9,19 @@ them, so nothing of an old model outlives ``train --force``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from momentreg.errors import MomentregError
 
 __all__ = [
     "atomic_write",
+    "atomic_save",
     "write_json",
     "read_json",
     "read_run",
@@ -80,6 +84,13 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(folder)  # the rename itself survives a power cut
     finally:
         os.close(folder)
+
+
+def atomic_save(path: Path, obj) -> None:
+    """``torch.save`` of ``obj`` to ``path`` through ``atomic_write``: old file or new, whole."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
 
 
 def write_json(path: Path, data: dict) -> None:

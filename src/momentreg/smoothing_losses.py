@@ -159,6 +159,21 @@ def consistency_loss(
     return ce + (lbd * kl + eta * _entropy(p_bar)).mean(), per_copy[0]
 
 
+MACER_BETA = 16.0  # the authors' inverse temperature of the soft smoothed classifier in the hinge
+MACER_GAMMA = 8.0  # the authors' hinge margin
+
+
+def soft_radius_gap(top: torch.Tensor) -> torch.Tensor:
+    """Phi^-1(g1) - Phi^-1(g2) per row [B] of the top two probabilities [B, 2] of a soft smoothed
+    classifier: MACER's soft certified radius in units of sigma / 2 (infinite where g1 = 1)."""
+    return torch.special.ndtri(top[:, 0]) - torch.special.ndtri(top[:, 1])
+
+
+def in_hinge(gap: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Where MACER's hinge can act on a row [B], the label aside: its gap finite and <= gamma."""
+    return torch.isfinite(gap) & (gap <= gamma)
+
+
 def _macer_hinge(g: torch.Tensor, y: torch.Tensor, gamma: float) -> torch.Tensor:
     """sum over the images whose top class is y of max(0, gamma - (Phi^-1(g1) - Phi^-1(g2))),
     where the gap is finite (g1 < 1): MACER's hinge on the soft certified radius.
@@ -167,11 +182,9 @@ def _macer_hinge(g: torch.Tensor, y: torch.Tensor, gamma: float) -> torch.Tensor
     count them (a host sync every step)."""
     top, idx = g.topk(2, dim=1)
     with torch.no_grad():  # pick the rows first: ndtri's gradient at 0 or 1 is infinite
-        gap = torch.special.ndtri(top[:, 0]) - torch.special.ndtri(top[:, 1])
-        keep = (idx[:, 0] == y) & torch.isfinite(gap) & (gap <= gamma)
+        keep = (idx[:, 0] == y) & in_hinge(soft_radius_gap(top), gamma)
     safe = torch.where(keep.unsqueeze(1), top, 0.5)  # finite ndtri and gradient in every row
-    gap = torch.special.ndtri(safe[:, 0]) - torch.special.ndtri(safe[:, 1])
-    return torch.where(keep, gamma - gap, 0.0).sum()
+    return torch.where(keep, gamma - soft_radius_gap(safe), 0.0).sum()
 
 
 def macer_loss(
@@ -183,8 +196,8 @@ def macer_loss(
     gen,
     *,
     copies=None,
-    beta=16.0,
-    gamma=8.0,
+    beta=MACER_BETA,
+    gamma=MACER_GAMMA,
     analytic=False,
     depth="first",
     split=None,

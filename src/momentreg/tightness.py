@@ -35,7 +35,14 @@ from tqdm.auto import tqdm
 from momentreg.moments import relu_mean
 from momentreg.regularizer import Split, head_moments, output_moments, split_at_first_relu
 from momentreg.rundir import atomic_write
-from momentreg.smoothing_losses import analytic_probs
+from momentreg.smoothing_losses import (
+    MACER_BETA,
+    MACER_GAMMA,
+    analytic_logits,
+    in_hinge,
+    soft_radius_gap,
+    softmax_of,
+)
 from momentreg.tables import markdown_table
 
 __all__ = [
@@ -50,8 +57,7 @@ __all__ = [
 
 
 ESTIMATES = ("analytic", "linearized", "all_layers")
-SOFT_BETAS = (1.0, 16.0)  # the soft smoothed classifier's inverse temperatures (MACER: 1 and 16)
-HINGE_GAMMA = 8.0  # MACER's margin (smoothing_losses.macer_loss)
+SOFT_BETAS = (1.0, MACER_BETA)  # the soft smoothed classifier's: MACER's NLL and its hinge
 
 
 @torch.no_grad()
@@ -73,13 +79,18 @@ def estimates(
 
 @torch.no_grad()
 def soft_estimates(
-    model: nn.Module, x: torch.Tensor, sigma: float, beta: float, split: Split | None = None
-) -> dict[str, torch.Tensor]:
-    """name -> the analytic variants' E[softmax(beta f(x + n))] [B, K]: ``analytic`` (first
-    layer) and, for an ``nn.Sequential`` model, ``all_layers``."""
-    out = {"analytic": analytic_probs(model, x, sigma, split, depth="first", beta=beta)}
+    model: nn.Module, x: torch.Tensor, sigma: float, betas, split: Split | None = None
+) -> dict[tuple[str, float], torch.Tensor]:
+    """(name, beta) -> the analytic variants' E[softmax(beta f(x + n))] [B, K] for each of
+    ``betas``: ``analytic`` (first layer) and, for an ``nn.Sequential`` model, ``all_layers``;
+    each depth's logit moments computed once."""
+    depths = {"analytic": "first"}
     if isinstance(model, nn.Sequential) and split is None:
-        out["all_layers"] = analytic_probs(model, x, sigma, depth="all", beta=beta)
+        depths["all_layers"] = "all"
+    out = {}
+    for name, depth in depths.items():
+        moments = analytic_logits(model, x, sigma, split, depth)
+        out.update({(name, beta): softmax_of(*moments, beta) for beta in betas})
     return out
 
 
@@ -120,14 +131,13 @@ def monte_carlo(
     return mean, se, {beta: _mean_and_se(*sums[beta], samples) for beta in betas}
 
 
-def hinge_share(probs: torch.Tensor, gamma: float = HINGE_GAMMA) -> float:
+def hinge_share(probs: torch.Tensor, gamma: float = MACER_GAMMA) -> float:
     """% of the images [B, K] on which MACER's hinge can act (the label aside): the gap
     Phi^-1(g1) - Phi^-1(g2) of the top two probabilities is finite and at most ``gamma``. As
     g2 <= 1 - g1, the gap is at least 2 Phi^-1(g1): at gamma 8 no image with g1 > Phi(4) =
     0.99997 counts."""
-    top = probs.topk(2, dim=1).values
-    gap = torch.special.ndtri(top[:, 0]) - torch.special.ndtri(top[:, 1])
-    return float(100.0 * (torch.isfinite(gap) & (gap <= gamma)).double().mean())
+    gap = soft_radius_gap(probs.topk(2, dim=1).values)
+    return float(100.0 * in_hinge(gap, gamma).double().mean())
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -165,15 +175,14 @@ def tightness(
             row[f"{name}_argmax_agreement"] = float(
                 100.0 * (est.argmax(1) == mc.argmax(1)).double().mean()
             )
-        for beta, (probs, probs_se) in soft.items():
+        for beta, (_, probs_se) in soft.items():
             row[f"mc_tv_floor_beta{beta:g}"] = float(0.5 * probs_se.sum(1).median())
-            if beta == max(SOFT_BETAS):  # the hinge's
-                row["mc_hinge_share"] = hinge_share(probs)
-            for name, est in soft_estimates(model, images, sigma, beta, split).items():
-                tv = 0.5 * (est.double() - probs).abs().sum(1)
-                row[f"{name}_tv_beta{beta:g}_median"] = float(tv.median())
-                if beta == max(SOFT_BETAS):
-                    row[f"{name}_hinge_share"] = hinge_share(est)
+        row["mc_hinge_share"] = hinge_share(soft[MACER_BETA][0])
+        for (name, beta), est in soft_estimates(model, images, sigma, SOFT_BETAS, split).items():
+            tv = 0.5 * (est.double() - soft[beta][0]).abs().sum(1)
+            row[f"{name}_tv_beta{beta:g}_median"] = float(tv.median())
+            if beta == MACER_BETA:
+                row[f"{name}_hinge_share"] = hinge_share(est)
         rows.append(row)
     return rows
 
@@ -229,16 +238,17 @@ def tightness_table(table: dict[str, list[dict]]) -> str:
     """Rows of ``tightness`` per run -> one Markdown table of errors and argmax agreement."""
     rows = [r for rs in table.values() for r in rs]
     names = [n for n in ESTIMATES if any(f"{n}_error_median" in r for r in rows)]
-    soft = [n for n in names if any(f"{n}_tv_beta16_median" in r for r in rows)]
+    b = f"{MACER_BETA:g}"
+    soft = [n for n in names if any(f"{n}_tv_beta{b}_median" in r for r in rows)]
     header = ["run", "sigma", "MC noise floor"]
     header += [f"{n} error (median)" for n in names] + [f"{n} argmax agrees (%)" for n in names]
-    header += [f"{n} TV, beta 16 (median)" for n in soft] + ["MC TV floor, beta 16"] * bool(soft)
+    header += [f"{n} TV, beta {b} (median)" for n in soft] + [f"MC TV floor, beta {b}"] * bool(soft)
     cells = [
         [run, f"{r['sigma']:g}", f"{r['mc_relative_se']:.4f}"]
         + [f"{r[f'{n}_error_median']:.4f}" for n in names]
         + [f"{r[f'{n}_argmax_agreement']:.1f}" for n in names]
-        + [f"{r[f'{n}_tv_beta16_median']:.4f}" for n in soft]
-        + [f"{r['mc_tv_floor_beta16']:.4f}"] * bool(soft)
+        + [f"{r[f'{n}_tv_beta{b}_median']:.4f}" for n in soft]
+        + [f"{r[f'mc_tv_floor_beta{b}']:.4f}"] * bool(soft)
         for run, rs in table.items()
         for r in rs
     ]

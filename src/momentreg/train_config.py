@@ -8,6 +8,7 @@ import math
 
 from momentreg.methods import COPIES, METHODS
 from momentreg.regularizer import DEPTHS, MOMENT_LOSSES
+from momentreg.smoothing_losses import MACER_BETA, MACER_GAMMA
 
 __all__ = ["TrainConfig", "PROTOCOLS", "LR_SCHEDULES", "KEEP"]
 
@@ -29,8 +30,8 @@ class TrainConfig:
     samples: int = 0  # consistency, macer: noisy copies per image (0: theirs, 2 and 16;
     # macer-analytic: copies for its NLL term, 0 for none)
     eta: float = 0.5  # consistency: the weight of the mean prediction's entropy
-    macer_beta: float = 16.0  # macer: the inverse temperature of the soft smoothed classifier
-    macer_gamma: float = 8.0  # macer: the hinge's margin
+    macer_beta: float = MACER_BETA  # macer: the inverse temperature of the soft smoothed classifier
+    macer_gamma: float = MACER_GAMMA  # macer: the hinge's margin
     alpha_delay: int = 0  # epochs trained with the regularizer off (MACER's deferral)
     alpha_delay_budget: float = 0.0  # the same, as a share of time_budget (a budget run's deferral)
     sigma_warmup: int = 100  # steps over which the noise rises linearly to sigma (0: none)

@@ -26,7 +26,7 @@ from momentreg.data import to_float
 from momentreg.errors import CheckpointError, TrainingError
 from momentreg.methods import step_loss
 from momentreg.regularizer import Split
-from momentreg.rundir import CHECKPOINT, HISTORY, atomic_write
+from momentreg.rundir import CHECKPOINT, HISTORY, atomic_save, atomic_write
 from momentreg.train_config import TrainConfig
 
 __all__ = [
@@ -57,12 +57,6 @@ def model_weights(ckpt: dict) -> dict:
     its last epoch's, for a run with keep="last"); before, the weights of its last epoch."""
     keep = ckpt.get("identity", {}).get("config", {}).get("keep", "best")
     return ckpt["best"]["state"] if ckpt["finished"] and keep == "best" else ckpt["model"]
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write(path, buf.getvalue())
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -367,7 +361,7 @@ def _end_weights(model: nn.Module, state: TrainState, cfg: TrainConfig) -> None:
 
 def _save_epoch(out: Path, state: TrainState, identity: dict, finished: bool) -> None:
     """The epoch's checkpoint, then its history.csv, each written atomically."""
-    _save_checkpoint(out / CHECKPOINT, state.to_checkpoint(identity, finished))
+    atomic_save(out / CHECKPOINT, state.to_checkpoint(identity, finished))
     _write_history(out / HISTORY, state.history)
 
 
