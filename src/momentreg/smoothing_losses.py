@@ -103,6 +103,15 @@ def _noisy(x: torch.Tensor, sigma: float, copies: int, gen) -> torch.Tensor:
     return reps + sigma * torch.randn(reps.shape, generator=gen, dtype=x.dtype, device=x.device)
 
 
+def _noisy_and_expected(model, x, sigma, copies, gen, split):
+    """The logits of ``copies`` noisy copies of x [copies * B, K] and the first-layer analytic
+    expected logits tail(E[relu(head(x + n))]) [B, K], through one call of the tail on both."""
+    head, tail = split or split_at_first_relu(model)
+    h, var = head_moments(head, sigma, x)
+    stacked = torch.cat([torch.relu(head(_noisy(x, sigma, copies, gen))), relu_mean(h, var)])
+    return tail(stacked).split([copies * len(x), len(x)])
+
+
 def _kl(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per row [B], from probabilities p and log-probabilities log q [B, K]."""
     return (p * (p.clamp_min(1e-20).log() - log_q)).sum(1)
@@ -140,15 +149,11 @@ def consistency_loss(
     ``copies`` noisy copies. Analytic: one noisy copy, and pbar = ``analytic_probs``."""
     sigma = checked_sigma(sigma)
     if analytic:
-        noisy = _noisy(x, sigma, 1, gen)
         if depth == "first":
-            head, tail = split or split_at_first_relu(model)
-            h, var = head_moments(head, sigma, x)
-            stacked = torch.cat([torch.relu(head(noisy)), relu_mean(h, var)])
-            logits, expected = tail(stacked).split(len(x))
+            logits, expected = _noisy_and_expected(model, x, sigma, 1, gen, split)
             p_bar = expected.softmax(1)
         else:
-            logits = model(noisy)
+            logits = model(_noisy(x, sigma, 1, gen))
             p_bar = analytic_probs(model, x, sigma, depth=depth)
         per_copy = [logits]
     else:
@@ -221,11 +226,18 @@ def macer_loss(
         g_beta = softmax_of(*moments, beta) if lbd else None
         logits = g.clamp_min(1e-10).log()
     else:
-        out = model(_noisy(x, sigma, copies, gen)).view(copies, len(x), -1)
+        expected = None
+        if analytic and lbd and depth == "first":  # one tail call for the copies and the mean
+            noisy, expected = _noisy_and_expected(model, x, sigma, copies, gen, split)
+        else:
+            noisy = model(_noisy(x, sigma, copies, gen))
+        out = noisy.view(copies, len(x), -1)
         g = out.softmax(2).mean(0)
         logits = out[0]
         if not lbd:
             g_beta = None
+        elif expected is not None:
+            g_beta = (beta * expected).softmax(1)
         elif analytic:
             g_beta = analytic_probs(model, x, sigma, split, depth=depth, beta=beta)
         else:
