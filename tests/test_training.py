@@ -191,7 +191,9 @@ def test_budget_step_rate_and_deferral_follow_the_step_clock():
 
 def test_a_budget_step_run_records_the_decayed_rate(tmp_path):
     tr, va = _sample()
-    kwargs = dict(FAST, lr_schedule="budget-step", time_budget=0.3, lr_step_budget=0.25)
+    # quarters of 0.3 s: on a loaded machine a step of 0.3 s is far rarer than one of 0.075 s
+    # (which left the last step in the third quarter of a 0.3 s budget in 3 of 8 tries)
+    kwargs = dict(FAST, lr_schedule="budget-step", time_budget=1.2, lr_step_budget=0.25)
     history = train(tiny_net(), tr, va, epochs=1000, early_stop=1000, **kwargs)
     # the last step starts after at least 3 of the 4 quarters: lr 1e-2 * 0.1**3
     assert history[-1]["lr"] == pytest.approx(1e-5)
