@@ -36,11 +36,12 @@ def certified(tsv: list[dict]) -> dict:
 
 
 def label(config: dict) -> str:
-    """The method, and how its analytic expectation is made where that is not the default:
-    "macer-analytic (all layers)", "macer-analytic (1 noisy copy)"."""
+    """The method, and how its analytic expectation is made or its noisy copies counted where
+    that is not the default: "macer-analytic (all layers)", "macer-analytic (1 noisy copy)",
+    "macer (2 noisy copies)"."""
     notes = ["all layers"] if config.get("moment_depth") == "all" else []
     copies = config.get("samples", 0)
-    if config["method"] == "macer-analytic" and copies:
+    if config["method"] in ("macer", "macer-analytic") and copies:
         notes.append(f"{copies} noisy {'copy' if copies == 1 else 'copies'}")
     return config["method"] + (f" ({', '.join(notes)})" if notes else "")
 

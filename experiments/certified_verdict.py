@@ -1,6 +1,7 @@
 """The certified study's verdict, computed from its rows: issue 19's goal checked pair by pair
-(analytic variant against the sampled method of the same cost), the plainest baseline against the
-best run, and our noise training against the published anchors."""
+(analytic variant against the sampled method of the same cost), MACER at the analytic variants'
+passes as a control, the plainest baseline against the best run, and our noise training against
+the published anchors."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def goal_pairs(rows: list[dict], unit: str, macer_factor: int) -> list[tuple[str
 def _against_macer(rows: list[dict], macer_factor: int) -> list[tuple[dict, dict]]:
     """(MACER run, macer-analytic run) of one sigma, the analytic one at 1 / ``macer_factor``
     of MACER's budget, whatever its measured compute."""
-    macers = [r for r in rows if r["method"] == "macer"]
+    macers = [r for r in rows if r["method"] == "macer" and not r.get("copies")]  # 16 copies
     analytic = sorted((r for r in rows if r["method"] == "macer-analytic"), key=row_order)
     return [
         (macer, r)
@@ -77,6 +78,40 @@ def over_a_quarter(rows: list[dict], unit: str, macer_factor: int) -> list[str]:
     return lines
 
 
+def same_passes(rows: list[dict], unit: str) -> tuple[list[str], str | None]:
+    """The control outside the goal: each macer-analytic run against the sampled MACER with as
+    many noisy copies as the analytic run's passes per image (rounded), at the same budget; a
+    line per pair and a summary (None without a pair). It asks what the analytic hinge adds over
+    MACER's own estimate at the same cost."""
+    lines, ahead = [], []
+    for r in sorted((r for r in rows if r["method"] == "macer-analytic"), key=row_order):
+        for m in rows:
+            if (
+                m["method"] == "macer"
+                and m["sigma"] == r["sigma"]
+                and m["budget"] == r["budget"]
+                and m.get("copies") == round(r["passes"])
+            ):
+                ahead.append(_gap(r, m))
+                lines.append(
+                    f"- **sigma {r['sigma']:g}, {r['budget']:g} {unit}, against sampled MACER at "
+                    f"the same passes:** {r['label']} ({r['passes']:.2f} passes per image) "
+                    f"against {m['label']} ({m['passes']:.2f}): {_compare(r, m)}."
+                )
+    if not lines:
+        return [], None
+    held = [(gap, two_se) for gap, two_se in ahead if gap >= 0]
+    summary = (
+        f"Against sampled MACER with as many noisy copies as the analytic variant's passes per "
+        f"image, at the same {'seconds' if unit == 's' else unit} (a control outside the goal's "
+        "count), the analytic variant "
+        f"is at least as good in {len(held)} of {len(ahead)} pairs, "
+        f"{sum(gap > two_se for gap, two_se in held)} of them by more than two standard errors; "
+        f"behind by more than two in {sum(-gap > two_se for gap, two_se in ahead)}."
+    )
+    return lines, summary
+
+
 def _macer_goal(unit: str, factor: int) -> str:
     if unit == "s" and factor == 4:
         return "MACER's ACR at a quarter of its seconds"
@@ -95,6 +130,8 @@ def verdict(rows, sigmas, left_out: dict[float, set], unit: str, macer_factor: i
             "the sampled run's (measured image-passes)."
         )
     lines += over_a_quarter(rows, unit, macer_factor)
+    control, control_summary = same_passes(rows, unit)
+    lines += control
     for sigma in sigmas:
         if "macer" in left_out.get(sigma, set()):
             lines.append(
@@ -139,7 +176,7 @@ def verdict(rows, sigmas, left_out: dict[float, set], unit: str, macer_factor: i
                 lines.append(
                     f"{where} against the best run, {best['label']}: {_compare(noise, best)}."
                 )
-    return [head, "", *lines]
+    return [head + (f" {control_summary}" if control_summary else ""), "", *lines]
 
 
 def anchor_check(rows: list[dict], sigmas: list[float]) -> list[str]:

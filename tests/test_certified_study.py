@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 import certified  # noqa: E402
-from certified_page import hinge_lines, kept_weights, soft_table, tightness_table  # noqa: E402
+from certified_page import anchor_table, hinge_lines, kept_weights, soft_table, tightness_table  # noqa: E402
 from certified_results import (  # noqa: E402
     load_rows,
     methods_option,
@@ -22,13 +22,13 @@ from certified_results import (  # noqa: E402
 )
 from certified_setting import later_batches, setting  # noqa: E402
 from certified_study import STUDIES  # noqa: E402
-from certified_verdict import anchor_check, goal_pairs, over_a_quarter  # noqa: E402
+from certified_verdict import anchor_check, goal_pairs, over_a_quarter, same_passes  # noqa: E402
 from study import export  # noqa: E402
 
 from momentreg.sweep import expand, load_spec, run_dir_name  # noqa: E402
 
 
-def row(method, sigma, acr, se=0.02, budget=90, compute=1.0, label=None):
+def row(method, sigma, acr, se=0.02, budget=90, compute=1.0, label=None, copies=0, passes=1.0):
     return {
         "method": method,
         "label": label or method,
@@ -37,6 +37,8 @@ def row(method, sigma, acr, se=0.02, budget=90, compute=1.0, label=None):
         "se": se,
         "budget": budget,
         "compute": compute,
+        "copies": copies,
+        "passes": passes,
     }
 
 
@@ -69,6 +71,36 @@ def test_macer_analytic_meets_macer_only_at_a_quarter_of_its_compute_or_less():
     assert "macer-analytic (all layers) at 90 epochs is not compared" in line
     assert "0.31x MACER's" in line
     assert over_a_quarter(runs, "s", 4) == []
+
+
+def test_sampled_macer_with_few_copies_is_a_control_beside_the_goal_not_its_reference():
+    macer = row("macer", 0.5, 1.0, budget=240, compute=16.0, passes=16.0)
+    two = row("macer", 0.5, 1.2, budget=60, compute=2.0, copies=2, passes=2.0,
+              label="macer (2 noisy copies)")  # fmt: skip
+    one = row("macer", 0.5, 0.9, budget=15, compute=0.2, copies=1, label="macer (1 noisy copy)")
+    plain = row("macer-analytic", 0.5, 1.1, budget=60, compute=1.0)
+    copy = row("macer-analytic", 0.5, 1.05, budget=60, compute=2.0, copies=1, passes=2.0,
+               label="macer-analytic (1 noisy copy)")  # fmt: skip
+    early = row("macer-analytic", 0.5, 0.8, se=0.01, budget=15, compute=0.25)
+    rows = [macer, two, one, plain, copy, early]
+    # the goal's MACER is the authors' 16 copies only: a few-copy MACER at 4x the budget of
+    # macer-analytic at 15 s is no pair, nor is it the anchors' row
+    pairs = [(a["label"], b["budget"]) for _, a, b in goal_pairs(rows, "s", 4)]
+    assert pairs == [("macer-analytic", 240), ("macer-analytic (1 noisy copy)", 240)]
+    lines, summary = same_passes(rows, "s")
+    assert lines == [
+        "- **sigma 0.5, 15 s, against sampled MACER at the same passes:** macer-analytic (1.00 "
+        "passes per image) against macer (1 noisy copy) (1.00): 0.800 < 0.900 (resolved: gap "
+        "-0.100, 2 SE 0.045).",
+        "- **sigma 0.5, 60 s, against sampled MACER at the same passes:** macer-analytic (1 noisy "
+        "copy) (2.00 passes per image) against macer (2 noisy copies) (2.00): 1.050 < 1.200 "
+        "(resolved: gap -0.150, 2 SE 0.057).",
+    ]  # plain macer-analytic at 60 s has no 1-copy MACER beside it
+    assert summary.endswith("at least as good in 0 of 2 pairs, 0 of them by more than two "
+                            "standard errors; behind by more than two in 2.")  # fmt: skip
+    assert same_passes([macer, plain], "s") == ([], None)
+    longer = {**two, "budget": 480, "acr": 1.3}  # the anchors' row is MACER's 16 copies
+    assert "| macer | 1.590 | 1.000 (240 s) |" in anchor_table([macer, longer], [0.5], {}, "s", {})
 
 
 @pytest.mark.parametrize(
