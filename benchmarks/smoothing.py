@@ -41,6 +41,8 @@ METHODS = {
     "stability": {"method": "stability", "alpha": 2.0},
     "consistency": {"method": "consistency", "alpha": 5.0},
     "macer": {"method": "macer", "alpha": 16.0},
+    "macer (1 noisy copy)": {"method": "macer", "alpha": 16.0, "samples": 1},
+    "macer (2 noisy copies)": {"method": "macer", "alpha": 16.0, "samples": 2},
     "moment": {"method": "moment", "alpha": 1.0},
     "stability-analytic": {"method": "stability-analytic", "alpha": 2.0},
     "consistency-analytic": {"method": "consistency-analytic", "alpha": 5.0},
