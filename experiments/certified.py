@@ -44,12 +44,12 @@ from pathlib import Path
 
 from certified_page import write_doc
 from certified_study import (
-    EVAL_ORDER,
     STUDIES,
     TASK,
     TIGHTNESS_IMAGES,
     TIGHTNESS_SAMPLES,
     Study,
+    eval_rank,
 )
 from study import certify_command, data_dirs, export, parse_stages, study_parser, tightness_command
 
@@ -77,17 +77,17 @@ def train(study: Study, runs: Path, mnist: Path, device: str, workers: int, sett
 
 
 def evaluation_jobs(study: Study, runs: Path, images: int, n: int, device: str):
-    """The commands that the trained runs still need, each list in EVAL_ORDER: (CERTIFY of each
-    run at its sigma, the analytic expectation against Monte Carlo: ``momentreg tightness`` on
-    the first TIGHTNESS_IMAGES test images at the run's sigma). A run that predicts one class is
-    left out of the study."""
+    """The commands that the trained runs still need, each list in ``eval_rank`` order: (CERTIFY
+    of each run at its sigma, the analytic expectation against Monte Carlo: ``momentreg
+    tightness`` on the first TIGHTNESS_IMAGES test images at the run's sigma). A run that
+    predicts one class is left out of the study."""
     certify, tightness = [], []
     folder = runs / TASK / "runs"
     for run in sorted(folder.iterdir()) if folder.is_dir() else []:
         if not (run / METRICS).exists() or read_json(run / METRICS).get("constant_predictions"):
             continue
         config = read_json(run / CONFIG)
-        sigma, rank = config["sigma"], EVAL_ORDER.index(config["method"])
+        sigma, rank = config["sigma"], eval_rank(config)
         done = read_json(run / CERTIFY_FILE) if (run / CERTIFY_FILE).exists() else {}
         if done.get(f"{sigma:g}", {}).get("images") != images:
             smoothing = {"sigma": sigma, "n0": 100, "alpha": 0.001}

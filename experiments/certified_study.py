@@ -58,9 +58,18 @@ TASK = "mnist"
 
 
 # The order in which trained runs are certified (then checked for tightness): noise training (the
-# anchor check) first, then the two sides of the goal's comparisons, then the other methods.
+# anchor check) first, then the two sides of the goal's comparisons, then the other methods
+# (eval_rank: then the few-copy MACER control).
 EVAL_ORDER = ("noise", "macer-analytic", "consistency", "macer", "consistency-analytic",
               "stability", "stability-analytic", "moment")  # fmt: skip
+
+
+def eval_rank(config: dict) -> int:
+    """A run's place in EVAL_ORDER; sampled MACER with a few noisy copies (the control beside
+    the goal, not in it) after every other run."""
+    if config["method"] == "macer" and config.get("samples"):
+        return len(EVAL_ORDER)
+    return EVAL_ORDER.index(config["method"])
 
 
 RADII = (0.0, 0.5, 1.0, 1.5, 2.0)  # 0: the smoothed classifier's accuracy (abstaining is wrong)

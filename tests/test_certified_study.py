@@ -292,15 +292,33 @@ def test_a_partial_rerun_replaces_the_runs_of_its_cells_and_keeps_the_others(tmp
     assert json.loads((results / "environment.json").read_text())["date"] == "2026-12-01"
 
 
-def test_the_gpu_rerun_of_the_macer_comparison_is_nine_runs_keeping_their_last_epoch():
+def test_the_gpu_rerun_of_the_macer_comparison_is_thirteen_runs_keeping_their_last_epoch():
     spec = load_spec(str(STUDIES["gpu"].spec))
     runs = expand(certified.chosen(spec, ["macer", "macer-analytic", "noise"]))
     assert sorted((r["method"], r["sigma"], r.get("samples", 0)) for r in runs) == [
-        ("macer", 0.5, 0), ("macer", 1.0, 0), ("macer-analytic", 0.5, 0),
-        ("macer-analytic", 0.5, 1), ("macer-analytic", 1.0, 0), ("macer-analytic", 1.0, 1),
+        ("macer", 0.5, 0), ("macer", 0.5, 1), ("macer", 0.5, 2),
+        ("macer", 1.0, 0), ("macer", 1.0, 1), ("macer", 1.0, 2),
+        ("macer-analytic", 0.5, 0), ("macer-analytic", 0.5, 1),
+        ("macer-analytic", 1.0, 0), ("macer-analytic", 1.0, 1),
         ("noise", 0.25, 0), ("noise", 0.5, 0), ("noise", 1.0, 0),
     ]  # fmt: skip
-    assert {r["keep"] for r in runs} == {"last"} and len(expand(spec)) == 17
+    assert {r["keep"] for r in runs} == {"last"} and len(expand(spec)) == 21
+
+
+def test_the_few_copy_macer_control_is_certified_after_the_goals_runs(tmp_path):
+    folder = tmp_path / "mnist" / "runs"
+    for name, method, samples in [("a-control", "macer", 2), ("b-macer", "macer", 0),
+                                  ("c-analytic", "macer-analytic", 1), ("d-noise", "noise", 0),
+                                  ("e-moment", "moment", 0)]:  # fmt: skip
+        run = folder / name
+        run.mkdir(parents=True)
+        config = {"method": method, "sigma": 0.5, "samples": samples}
+        (run / "config.json").write_text(json.dumps(config))
+        (run / "metrics.json").write_text(json.dumps({"constant_predictions": False}))
+    certify, tightness = certified.evaluation_jobs(STUDIES["gpu"], tmp_path, 500, 100, "cpu")
+    order = [Path(argv[4]).name for argv in certify]
+    assert order == ["d-noise", "c-analytic", "b-macer", "e-moment", "a-control"]
+    assert [Path(argv[4]).name for argv in tightness] == order
 
 
 def test_an_unknown_method_is_a_usage_error(tmp_path):
