@@ -27,7 +27,7 @@ which runs.
 
 This file runs the stages; what the study is lives in certified_study.py, the exported runs as
 rows in certified_results.py, the verdict in certified_verdict.py, the page's setting bullets in
-certified_setting.py and the page in certified_page.py.
+certified_setting.py, the second seeds in certified_seeds.py and the page in certified_page.py.
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ from certified_results import (
     load_rows,
     missing_runs,
     row_order,
+    seed_pairs,
     uncertified_runs,
     untested,
 )
+from certified_seeds import seed_lines, seed_table
 from certified_setting import setting
 from certified_study import (
     ANCHOR_TOLERANCE,
@@ -276,7 +278,7 @@ def kept_weights(
 
 def write_doc(study: Study, results: Path, doc: Path) -> None:
     unit = study.unit
-    rows = load_rows(results / TASK, unit)
+    rows, seeds = load_rows(results / TASK, unit), seed_pairs(results / TASK, unit)
     if not rows:
         sys.exit(f"no certified run under {results / TASK}: nothing to write")
     sigmas = sorted({r["sigma"] for r in rows})
@@ -299,6 +301,7 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
         "",
         *verdict(rows, sigmas, left_methods, unit, study.macer_factor, untested(waiting)),
         *hinge_lines(results / TASK, rows, unit, study.tightness_from),
+        *seed_lines(seeds, rows, unit, study.macer_factor),
     ]
     if study.anchor_check:
         md += [
@@ -333,6 +336,17 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
             "The FLOP count prices convolutions and matrix products only; elementwise work, such "
             "as the Gaussian moments of every ReLU and pooling layer, is left out. These runs' "
             "step seconds exceed their passes by more than 1.5x: " + "; ".join(slow) + ".",
+            "",
+        ]
+    if seeds:
+        md += [
+            "## A second seed",
+            "",
+            "Runs trained again with another seed (initialization, batch order, noise), "
+            "certified on the same images. The standard errors everywhere else on this page are "
+            "over the test images only, and each comparison sets one run against one run.",
+            "",
+            seed_table(seeds, unit),
             "",
         ]
     md += [

@@ -43,6 +43,8 @@ def label(config: dict) -> str:
     copies = config.get("samples", 0)
     if config["method"] in ("macer", "macer-analytic") and copies:
         notes.append(f"{copies} noisy {'copy' if copies == 1 else 'copies'}")
+    if config.get("seed", 0):
+        notes.append(f"seed {config['seed']}")
     return config["method"] + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -96,6 +98,25 @@ def batches(results: Path) -> dict[str, str]:
 
 
 def load_rows(folder: Path, unit: str) -> list[dict]:
+    """One row per certified run of the first seed (seed 0), with its step cost; the runs of
+    other seeds are ``seed_pairs``'."""
+    rows = [r for r in _certified_rows(folder, unit) if not r["seed"]]
+    return with_step_cost(rows)
+
+
+def seed_pairs(folder: Path, unit: str) -> list[tuple[dict, dict]]:
+    """(seed-0 row, row of another seed) for each certified run of a seed other than 0 whose
+    seed-0 run (same method, depth, copies, sigma and budget) is certified too."""
+    rows = _certified_rows(folder, unit)
+
+    def key(r):
+        return (r["method"], r["depth"], r["copies"], r["sigma"], r["budget"])
+
+    first = {key(r): r for r in rows if not r["seed"]}
+    return [(first[key(r)], r) for r in rows if r["seed"] and key(r) in first]
+
+
+def _certified_rows(folder: Path, unit: str) -> list[dict]:
     made = batches(folder.parent)
     rows = []
     for run in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -113,6 +134,7 @@ def load_rows(folder: Path, unit: str) -> list[dict]:
                 "method": config["method"],
                 "depth": config.get("moment_depth", "first"),
                 "copies": config.get("samples", 0),
+                "seed": config.get("seed", 0),
                 "sigma": config["sigma"],
                 "budget": budget(config, unit),
                 "batch": made.get(config["method"], ""),
@@ -130,7 +152,7 @@ def load_rows(folder: Path, unit: str) -> list[dict]:
             }
         )
     _refuse_twins(rows, folder)
-    return with_step_cost(rows)
+    return rows
 
 
 def _refuse_twins(rows: list[dict], folder: Path) -> None:

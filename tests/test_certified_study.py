@@ -18,8 +18,10 @@ from certified_results import (  # noqa: E402
     load_rows,
     methods_option,
     missing_runs,
+    seed_pairs,
     uncertified_runs,
 )
+from certified_seeds import seed_lines, seed_spread, seed_table  # noqa: E402
 from certified_setting import later_batches, setting  # noqa: E402
 from certified_study import STUDIES  # noqa: E402
 from certified_verdict import anchor_check, goal_pairs, over_a_quarter, same_passes  # noqa: E402
@@ -199,6 +201,47 @@ def test_rows_read_the_acr_from_the_tsv_and_refuse_two_runs_of_one_method(tmp_pa
     _certified_run(tmp_path, "noise-b")  # a rerun's twin left beside it
     with pytest.raises(SystemExit, match="two runs of noise at sigma 0.5, budget 90"):
         load_rows(tmp_path, "epochs")
+
+
+def test_a_second_seed_is_paired_with_its_first_and_kept_out_of_the_rows(tmp_path):
+    _certified_run(tmp_path, "noise-a")
+    _certified_run(tmp_path, "noise-b")
+    config = json.loads((tmp_path / "noise-b" / "config.json").read_text())
+    (tmp_path / "noise-b" / "config.json").write_text(json.dumps({**config, "seed": 1}))
+    (tmp_path / "noise-b" / "certify-sigma0.5.tsv").write_text(
+        "idx\tlabel\tpredict\tradius\tcorrect\n0\t1\t1\t0.6\t1\n1\t2\t2\t0.6\t1\n"
+    )
+    (row,) = load_rows(tmp_path, "epochs")  # no twin: the second seed is no row of the tables
+    assert row["run"] == "noise-a" and row["step_cost"] == 1.0
+    ((first, again),) = seed_pairs(tmp_path, "epochs")
+    assert (first["run"], again["run"], again["label"]) == ("noise-a", "noise-b", "noise (seed 1)")
+    assert (first["acr"], again["acr"]) == pytest.approx((0.4, 0.6))
+
+
+def test_the_second_seeds_spread_is_counted_into_the_goals_resolved_pairs():
+    pairs = [
+        (row("noise", 0.5, 1.0, se=0.05, budget=60), row("noise", 0.5, 1.1, se=0.05, budget=60)),
+        (row("moment", 0.5, 0.8, se=0.05, budget=60), row("moment", 0.5, 0.7, se=0.05, budget=60)),
+    ]
+    for _, again in pairs:
+        again["seed"] = 1
+    assert seed_spread(pairs) == pytest.approx(0.1)
+    rows = [
+        row("consistency", 0.5, 0.5, se=0.05, budget=60),
+        row("stability-analytic", 0.5, 0.8, se=0.05, budget=60),  # +0.30: over 2 x 0.122
+        row("consistency", 0.5, 0.5, se=0.05, budget=15),
+        row("stability-analytic", 0.5, 0.68, se=0.05, budget=15),  # +0.18: over 0.141 only
+        row("consistency", 0.5, 0.5, se=0.05, budget=30),
+        row("stability-analytic", 0.5, 0.55, se=0.05, budget=30),  # within 2 SE of the images
+    ]
+    (line,) = seed_lines(pairs, rows, "s", 4)
+    assert "2 runs of 60 s trained again with another seed moved their ACR by up to 0.100" in line
+    assert "(root mean square 0.100; the median standard error over the images is 0.050)" in line
+    assert "1 of the 2 goal comparisons that hold by more than two standard errors still do" in line
+    assert "| moment | 0.5 | 60 | 1 | 0.800 ± 0.050 | 0.700 ± 0.050 | -0.100 | 0.141 |" in (
+        seed_table(pairs, "s")
+    )
+    assert seed_lines([], rows, "s", 4) == []
 
 
 @pytest.mark.parametrize("study, beside", [("cpu", False), ("gpu", True)])
