@@ -51,7 +51,7 @@ def goal_pairs(rows: list[dict], unit: str, macer_factor: int) -> list[tuple[str
 def _against_macer(rows: list[dict], macer_factor: int) -> list[tuple[dict, dict]]:
     """(MACER run, macer-analytic run) of one sigma, the analytic one at 1 / ``macer_factor``
     of MACER's budget, whatever its measured compute."""
-    macers = [r for r in rows if r["method"] == "macer" and not r.get("copies")]  # 16 copies
+    macers = [r for r in rows if r["method"] == "macer" and not r["copies"]]  # 16 copies
     analytic = sorted((r for r in rows if r["method"] == "macer-analytic"), key=row_order)
     return [
         (macer, r)
@@ -90,7 +90,7 @@ def same_passes(rows: list[dict], unit: str) -> tuple[list[str], str | None]:
                 m["method"] == "macer"
                 and m["sigma"] == r["sigma"]
                 and m["budget"] == r["budget"]
-                and m.get("copies") == round(r["passes"])
+                and m["copies"] == round(r["passes"])
             ):
                 ahead.append(_gap(r, m))
                 lines.append(
