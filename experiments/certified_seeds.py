@@ -42,27 +42,40 @@ def seed_table(pairs: list[tuple[dict, dict]], unit: str) -> str:
 
 
 def seed_lines(pairs, rows, unit: str, macer_factor: int) -> list[str]:
-    """What the second seeds say of the page's comparisons: their spread against the images'
-    standard error, and how many of the goal's pairs still clear two standard errors once the
-    training draw is counted (the gap's variance: the spread squared plus both runs' squared
-    image standard errors)."""
+    """What the second seeds say of the page's comparisons: their spread at each budget against
+    the images' standard error, and how many of the goal's pairs still clear two standard errors
+    once the training draw is counted. A gap's variance is then both runs' squared image
+    standard errors plus half the squared spread at each run's budget (at a budget without second
+    seeds, the spread over all of them)."""
     if not pairs:
         return []
-    rms = seed_spread(pairs)
+    budgets = sorted({a["budget"] for a, _ in pairs})
+    spread = {b: seed_spread([p for p in pairs if p[0]["budget"] == b]) for b in budgets}
+    pooled = seed_spread(pairs)
+
+    def train_var(r):
+        return spread.get(r["budget"], pooled) ** 2 / 2
+
     apart = sum(abs(b["acr"] - a["acr"]) > 2 * math.hypot(a["se"], b["se"]) for a, b in pairs)
     se = statistics.median(r["se"] for pair in pairs for r in pair)
     goal = goal_pairs(rows, unit, macer_factor)
     held = [(a, b) for _, a, b in goal if a["acr"] - b["acr"] > 2 * math.hypot(a["se"], b["se"])]
     still = [(a, b) for a, b in held if a["acr"] - b["acr"] > 2 * math.sqrt(
-        rms**2 + a["se"] ** 2 + b["se"] ** 2)]  # fmt: skip
-    budgets = " and ".join(f"{b:g}" for b in sorted({a["budget"] for a, _ in pairs}))
+        train_var(a) + train_var(b) + a["se"] ** 2 + b["se"] ** 2)]  # fmt: skip
+    at = []
+    for b in budgets:
+        moves = [abs(y["acr"] - x["acr"]) for x, y in pairs if x["budget"] == b]
+        at.append(
+            f"up to {max(moves):.3f} at {b:g} {unit} ({len(moves)} run"
+            f"{'s' * (len(moves) > 1)}, root mean square "
+            f"{spread[b]:.3f})"
+        )
     return [
-        f"- **A second seed:** {len(pairs)} runs of {budgets} {unit} trained again with another "
-        "seed moved their ACR "
-        f"by up to {max(abs(b['acr'] - a['acr']) for a, b in pairs):.3f} (root mean square "
-        f"{rms:.3f}; the median standard error over the images is {se:.3f}); {apart} of "
-        f"{len(pairs)} moves exceed two standard errors of the images. Counting a training "
-        f"draw of that spread in every run, {len(still)} of the {len(held)} goal comparisons "
-        "that hold by more than two standard errors still do (the section on second seeds "
-        "below).",
+        "- **A second seed:** runs trained again with another seed moved their ACR by "
+        + " and ".join(at)
+        + f"; the median standard error over the images is {se:.3f}, and {apart} of "
+        f"{len(pairs)} moves exceed two standard errors of the images. Counting a training draw "
+        "of that spread in every run (its budget's, or all seeds' where its budget has none), "
+        f"{len(still)} of the {len(held)} goal comparisons that hold by more than two standard "
+        "errors still do (the section on second seeds below).",
     ]
