@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from statistics import NormalDist
 
 from certified_results import (
     left_out_runs,
     load_rows,
     missing_runs,
     row_order,
-    seed_pairs,
     uncertified_runs,
     untested,
 )
@@ -28,6 +28,7 @@ from certified_study import (
     TIGHTNESS_IMAGES,
     TIGHTNESS_SAMPLES,
     Study,
+    authors_copies,
 )
 from certified_verdict import anchor_check, verdict
 from matplotlib.ticker import FuncFormatter
@@ -35,6 +36,7 @@ from study import fmt, provenance
 
 from momentreg.plots import plt
 from momentreg.rundir import CERTIFY_FILE, TIGHTNESS_FILE, read_json
+from momentreg.smoothing_losses import MACER_BETA, MACER_GAMMA
 from momentreg.sweep import load_spec
 from momentreg.tables import markdown_table
 
@@ -68,8 +70,8 @@ def anchor_table(rows, sigmas, left_out: dict[float, set], unit: str, not_certif
 
     def cell(name: str, sigma: float) -> str:
         runs = [
-            r for r in rows if r["method"] == name and r["sigma"] == sigma and not r["copies"]
-        ]  # the authors' copies (MACER's 16), as the anchors
+            r for r in rows if r["method"] == name and r["sigma"] == sigma and authors_copies(r)
+        ]
         if runs:
             r = max(runs, key=lambda r: r["budget"])
             return f"{r['acr']:.3f} ({r['budget']:g} {unit})"
@@ -148,7 +150,8 @@ def soft_table(folder: Path, rows: list[dict], sigma: float, unit: str, least: f
     header = ["method", f"budget ({unit})", "first layer: TV", "all layers: TV",
               "Monte Carlo floor", "hinge acts: Monte Carlo", "first layer",
               "all layers"]  # fmt: skip
-    tv = ("analytic_tv_beta16_median", "all_layers_tv_beta16_median", "mc_tv_floor_beta16")
+    b = f"beta{MACER_BETA:g}"
+    tv = (f"analytic_tv_{b}_median", f"all_layers_tv_{b}_median", f"mc_tv_floor_{b}")
     share = ("mc_hinge_share", "analytic_hinge_share", "all_layers_hinge_share")
     body = [
         [r["label"], f"{r['budget']:g}", *(f"{t[k]:.3f}" for k in tv)]
@@ -278,7 +281,7 @@ def kept_weights(
 
 def write_doc(study: Study, results: Path, doc: Path) -> None:
     unit = study.unit
-    rows, seeds = load_rows(results / TASK, unit), seed_pairs(results / TASK, unit)
+    rows, seeds = load_rows(results / TASK, unit)
     if not rows:
         sys.exit(f"no certified run under {results / TASK}: nothing to write")
     sigmas = sorted({r["sigma"] for r in rows})
@@ -385,12 +388,13 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
         soft = soft_table(results / TASK, rows, sigma, unit, study.tightness_from)
         if soft:
             md += [
-                f"MACER's soft smoothed classifier at sigma {sigma:g}, E[softmax(16 f(x + n))] "
-                "by Monte Carlo from the same draws, against its analytic stand-ins: softmax(16 "
-                "tail(T)) from the first layer, the pairwise probit from all layers. The median "
-                "total variation, its floor (half the summed Monte Carlo standard errors), and the "
-                "share of images on which MACER's hinge can act, their gap Phi^-1(g1) - "
-                "Phi^-1(g2) finite and at most 8 (none with g1 above 0.99997):",
+                f"MACER's soft smoothed classifier at sigma {sigma:g}, E[softmax({MACER_BETA:g} "
+                "f(x + n))] by Monte Carlo from the same draws, against its analytic stand-ins: "
+                f"softmax({MACER_BETA:g} tail(T)) from the first layer, the pairwise probit from "
+                "all layers. The median total variation, its floor (half the summed Monte Carlo "
+                "standard errors), and the share of images on which MACER's hinge can act, their "
+                f"gap Phi^-1(g1) - Phi^-1(g2) finite and at most {MACER_GAMMA:g} (none with g1 "
+                f"above {NormalDist().cdf(MACER_GAMMA / 2):.5f}):",
                 "",
                 soft,
                 "",

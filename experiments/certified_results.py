@@ -97,23 +97,18 @@ def batches(results: Path) -> dict[str, str]:
     return made
 
 
-def load_rows(folder: Path, unit: str) -> list[dict]:
-    """One row per certified run of the first seed (seed 0), with its step cost; the runs of
-    other seeds are ``seed_pairs``'."""
-    rows = [r for r in _certified_rows(folder, unit) if not r["seed"]]
-    return with_step_cost(rows)
-
-
-def seed_pairs(folder: Path, unit: str) -> list[tuple[dict, dict]]:
-    """(seed-0 row, row of another seed) for each certified run of a seed other than 0 whose
-    seed-0 run (same method, depth, copies, sigma and budget) is certified too."""
+def load_rows(folder: Path, unit: str) -> tuple[list[dict], list[tuple[dict, dict]]]:
+    """One row per certified run of the first seed (seed 0), with its step cost; and (seed-0
+    row, row of another seed) for each certified run of a seed other than 0 whose seed-0 run
+    (same method, depth, copies, sigma and budget) is certified too. Every run is read once."""
     rows = _certified_rows(folder, unit)
 
     def key(r):
         return (r["method"], r["depth"], r["copies"], r["sigma"], r["budget"])
 
     first = {key(r): r for r in rows if not r["seed"]}
-    return [(first[key(r)], r) for r in rows if r["seed"] and key(r) in first]
+    pairs = [(first[key(r)], r) for r in rows if r["seed"] and key(r) in first]
+    return with_step_cost(list(first.values())), pairs
 
 
 def _certified_rows(folder: Path, unit: str) -> list[dict]:

@@ -64,6 +64,12 @@ EVAL_ORDER = ("noise", "macer-analytic", "consistency", "macer", "consistency-an
               "stability", "stability-analytic", "moment")  # fmt: skip
 
 
+def authors_copies(row: dict) -> bool:
+    """Whether a run uses the noisy copies of the authors' runs (samples 0: consistency's 2,
+    MACER's 16), as the goal's MACER and the published anchors do."""
+    return not row["copies"]
+
+
 def eval_rank(config: dict) -> int:
     """A run's place in EVAL_ORDER; sampled MACER with a few noisy copies (the control beside
     the goal, not in it) after every other run."""

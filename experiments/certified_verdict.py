@@ -9,7 +9,7 @@ import itertools
 import math
 
 from certified_results import row_order
-from certified_study import ANCHOR_TOLERANCE, ANCHORS, SAMPLED
+from certified_study import ANCHOR_TOLERANCE, ANCHORS, SAMPLED, authors_copies
 
 
 def _gap(a: dict, b: dict) -> tuple[float, float]:
@@ -51,7 +51,7 @@ def goal_pairs(rows: list[dict], unit: str, macer_factor: int) -> list[tuple[str
 def _against_macer(rows: list[dict], macer_factor: int) -> list[tuple[dict, dict]]:
     """(MACER run, macer-analytic run) of one sigma, the analytic one at 1 / ``macer_factor``
     of MACER's budget, whatever its measured compute."""
-    macers = [r for r in rows if r["method"] == "macer" and not r["copies"]]  # 16 copies
+    macers = [r for r in rows if r["method"] == "macer" and authors_copies(r)]
     analytic = sorted((r for r in rows if r["method"] == "macer-analytic"), key=row_order)
     return [
         (macer, r)

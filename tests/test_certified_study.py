@@ -18,7 +18,6 @@ from certified_results import (  # noqa: E402
     load_rows,
     methods_option,
     missing_runs,
-    seed_pairs,
     uncertified_runs,
 )
 from certified_seeds import seed_lines, seed_spread, seed_table  # noqa: E402
@@ -194,7 +193,7 @@ def _certified_run(folder, name, method="noise", sigma=0.5):
 
 def test_rows_read_the_acr_from_the_tsv_and_refuse_two_runs_of_one_method(tmp_path):
     _certified_run(tmp_path, "noise-a")
-    (row,) = load_rows(tmp_path, "epochs")
+    (row,), _ = load_rows(tmp_path, "epochs")
     assert row["acr"] == pytest.approx(0.4) and row["budget"] == 90  # (0.8 + 0) / 2
     # certified accuracy counts correct predictions only, at r = 0 too (the wrong one has 0.3)
     assert row["at"] == {0.0: 50.0, 0.5: 50.0, 1.0: 0.0, 1.5: 0.0, 2.0: 0.0}
@@ -211,9 +210,8 @@ def test_a_second_seed_is_paired_with_its_first_and_kept_out_of_the_rows(tmp_pat
     (tmp_path / "noise-b" / "certify-sigma0.5.tsv").write_text(
         "idx\tlabel\tpredict\tradius\tcorrect\n0\t1\t1\t0.6\t1\n1\t2\t2\t0.6\t1\n"
     )
-    (row,) = load_rows(tmp_path, "epochs")  # no twin: the second seed is no row of the tables
+    (row,), ((first, again),) = load_rows(tmp_path, "epochs")  # the second seed is no row
     assert row["run"] == "noise-a" and row["step_cost"] == 1.0
-    ((first, again),) = seed_pairs(tmp_path, "epochs")
     assert (first["run"], again["run"], again["label"]) == ("noise-a", "noise-b", "noise (seed 1)")
     assert (first["acr"], again["acr"]) == pytest.approx((0.4, 0.6))
 
@@ -314,7 +312,7 @@ def test_a_partial_rerun_replaces_the_runs_of_its_cells_and_keeps_the_others(tmp
     assert (results / "command.txt").read_text().splitlines() == [first, again]
     assert json.loads((results / "environment.json").read_text())["date"] == "2026-11-30"
 
-    rows = {r["method"]: r for r in load_rows(results / "mnist", "epochs")}
+    rows = {r["method"]: r for r in load_rows(results / "mnist", "epochs")[0]}
     assert rows["noise"]["batch"] == rows["macer"]["batch"] == "noise,macer"
     assert rows["consistency"]["batch"] == ""
     assert methods_option(again.replace("--methods ", "--methods=")) == "noise,macer"
