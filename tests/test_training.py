@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -168,25 +169,54 @@ def test_time_budget_ends_the_run_in_the_step_that_crosses_it(tmp_path):
     assert again == history  # a finished budget run does not train on when resumed
 
 
-def test_budget_step_rate_and_deferral_follow_the_step_clock():
-    """The anchors' recipe as shares of a budget of 9 s: lr / 10 at 3 s and 6 s; MACER's term off
-    for the first 0.34 of the budget (3.06 s)."""
+@pytest.mark.parametrize(
+    "budget, clocks",
+    [  # (steps, seconds) of the clock
+        ({"time_budget": 9.0}, [(100, t) for t in (0.0, 2.99, 3.01, 3.07, 6.01, 8.99)]),
+        ({"step_budget": 90}, [(n, 1e6) for n in (0, 29, 30, 31, 60, 89)]),
+    ],
+)
+def test_budget_step_rate_and_deferral_follow_the_budget(budget, clocks):
+    """The anchors' recipe as shares of a budget of 9 s or 90 steps: lr / 10 at a third and two
+    thirds of it; MACER's term off for its first 0.34 (3.06 s, 30.6 steps). Under a time budget
+    the steps do not matter, under a step budget the seconds do not."""
     cfg = TrainConfig(
         method="macer", sigma=0.5, alpha=16.0, lr=0.01, lr_gamma=0.1, lr_schedule="budget-step",
-        lr_step_budget=1 / 3, time_budget=9.0, alpha_delay_budget=0.34,
+        lr_step_budget=1 / 3, alpha_delay_budget=0.34, **budget,
     )  # fmt: skip
     cfg.validate()
     opt = torch.optim.SGD(tiny_net().parameters(), lr=cfg.lr)
-    for seconds, lr, alpha in [
-        (0.0, 1e-2, 0.0), (2.99, 1e-2, 0.0), (3.01, 1e-3, 0.0), (3.07, 1e-3, 16.0),
-        (6.01, 1e-4, 16.0), (8.99, 1e-4, 16.0),
-    ]:  # fmt: skip
-        clock = _StepClock(steps=100, seconds=seconds)
+    rates = [1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4]
+    alphas = [0.0, 0.0, 0.0, 16.0, 16.0, 16.0]
+    for (steps, seconds), lr, alpha in zip(clocks, rates, alphas, strict=True):
+        clock = _StepClock(steps=steps, seconds=seconds)
         _budget_lr(opt, cfg, clock)
         assert opt.param_groups[0]["lr"] == pytest.approx(lr)
         assert _step_config(cfg, 1, clock).alpha == alpha
     by_epoch = TrainConfig(method="macer", alpha=16.0, alpha_delay=2)
     assert [_step_config(by_epoch, e, _StepClock()).alpha for e in (1, 2, 3)] == [0, 0, 16]
+
+
+def test_step_budget_ends_the_run_after_exactly_that_many_steps_and_repeats(tmp_path):
+    tr, va = _sample()  # 240 training images: 5 steps per epoch
+    kwargs = dict(epochs=1000, step_budget=12, early_stop=1000, **FAST)
+    history = train(tiny_net(), tr, va, out_dir=tmp_path, **kwargs)
+    assert [r["steps"] for r in history] == [5, 10, 12]  # the last epoch is a partial one
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["finished"]
+    assert train(tiny_net(), tr, va, out_dir=tmp_path, resume=True, **kwargs) == history
+    a = tiny_net()
+    b = copy.deepcopy(a)
+    train(a, tr, va, keep="last", **kwargs)
+    train(b, tr, va, keep="last", **kwargs)
+    weights = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in weights)
+
+
+def test_a_run_has_one_budget():
+    with pytest.raises(ValueError, match="time-budget or step-budget, not both"):
+        TrainConfig(time_budget=5.0, step_budget=10).validate()
+    with pytest.raises(ValueError, match="invalid step-budget"):
+        TrainConfig(step_budget=-1).validate()
 
 
 def test_a_budget_step_run_records_the_decayed_rate(tmp_path):

@@ -139,7 +139,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--alpha-delay-budget",
         type=nonneg_float,
-        help="train this share of --time-budget with the regularizer off (0 to 1)",
+        help="train this share of the budget (--time-budget or --step-budget) with the "
+        "regularizer off (0 to 1)",
     )
     p.add_argument(
         "--sigma-warmup",
@@ -158,13 +159,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lr-schedule",
         choices=LR_SCHEDULES,
-        help="budget-step: decay at every --lr-step-budget share of --time-budget",
+        help="budget-step: decay at every --lr-step-budget share of the budget",
     )
     g.add_argument("--lr-step", type=pos_int, help="step schedule: epochs between decays")
     g.add_argument(
         "--lr-step-budget",
         type=pos_float,
-        help="budget-step schedule: share of --time-budget between decays (default 1/3)",
+        help="budget-step schedule: share of the budget between decays (default 1/3)",
     )
     g.add_argument("--lr-gamma", type=pos_float, help="step schedule: the decay factor")
     g.add_argument("--plateau-factor", type=pos_float)
@@ -180,6 +181,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--time-budget",
         type=pos_float,
         help="stop once the training steps took this many seconds (validation not counted)",
+    )
+    g.add_argument(
+        "--step-budget",
+        type=pos_int,
+        help="stop after this many training steps (repeatable, unlike --time-budget)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

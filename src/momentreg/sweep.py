@@ -155,6 +155,8 @@ def run_dir_name(config: dict) -> str:
         parts += [token for token, _ in moment_variants(config)]
     if config.get("time_budget"):
         parts.append(f"t{config['time_budget']}")
+    if config.get("step_budget"):
+        parts.append(f"steps{config['step_budget']}")
     return "-".join(str(p) for p in parts) + f"-{digest}"
 
 
@@ -312,17 +314,18 @@ def sweep(
 
 
 def _cost(config: dict) -> float:
-    """A run's training cost relative to one clean epoch (N-fold augmentation: N; moment: ~2); a
-    time-budgeted run costs its budget (seconds), so the largest budgets start first."""
+    """A run's training cost relative to one clean epoch (N-fold augmentation: N; moment: ~2),
+    or to one clean step for a step-budgeted run; a time-budgeted run costs its budget (seconds).
+    The largest start first (an order only: the units differ)."""
     if config.get("time_budget"):
         return config["time_budget"]
     method = config.get("method")
-    per_epoch = {
+    per_pass = {
         "augment": config.get("folds", 1),
         "consistency": config.get("samples") or 2,
         "macer": config.get("samples") or 16,
     }.get(method, 2 if method in WEIGHTED else 1)
-    return config.get("epochs", 100) * per_epoch
+    return (config.get("step_budget") or config.get("epochs", 100)) * per_pass
 
 
 def _run_local(todo, workers, progress) -> list[str]:

@@ -33,7 +33,7 @@ class TrainConfig:
     macer_beta: float = MACER_BETA  # macer: the inverse temperature of the soft smoothed classifier
     macer_gamma: float = MACER_GAMMA  # macer: the hinge's margin
     alpha_delay: int = 0  # epochs trained with the regularizer off (MACER's deferral)
-    alpha_delay_budget: float = 0.0  # the same, as a share of time_budget (a budget run's deferral)
+    alpha_delay_budget: float = 0.0  # the same, as a share of the budget (a budget run's deferral)
     sigma_warmup: int = 100  # steps over which the noise rises linearly to sigma (0: none)
     optimizer: str = "adam"
     lr: float = 1e-4
@@ -44,12 +44,13 @@ class TrainConfig:
     epochs: int = 100
     lr_schedule: str = "plateau"  # "plateau" (on the validation loss), "step" or "budget-step"
     lr_step: int = 30  # step schedule: epochs between decays
-    lr_step_budget: float = 1 / 3  # budget-step schedule: share of time_budget between decays
+    lr_step_budget: float = 1 / 3  # budget-step schedule: share of the budget between decays
     lr_gamma: float = 0.1  # step schedule: the decay factor
     plateau_factor: float = 0.9
     plateau_patience: int = 3
     early_stop: int = 10
     time_budget: float = 0.0  # stop once the training steps took this many seconds (0: no limit)
+    step_budget: int = 0  # stop after this many training steps (0: no limit); not with time_budget
     keep: str = "best"  # the weights a run ends with: "best" validation loss, or the "last" epoch's
     seed: int = 0
 
@@ -91,6 +92,7 @@ class TrainConfig:
             "lr_step": self.lr_step >= 1,
             "lr_gamma": 0 < self.lr_gamma <= 1,
             "time_budget": self.time_budget >= 0 and math.isfinite(self.time_budget),
+            "step_budget": self.step_budget >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -100,11 +102,21 @@ class TrainConfig:
                 f"samples sets the noisy copies of {', '.join(COPIES)}; {self.method} has none "
                 "to set"
             )
-        if (self.alpha_delay_budget or self.lr_schedule == "budget-step") and not self.time_budget:
+        if self.time_budget and self.step_budget:
+            raise ValueError("a run has one budget: set time-budget or step-budget, not both")
+        budgeted = self.time_budget or self.step_budget
+        if (self.alpha_delay_budget or self.lr_schedule == "budget-step") and not budgeted:
             raise ValueError(
-                "alpha-delay-budget and the budget-step schedule are shares of the time budget: "
-                "set time-budget"
+                "alpha-delay-budget and the budget-step schedule are shares of the budget: "
+                "set time-budget or step-budget"
             )
+
+    def budget_share(self, steps: int, seconds: float) -> float:
+        """How much of the run's budget ``steps`` training steps that took ``seconds`` have
+        used: seconds over ``time_budget``, or steps over ``step_budget`` (0 without a budget)."""
+        if self.time_budget:
+            return seconds / self.time_budget
+        return steps / self.step_budget if self.step_budget else 0.0
 
 
 # The paper's protocol per model; any field can be overridden.

@@ -189,7 +189,7 @@ class TrainState:
 
 @dataclasses.dataclass
 class _StepClock:
-    """Training steps and their seconds, for the time budget: the first step of each call (which
+    """Training steps and their seconds, for the budget: the first step of each call (which
     compiles the ReLU kernels) is counted as a step but not timed."""
 
     steps: int = 0
@@ -200,6 +200,14 @@ class _StepClock:
         self.steps += 1
         self.seconds += seconds if self.warm else 0.0
         self.warm = True
+
+    def share(self, cfg: TrainConfig) -> float:
+        """The share of ``cfg``'s time or step budget used so far."""
+        return cfg.budget_share(self.steps, self.seconds)
+
+    def spent(self, cfg: TrainConfig) -> bool:
+        """Whether ``cfg`` has a budget and it is used up."""
+        return bool(cfg.time_budget or cfg.step_budget) and self.share(cfg) >= 1
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -220,10 +228,10 @@ def _train_step(state: TrainState, x, y, noisy, cfg: TrainConfig, split) -> tupl
 
 def _step_config(cfg: TrainConfig, epoch: int, clock: _StepClock) -> TrainConfig:
     """The settings of the next step: the regularizer off during ``alpha_delay`` epochs and the
-    first ``alpha_delay_budget`` share of the time budget, and the noise level ramped up linearly
+    first ``alpha_delay_budget`` share of the budget, and the noise level ramped up linearly
     over the first ``sigma_warmup`` steps."""
     changes = {}
-    if epoch <= cfg.alpha_delay or clock.seconds < cfg.alpha_delay_budget * cfg.time_budget:
+    if epoch <= cfg.alpha_delay or clock.share(cfg) < cfg.alpha_delay_budget:
         changes["alpha"] = 0.0
     if clock.steps < cfg.sigma_warmup:
         changes["sigma"] = cfg.sigma * (clock.steps + 1) / cfg.sigma_warmup
@@ -231,17 +239,17 @@ def _step_config(cfg: TrainConfig, epoch: int, clock: _StepClock) -> TrainConfig
 
 
 def _budget_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, clock: _StepClock) -> None:
-    """The budget-step schedule: lr times lr_gamma for every lr_step_budget share of the time
-    budget the training steps have taken (the anchors' "/ 10 at epochs 30 and 60 of 90" as
-    shares of a budget of seconds)."""
-    decays = math.floor(clock.seconds / (cfg.lr_step_budget * cfg.time_budget))
+    """The budget-step schedule: lr times lr_gamma for every lr_step_budget share of the budget
+    the training steps have used (the anchors' "/ 10 at epochs 30 and 60 of 90" as shares of a
+    budget of seconds or steps)."""
+    decays = math.floor(clock.share(cfg) / cfg.lr_step_budget)
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * cfg.lr_gamma**decays
 
 
 def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
     """One pass over the training set (N-fold augmentation: N passes, N-1 of them noisy), in a
-    seeded order; stops early once ``clock`` is past the time budget. Returns the epoch's loss
+    seeded order; stops early once ``clock`` is past the budget. Returns the epoch's loss
     and accuracy."""
     state.model.train()
     n = len(labels)
@@ -262,7 +270,7 @@ def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
             raise TrainingError(f"{e} at epoch {epoch}, batch {step + 1}") from None
         total_loss, correct, seen = total_loss + loss * len(y), correct + hits, seen + len(y)
         clock.add(time.perf_counter() - t_step)
-        if cfg.time_budget and clock.seconds >= cfg.time_budget:
+        if clock.spent(cfg):
             break  # the last epoch is a partial one
     return {
         "epoch": epoch,
@@ -297,7 +305,8 @@ def train(
     ends inside the epoch in which its training steps (timed on the host, the step's loss read back)
     have taken that many seconds (the first step of the call, which compiles, is not counted); that
     partial epoch is validated and checkpointed like any other. Where it stops depends on the clock,
-    so such a run is not bit-for-bit repeatable.
+    so such a run is not bit-for-bit repeatable; with ``step_budget`` it ends after that many
+    steps on any machine (and on the CPU repeats bit for bit).
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     cfg.validate()
@@ -337,8 +346,7 @@ def train(
             model, val_images, val_labels, cfg.batch_size, device
         )
         state.end_epoch(_history_row(row, state, clock, time.perf_counter() - t0))
-        out_of_time = bool(cfg.time_budget) and clock.seconds >= cfg.time_budget
-        state.stopped = state.bad_epochs >= cfg.early_stop or out_of_time
+        state.stopped = state.bad_epochs >= cfg.early_stop or clock.spent(cfg)
         epochs.set_postfix(val_loss=f"{row['val_loss']:.4f}", val_acc=f"{row['val_accuracy']:.2f}")
         if writer is not None:
             _log(writer, state)
