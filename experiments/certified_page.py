@@ -15,7 +15,7 @@ from certified_results import (
     uncertified_runs,
     untested,
 )
-from certified_seeds import seed_lines, seed_table
+from certified_seeds import at_seconds, at_steps, seed_lines, seed_table
 from certified_setting import setting
 from certified_study import (
     ANCHOR_TOLERANCE,
@@ -349,9 +349,19 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
             "certified on the same images. The standard errors everywhere else on this page are "
             "over the test images only, and each comparison sets one run against one run.",
             "",
-            seed_table(seeds, unit),
-            "",
         ]
+        kinds = [
+            (at_steps(seeds), "At the first seed's steps: the second seed stopped after exactly "
+             "the steps its seed-0 run took (`step_budget`), its schedule (learning-rate steps, "
+             "MACER's deferral) at shares of its steps where the first seed's was at shares of "
+             "its seconds. The two differ in the draw, and only as far as the first seed's step "
+             "times varied in where the schedule turned."),
+            (at_seconds(seeds), "At the same seconds: the second seed had the same budget of "
+             "seconds and took its own number of steps, which the machine's speed and load set "
+             "when it was trained; the draw and the clock both moved these."),
+        ]  # fmt: skip
+        for pairs, text in kinds:
+            md += [text, "", seed_table(pairs, unit), ""] if pairs else []
     md += [
         "## The published anchors beside ours",
         "",

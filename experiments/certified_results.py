@@ -100,15 +100,25 @@ def batches(results: Path) -> dict[str, str]:
 def load_rows(folder: Path, unit: str) -> tuple[list[dict], list[tuple[dict, dict]]]:
     """One row per certified run of the first seed (seed 0), with its step cost; and (seed-0
     row, row of another seed) for each certified run of a seed other than 0 whose seed-0 run
-    (same method, depth, copies, sigma and budget) is certified too. Every run is read once."""
+    (same method, depth, copies and sigma) is certified too: at the same budget, or, for a run
+    with a step budget, the one that took that many steps (the pair's row then takes its
+    budget, and ``at_steps``). Every run is read once."""
     rows = _certified_rows(folder, unit)
 
     def key(r):
-        return (r["method"], r["depth"], r["copies"], r["sigma"], r["budget"])
+        return (r["method"], r["depth"], r["copies"], r["sigma"])
 
-    first = {key(r): r for r in rows if not r["seed"]}
-    pairs = [(first[key(r)], r) for r in rows if r["seed"] and key(r) in first]
-    return with_step_cost(list(first.values())), pairs
+    first = [r for r in rows if not r["seed"]]
+    pairs = []
+    for r in (r for r in rows if r["seed"]):
+        if r["step_budget"]:
+            match = [a for a in first if key(a) == key(r) and a["steps"] == r["step_budget"]]
+            r.update(budget=match[0]["budget"] if match else r["budget"], at_steps=True)
+        else:
+            match = [a for a in first if key(a) == key(r) and a["budget"] == r["budget"]]
+            r["at_steps"] = False
+        pairs += [(match[0], r)] if match else []
+    return with_step_cost(first), pairs
 
 
 def _certified_rows(folder: Path, unit: str) -> list[dict]:
@@ -132,6 +142,7 @@ def _certified_rows(folder: Path, unit: str) -> list[dict]:
                 "seed": config.get("seed", 0),
                 "sigma": config["sigma"],
                 "budget": budget(config, unit),
+                "step_budget": config.get("step_budget", 0),
                 "batch": made.get(config["method"], ""),
                 "environment": metrics.get("environment"),
                 "seconds": metrics["step_seconds"],
@@ -156,7 +167,7 @@ def _refuse_twins(rows: list[dict], folder: Path) -> None:
     other methods."""
     seen = {}
     for r in rows:
-        key = (r["label"], r["sigma"], r["budget"])
+        key = (r["label"], r["sigma"], r["budget"], r["step_budget"])
         if key in seen:
             sys.exit(
                 f"{folder} holds two runs of {r['label']} at sigma {r['sigma']:g}, budget "

@@ -21,14 +21,16 @@ def seed_spread(pairs: list[tuple[dict, dict]]) -> float:
 
 
 def seed_table(pairs: list[tuple[dict, dict]], unit: str) -> str:
-    """Each pair: the run, its two seeds' ACRs (± the images' standard error), their difference
-    and two standard errors of it over the images."""
+    """Each pair: the run, its two seeds' steps and ACRs (± the images' standard error), their
+    difference and two standard errors of it over the images."""
     body = [
         [
             a["label"],
             f"{a['sigma']:g}",
             f"{a['budget']:g}",
             f"{b['seed']}",
+            f"{a['steps']}",
+            f"{b['steps']}",
             f"{a['acr']:.3f} ± {a['se']:.3f}",
             f"{b['acr']:.3f} ± {b['se']:.3f}",
             f"{b['acr'] - a['acr']:+.3f}",
@@ -36,19 +38,68 @@ def seed_table(pairs: list[tuple[dict, dict]], unit: str) -> str:
         ]
         for a, b in sorted(pairs, key=lambda p: row_order(p[0]))
     ]
-    header = ["method", "sigma", f"budget ({unit})", "other seed", "ACR, seed 0",
-              "ACR, other seed", "difference", "2 SE (images)"]  # fmt: skip
-    return markdown_table(header, body, align="lrrrrrrr")
+    header = ["method", "sigma", f"budget ({unit})", "other seed", "steps, seed 0",
+              "steps, other seed", "ACR, seed 0", "ACR, other seed", "difference",
+              "2 SE (images)"]  # fmt: skip
+    return markdown_table(header, body, align="lrrrrrrrrr")
+
+
+def at_steps(pairs: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
+    """The pairs whose second seed stopped after its first seed's steps: they differ only in the
+    draw of the training."""
+    return [p for p in pairs if p[1]["at_steps"]]
+
+
+def at_seconds(pairs: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
+    """The pairs whose second seed had the same seconds, and so its own number of steps."""
+    return [p for p in pairs if not p[1]["at_steps"]]
 
 
 def seed_lines(pairs, rows, unit: str, macer_factor: int) -> list[str]:
-    """What the second seeds say of the page's comparisons: their spread at each budget against
-    the images' standard error, and how many of the goal's pairs still clear two standard errors
-    once the training draw is counted. A gap's variance is then both runs' squared image
-    standard errors plus half the squared spread at each run's budget (at a budget without second
-    seeds, the spread over all of them)."""
+    """What the second seeds say of the page's comparisons, for each kind of second seed: their
+    spread at each budget against the images' standard error, and how many of the goal's pairs
+    still clear two standard errors once the training draw is counted; then the goal's pairs
+    whose two runs both have a second seed at their steps, compared seed 1 with seed 1."""
     if not pairs:
         return []
+    goal = goal_pairs(rows, unit, macer_factor)
+    held = [(a, b) for _, a, b in goal if a["acr"] - b["acr"] > 2 * math.hypot(a["se"], b["se"])]
+    lines = []
+    steps, seconds = at_steps(pairs), at_seconds(pairs)
+    if steps:
+        what = "**A second seed at the first seed's steps** (the draw of the training alone):"
+        lines.append(_spread_line(what, steps, held, unit))
+    if seconds:
+        ratios = sorted(b["steps"] / a["steps"] for a, b in seconds)
+        what = (
+            "**A second seed at the same seconds** (the draw and the clock: in the same seconds "
+            f"these runs took {ratios[0]:.2f}x to {ratios[-1]:.2f}x their first seed's steps, "
+            f"median {statistics.median(ratios):.2f}x):"
+        )
+        lines.append(_spread_line(what, seconds, held, unit) + _both_kinds(steps, seconds))
+    return lines + _retrained_lines([(a, b) for _, a, b in goal], steps, unit)
+
+
+def _both_kinds(steps, seconds) -> str:
+    """The runs drawn again both ways: the spread at their first seed's steps against the spread
+    at the same seconds, which tells how much of the latter the clock made."""
+    matched = {a["run"]: (a, b) for a, b in steps}
+    both = [(matched[a["run"]], (a, b)) for a, b in seconds if a["run"] in matched]
+    if not both:
+        return ""
+    return (
+        f" The {len(both)} runs drawn again both ways moved by a root mean square of "
+        f"{seed_spread([p for p, _ in both]):.3f} at their first seed's steps and "
+        f"{seed_spread([p for _, p in both]):.3f} at the same seconds."
+    )
+
+
+def _spread_line(what: str, pairs, held, unit: str) -> str:
+    """One kind of second seed: how far it moved the ACRs at each budget, against the images'
+    standard error, and how many of the ``held`` goal pairs keep a gap over two standard errors
+    once a training draw of that spread is counted in both runs. A gap's variance is then both
+    runs' squared image standard errors plus half the squared spread at each run's budget (at a
+    budget without second seeds, the spread over all of them)."""
     budgets = sorted({a["budget"] for a, _ in pairs})
     spread = {b: seed_spread([p for p in pairs if p[0]["budget"] == b]) for b in budgets}
     pooled = seed_spread(pairs)
@@ -58,8 +109,6 @@ def seed_lines(pairs, rows, unit: str, macer_factor: int) -> list[str]:
 
     apart = sum(abs(b["acr"] - a["acr"]) > 2 * math.hypot(a["se"], b["se"]) for a, b in pairs)
     se = statistics.median(r["se"] for pair in pairs for r in pair)
-    goal = goal_pairs(rows, unit, macer_factor)
-    held = [(a, b) for _, a, b in goal if a["acr"] - b["acr"] > 2 * math.hypot(a["se"], b["se"])]
     still = [(a, b) for a, b in held if a["acr"] - b["acr"] > 2 * math.sqrt(
         train_var(a) + train_var(b) + a["se"] ** 2 + b["se"] ** 2)]  # fmt: skip
     at = []
@@ -67,15 +116,46 @@ def seed_lines(pairs, rows, unit: str, macer_factor: int) -> list[str]:
         moves = [abs(y["acr"] - x["acr"]) for x, y in pairs if x["budget"] == b]
         at.append(
             f"up to {max(moves):.3f} at {b:g} {unit} ({len(moves)} run"
-            f"{'s' * (len(moves) > 1)}, root mean square "
-            f"{spread[b]:.3f})"
+            f"{'s' * (len(moves) > 1)}, root mean square {spread[b]:.3f})"
         )
-    return [
-        "- **A second seed:** runs trained again with another seed moved their ACR by "
+    return (
+        f"- {what} it moved the ACR by "
         + " and ".join(at)
         + f"; the median standard error over the images is {se:.3f}, and {apart} of "
         f"{len(pairs)} moves exceed two standard errors of the images. Counting a training draw "
-        "of that spread in every run (its budget's, or all seeds' where its budget has none), "
+        "of that spread in every run (its budget's, or all of them where its budget has none), "
         f"{len(still)} of the {len(held)} goal comparisons that hold by more than two standard "
-        "errors still do (the section on second seeds below).",
+        "errors still do (the section on second seeds below)."
+    )
+
+
+def _retrained_lines(goal, steps, unit: str) -> list[str]:
+    """Each goal pair (analytic run, sampled run) whose two runs both have a second seed at their
+    steps: the gap between the first seeds and between the second seeds (does the goal hold with
+    either draw?), and the two seeds' mean gap."""
+    second = {a["run"]: b for a, b in steps}
+
+    def gap(a, b):
+        diff, two_se = a["acr"] - b["acr"], 2 * math.hypot(a["se"], b["se"])
+        word = "holds" if diff >= 0 else "fails"
+        return f"{a['acr']:.3f} against {b['acr']:.3f}, {word} (gap {diff:+.3f}, 2 SE {two_se:.3f})"
+
+    both = [(a, b) for a, b in goal if a["run"] in second and b["run"] in second]
+    if not both:
+        return []
+    first_holds = sum(a["acr"] >= b["acr"] for a, b in both)
+    second_holds = sum(second[a["run"]]["acr"] >= second[b["run"]]["acr"] for a, b in both)
+    lines = [
+        f"- **The goal with both runs drawn again:** of the {len(both)} goal comparisons whose two "
+        f"runs both have a second seed at their steps, {first_holds} hold with seed 0 and "
+        f"{second_holds} with seed 1:"
     ]
+    for a, b in both:
+        a2, b2 = second[a["run"]], second[b["run"]]
+        mean_gap = (a["acr"] + a2["acr"] - b["acr"] - b2["acr"]) / 2
+        lines.append(
+            f"  - sigma {a['sigma']:g}: {a['label']} at {a['budget']:g} {unit} against "
+            f"{b['label']} at {b['budget']:g} {unit}: seed 0 {gap(a, b)}; seed 1 at the same "
+            f"steps {gap(a2, b2)}; the two seeds' mean gap is {mean_gap:+.3f}."
+        )
+    return lines

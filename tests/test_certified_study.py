@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
 import certified  # noqa: E402
 from certified_page import anchor_table, hinge_lines, kept_weights, soft_table, tightness_table  # noqa: E402
 from certified_results import (  # noqa: E402
@@ -40,6 +41,9 @@ def row(method, sigma, acr, se=0.02, budget=90, compute=1.0, label=None, copies=
         "compute": compute,
         "copies": copies,
         "passes": passes,
+        "run": f"{label or method}-{sigma:g}-{budget:g}",
+        "steps": 100,
+        "seed": 0,
     }
 
 
@@ -216,13 +220,79 @@ def test_a_second_seed_is_paired_with_its_first_and_kept_out_of_the_rows(tmp_pat
     assert (first["acr"], again["acr"]) == pytest.approx((0.4, 0.6))
 
 
+def test_a_second_seed_with_a_step_budget_is_paired_with_the_first_seed_of_those_steps(tmp_path):
+    _certified_run(tmp_path, "noise-a")  # 100 steps (_certified_run's metrics)
+    for name, steps in (("noise-b", 100), ("noise-c", 99)):
+        _certified_run(tmp_path, name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        config.update(seed=1, epochs=100, step_budget=steps)
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    (row,), pairs = load_rows(tmp_path, "epochs")  # noise-c has no first seed of 99 steps
+    assert [(a["run"], b["run"], b["at_steps"], b["budget"]) for a, b in pairs] == [
+        ("noise-a", "noise-b", True, 90)  # the budget its first seed had
+    ]
+
+
+def test_the_goals_pairs_are_compared_again_between_second_seeds_at_their_steps():
+    cons, analytic = (
+        row("consistency", 0.5, 0.4, se=0.05, budget=15),
+        row("macer-analytic", 0.5, 0.8, se=0.05, budget=15),
+    )
+    for r, name in ((cons, "c0"), (analytic, "m0")):
+        r.update(run=name, steps=80, seed=0)
+    again = {
+        "c0": {**cons, "run": "c1", "seed": 1, "acr": 0.6, "at_steps": True},
+        "m0": {**analytic, "run": "m1", "seed": 1, "acr": 0.5, "at_steps": True},
+    }
+    pairs = [(cons, again["c0"]), (analytic, again["m0"])]
+    *_, head, line = seed_lines(pairs, [cons, analytic], "s", 4)
+    assert head.endswith("of the 1 goal comparisons whose two runs both have a second seed at "
+                         "their steps, 1 hold with seed 0 and 0 with seed 1:")  # fmt: skip
+    assert line == (
+        "  - sigma 0.5: macer-analytic at 15 s against consistency at "
+        "15 s: seed 0 0.800 against 0.400, holds (gap +0.400, 2 SE 0.141); seed 1 at the same "
+        "steps 0.500 against 0.600, fails (gap -0.100, 2 SE 0.141); the two seeds' mean gap is "
+        "+0.150."
+    )
+    # a second seed at the same seconds is no retraining at the same steps
+    pairs[0] = (cons, {**again["c0"], "at_steps": False, "steps": 60, "acr": 0.1})
+    lines = seed_lines(pairs, [cons, analytic], "s", 4)
+    assert not any("drawn again" in x for x in lines)
+    assert "took 0.75x to 0.75x their first seed's steps" in lines[1]
+    assert not lines[1].endswith("at the same seconds.")  # no run drawn again both ways
+    lines = seed_lines([*pairs, (cons, again["c0"])], [cons, analytic], "s", 4)
+    assert lines[1].endswith(
+        "The 1 runs drawn again both ways moved by a root mean square of 0.200 at their first "
+        "seed's steps and 0.300 at the same seconds."
+    )
+
+
+def test_the_spec_stops_each_second_seed_after_its_committed_first_seeds_steps():
+    """The CPU spec's step budgets are typed in; each must be the steps its seed-0 run took."""
+    results = ROOT / "docs" / "results" / "certified" / "mnist"
+    first = {}
+    for run in results.iterdir():
+        config = json.loads((run / "config.json").read_text())
+        if not config.get("seed") and config.get("time_budget"):
+            key = (config["method"], config["sigma"], config.get("samples", 0),
+                   config.get("moment_depth", "first"))  # fmt: skip
+            steps = json.loads((run / "metrics.json").read_text())["steps"]
+            first.setdefault(key, set()).add(steps)
+    budgets = [c for c in expand(load_spec(ROOT / "experiments" / "certified.toml"))
+               if c.get("step_budget")]  # fmt: skip
+    assert len(budgets) == 20
+    for c in budgets:
+        key = (c["method"], c["sigma"], c.get("samples", 0), c.get("moment_depth", "first"))
+        assert c["seed"] == 1 and c["step_budget"] in first.get(key, ()), c
+
+
 def test_the_second_seeds_spread_is_counted_into_the_goals_resolved_pairs():
     pairs = [
         (row("noise", 0.5, 1.0, se=0.05, budget=60), row("noise", 0.5, 1.1, se=0.05, budget=60)),
         (row("moment", 0.5, 0.8, se=0.05, budget=60), row("moment", 0.5, 0.7, se=0.05, budget=60)),
     ]
     for _, again in pairs:
-        again["seed"] = 1
+        again.update(seed=1, at_steps=True)
     assert seed_spread(pairs) == pytest.approx(0.1)
     rows = [
         row("consistency", 0.5, 0.5, se=0.05, budget=60),
@@ -233,17 +303,17 @@ def test_the_second_seeds_spread_is_counted_into_the_goals_resolved_pairs():
         row("stability-analytic", 0.5, 0.55, se=0.05, budget=30),  # within 2 SE of the images
     ]
     (line,) = seed_lines(pairs, rows, "s", 4)
-    assert "moved their ACR by up to 0.100 at 60 s (2 runs, root mean square 0.100); the " in line
+    assert line.startswith("- **A second seed at the first seed's steps** (the draw of the ")
+    assert "moved the ACR by up to 0.100 at 60 s (2 runs, root mean square 0.100); the " in line
     assert "median standard error over the images is 0.050, and 0 of 2 moves exceed" in line
     assert "1 of the 2 goal comparisons that hold by more than two standard errors still do" in line
     # a second seed at 15 s with no move: the 15 s pair is judged by that spread, and holds
     calm = row("noise", 0.5, 0.6, se=0.05, budget=15)
-    (line,) = seed_lines([*pairs, (calm, {**calm, "seed": 1})], rows, "s", 4)
+    (line,) = seed_lines([*pairs, (calm, {**calm, "seed": 1, "at_steps": True})], rows, "s", 4)
     assert "up to 0.000 at 15 s (1 run, root mean square 0.000) and up to 0.100 at 60 s" in line
     assert "2 of the 2 goal comparisons" in line
-    assert "| moment | 0.5 | 60 | 1 | 0.800 ± 0.050 | 0.700 ± 0.050 | -0.100 | 0.141 |" in (
-        seed_table(pairs, "s")
-    )
+    moment = "| moment | 0.5 | 60 | 1 | 100 | 100 | 0.800 ± 0.050 | 0.700 ± 0.050 | -0.100 | 0.141"
+    assert moment in seed_table(pairs, "s")
     assert seed_lines([], rows, "s", 4) == []
 
 
