@@ -1,6 +1,8 @@
 """The certified study's second seeds: how far another draw of the training (initialization,
-batch order, noise) moves a run's ACR. The page's standard errors are over the test images only;
-every comparison on it sets one run of a method against one run of another."""
+batch order, noise) moves a run's ACR, at its first seed's steps (the draw alone) or at its
+seconds (the draw and the clock, which sets the steps); and whether the goal's comparisons hold
+when both of their runs are drawn again. The page's standard errors are over the test images
+only; every comparison on it sets one run of a method against one run of another."""
 
 from __future__ import annotations
 
@@ -120,7 +122,8 @@ def _spread_line(what: str, pairs, held, unit: str) -> str:
         )
     return (
         f"- {what} it moved the ACR by "
-        + " and ".join(at)
+        + (", ".join(at[:-1]) + " and " if len(at) > 1 else "")
+        + at[-1]
         + f"; the median standard error over the images is {se:.3f}, and {apart} of "
         f"{len(pairs)} moves exceed two standard errors of the images. Counting a training draw "
         "of that spread in every run (its budget's, or all of them where its budget has none), "

@@ -280,7 +280,7 @@ def test_the_spec_stops_each_second_seed_after_its_committed_first_seeds_steps()
             first.setdefault(key, set()).add(steps)
     budgets = [c for c in expand(load_spec(ROOT / "experiments" / "certified.toml"))
                if c.get("step_budget")]  # fmt: skip
-    assert len(budgets) == 20
+    assert len(budgets) == 24
     for c in budgets:
         key = (c["method"], c["sigma"], c.get("samples", 0), c.get("moment_depth", "first"))
         assert c["seed"] == 1 and c["step_budget"] in first.get(key, ()), c
