@@ -101,23 +101,22 @@ def load_rows(folder: Path, unit: str) -> tuple[list[dict], list[tuple[dict, dic
     """One row per certified run of the first seed (seed 0), with its step cost; and (seed-0
     row, row of another seed) for each certified run of a seed other than 0 whose seed-0 run
     (same method, depth, copies and sigma) is certified too: at the same budget, or, for a run
-    with a step budget, the one that took that many steps (the pair's row then takes its
-    budget, and ``at_steps``). Every run is read once."""
+    with a step budget, the one that took that many steps (the pair's second row then takes its
+    budget). Every run is read once."""
     rows = _certified_rows(folder, unit)
 
-    def key(r):
-        return (r["method"], r["depth"], r["copies"], r["sigma"])
+    def first_seed_of(a, r):
+        same = all(a[k] == r[k] for k in ("method", "depth", "copies", "sigma"))
+        return same and (
+            a["steps"] == r["step_budget"] if r["step_budget"] else a["budget"] == r["budget"]
+        )
 
     first = [r for r in rows if not r["seed"]]
     pairs = []
     for r in (r for r in rows if r["seed"]):
-        if r["step_budget"]:
-            match = [a for a in first if key(a) == key(r) and a["steps"] == r["step_budget"]]
-            r.update(budget=match[0]["budget"] if match else r["budget"], at_steps=True)
-        else:
-            match = [a for a in first if key(a) == key(r) and a["budget"] == r["budget"]]
-            r["at_steps"] = False
-        pairs += [(match[0], r)] if match else []
+        a = next((a for a in first if first_seed_of(a, r)), None)
+        if a is not None:
+            pairs.append((a, {**r, "budget": a["budget"]}))
     return with_step_cost(first), pairs
 
 

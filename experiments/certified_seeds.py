@@ -10,7 +10,7 @@ import math
 import statistics
 
 from certified_results import row_order
-from certified_verdict import goal_pairs
+from certified_verdict import acr_gap, goal_pairs
 
 from momentreg.tables import markdown_table
 
@@ -36,7 +36,7 @@ def seed_table(pairs: list[tuple[dict, dict]], unit: str) -> str:
             f"{a['acr']:.3f} ± {a['se']:.3f}",
             f"{b['acr']:.3f} ± {b['se']:.3f}",
             f"{b['acr'] - a['acr']:+.3f}",
-            f"{2 * math.hypot(a['se'], b['se']):.3f}",
+            f"{acr_gap(a, b)[1]:.3f}",
         ]
         for a, b in sorted(pairs, key=lambda p: row_order(p[0]))
     ]
@@ -49,12 +49,12 @@ def seed_table(pairs: list[tuple[dict, dict]], unit: str) -> str:
 def at_steps(pairs: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
     """The pairs whose second seed stopped after its first seed's steps: they differ only in the
     draw of the training."""
-    return [p for p in pairs if p[1]["at_steps"]]
+    return [p for p in pairs if p[1]["step_budget"]]
 
 
 def at_seconds(pairs: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
     """The pairs whose second seed had the same seconds, and so its own number of steps."""
-    return [p for p in pairs if not p[1]["at_steps"]]
+    return [p for p in pairs if not p[1]["step_budget"]]
 
 
 def seed_lines(pairs, rows, unit: str, macer_factor: int) -> list[str]:
@@ -65,9 +65,10 @@ def seed_lines(pairs, rows, unit: str, macer_factor: int) -> list[str]:
     if not pairs:
         return []
     goal = goal_pairs(rows, unit, macer_factor)
-    held = [(a, b) for _, a, b in goal if a["acr"] - b["acr"] > 2 * math.hypot(a["se"], b["se"])]
+    held = [(a, b) for _, a, b in goal if _resolved(a, b)]
     lines = []
     steps, seconds = at_steps(pairs), at_seconds(pairs)
+    second = {a["run"]: b for a, b in steps}  # a first seed's run -> its second seed at its steps
     if steps:
         what = "**A second seed at the first seed's steps** (the draw of the training alone):"
         lines.append(_spread_line(what, steps, held, unit))
@@ -78,21 +79,26 @@ def seed_lines(pairs, rows, unit: str, macer_factor: int) -> list[str]:
             f"these runs took {ratios[0]:.2f}x to {ratios[-1]:.2f}x their first seed's steps, "
             f"median {statistics.median(ratios):.2f}x):"
         )
-        lines.append(_spread_line(what, seconds, held, unit) + _both_kinds(steps, seconds))
-    return lines + _retrained_lines([(a, b) for _, a, b in goal], steps, unit)
+        lines.append(_spread_line(what, seconds, held, unit) + _both_kinds(second, seconds))
+    return lines + _retrained_lines([(a, b) for _, a, b in goal], second, unit)
 
 
-def _both_kinds(steps, seconds) -> str:
-    """The runs drawn again both ways: the spread at their first seed's steps against the spread
-    at the same seconds, which tells how much of the latter the clock made."""
-    matched = {a["run"]: (a, b) for a, b in steps}
-    both = [(matched[a["run"]], (a, b)) for a, b in seconds if a["run"] in matched]
+def _resolved(a: dict, b: dict) -> bool:
+    """a's ACR above b's by more than two standard errors over the images."""
+    gap, two_se = acr_gap(a, b)
+    return gap > two_se
+
+
+def _both_kinds(second: dict, seconds) -> str:
+    """The runs drawn again both ways: the spread at their first seed's steps (``second``)
+    against the spread at the same seconds, which tells how much of the latter the clock made."""
+    both = [(a, b) for a, b in seconds if a["run"] in second]
     if not both:
         return ""
     return (
         f" The {len(both)} runs drawn again both ways moved by a root mean square of "
-        f"{seed_spread([p for p, _ in both]):.3f} at their first seed's steps and "
-        f"{seed_spread([p for _, p in both]):.3f} at the same seconds."
+        f"{seed_spread([(a, second[a['run']]) for a, _ in both]):.3f} at their first seed's "
+        f"steps and {seed_spread(both):.3f} at the same seconds."
     )
 
 
@@ -109,7 +115,7 @@ def _spread_line(what: str, pairs, held, unit: str) -> str:
     def train_var(r):
         return spread.get(r["budget"], pooled) ** 2 / 2
 
-    apart = sum(abs(b["acr"] - a["acr"]) > 2 * math.hypot(a["se"], b["se"]) for a, b in pairs)
+    apart = sum(_resolved(a, b) or _resolved(b, a) for a, b in pairs)
     se = statistics.median(r["se"] for pair in pairs for r in pair)
     still = [(a, b) for a, b in held if a["acr"] - b["acr"] > 2 * math.sqrt(
         train_var(a) + train_var(b) + a["se"] ** 2 + b["se"] ** 2)]  # fmt: skip
@@ -132,14 +138,13 @@ def _spread_line(what: str, pairs, held, unit: str) -> str:
     )
 
 
-def _retrained_lines(goal, steps, unit: str) -> list[str]:
+def _retrained_lines(goal, second: dict, unit: str) -> list[str]:
     """Each goal pair (analytic run, sampled run) whose two runs both have a second seed at their
-    steps: the gap between the first seeds and between the second seeds (does the goal hold with
-    either draw?), and the two seeds' mean gap."""
-    second = {a["run"]: b for a, b in steps}
+    steps (``second``): the gap between the first seeds and between the second seeds (does the
+    goal hold with either draw?), and the two seeds' mean gap."""
 
     def gap(a, b):
-        diff, two_se = a["acr"] - b["acr"], 2 * math.hypot(a["se"], b["se"])
+        diff, two_se = acr_gap(a, b)
         word = "holds" if diff >= 0 else "fails"
         return f"{a['acr']:.3f} against {b['acr']:.3f}, {word} (gap {diff:+.3f}, 2 SE {two_se:.3f})"
 

@@ -12,14 +12,14 @@ from certified_results import row_order
 from certified_study import ANCHOR_TOLERANCE, ANCHORS, SAMPLED, authors_copies
 
 
-def _gap(a: dict, b: dict) -> tuple[float, float]:
+def acr_gap(a: dict, b: dict) -> tuple[float, float]:
     """a's ACR minus b's, and two standard errors of that difference."""
     return a["acr"] - b["acr"], 2 * math.hypot(a["se"], b["se"])
 
 
 def _compare(a: dict, b: dict) -> str:
     """'a >= b' or 'a < b', and whether the gap exceeds two standard errors of the difference."""
-    gap, two_se = _gap(a, b)
+    gap, two_se = acr_gap(a, b)
     sign = ">=" if gap >= 0 else "<"
     resolved = "resolved" if abs(gap) > two_se else "within two standard errors"
     return f"{a['acr']:.3f} {sign} {b['acr']:.3f} ({resolved}: gap {gap:+.3f}, 2 SE {two_se:.3f})"
@@ -92,7 +92,7 @@ def same_passes(rows: list[dict], unit: str) -> tuple[list[str], str | None]:
                 and m["budget"] == r["budget"]
                 and m["copies"] == round(r["passes"])
             ):
-                ahead.append(_gap(r, m))
+                ahead.append(acr_gap(r, m))
                 lines.append(
                     f"- **sigma {r['sigma']:g}, {r['budget']:g} {unit}, against sampled MACER at "
                     f"the same passes:** {r['label']} ({r['passes']:.2f} passes per image) "
@@ -146,7 +146,7 @@ def verdict(rows, sigmas, left_out: dict[float, set], unit: str, macer_factor: i
                 + " trained but were not certified before the deadline (see the end of the page)."
             )
     held = [(a, b) for _, a, b in pairs if a["acr"] >= b["acr"]]
-    resolved = sum(gap > two_se for gap, two_se in (_gap(a, b) for a, b in held))
+    resolved = sum(gap > two_se for gap, two_se in (acr_gap(a, b) for a, b in held))
     same = (
         "at the same seconds, or as MACER at 4x them"
         if unit == "s" and macer_factor == 4

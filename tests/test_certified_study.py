@@ -228,8 +228,8 @@ def test_a_second_seed_with_a_step_budget_is_paired_with_the_first_seed_of_those
         config.update(seed=1, epochs=100, step_budget=steps)
         (tmp_path / name / "config.json").write_text(json.dumps(config))
     (row,), pairs = load_rows(tmp_path, "epochs")  # noise-c has no first seed of 99 steps
-    assert [(a["run"], b["run"], b["at_steps"], b["budget"]) for a, b in pairs] == [
-        ("noise-a", "noise-b", True, 90)  # the budget its first seed had
+    assert [(a["run"], b["run"], b["step_budget"], b["budget"]) for a, b in pairs] == [
+        ("noise-a", "noise-b", 100, 90)  # the budget its first seed had
     ]
 
 
@@ -241,8 +241,8 @@ def test_the_goals_pairs_are_compared_again_between_second_seeds_at_their_steps(
     for r, name in ((cons, "c0"), (analytic, "m0")):
         r.update(run=name, steps=80, seed=0)
     again = {
-        "c0": {**cons, "run": "c1", "seed": 1, "acr": 0.6, "at_steps": True},
-        "m0": {**analytic, "run": "m1", "seed": 1, "acr": 0.5, "at_steps": True},
+        "c0": {**cons, "run": "c1", "seed": 1, "acr": 0.6, "step_budget": 80},
+        "m0": {**analytic, "run": "m1", "seed": 1, "acr": 0.5, "step_budget": 80},
     }
     pairs = [(cons, again["c0"]), (analytic, again["m0"])]
     *_, head, line = seed_lines(pairs, [cons, analytic], "s", 4)
@@ -255,7 +255,7 @@ def test_the_goals_pairs_are_compared_again_between_second_seeds_at_their_steps(
         "+0.150."
     )
     # a second seed at the same seconds is no retraining at the same steps
-    pairs[0] = (cons, {**again["c0"], "at_steps": False, "steps": 60, "acr": 0.1})
+    pairs[0] = (cons, {**again["c0"], "step_budget": 0, "steps": 60, "acr": 0.1})
     lines = seed_lines(pairs, [cons, analytic], "s", 4)
     assert not any("drawn again" in x for x in lines)
     assert "took 0.75x to 0.75x their first seed's steps" in lines[1]
@@ -292,7 +292,7 @@ def test_the_second_seeds_spread_is_counted_into_the_goals_resolved_pairs():
         (row("moment", 0.5, 0.8, se=0.05, budget=60), row("moment", 0.5, 0.7, se=0.05, budget=60)),
     ]
     for _, again in pairs:
-        again.update(seed=1, at_steps=True)
+        again.update(seed=1, step_budget=100)
     assert seed_spread(pairs) == pytest.approx(0.1)
     rows = [
         row("consistency", 0.5, 0.5, se=0.05, budget=60),
@@ -309,7 +309,7 @@ def test_the_second_seeds_spread_is_counted_into_the_goals_resolved_pairs():
     assert "1 of the 2 goal comparisons that hold by more than two standard errors still do" in line
     # a second seed at 15 s with no move: the 15 s pair is judged by that spread, and holds
     calm = row("noise", 0.5, 0.6, se=0.05, budget=15)
-    (line,) = seed_lines([*pairs, (calm, {**calm, "seed": 1, "at_steps": True})], rows, "s", 4)
+    (line,) = seed_lines([*pairs, (calm, {**calm, "seed": 1, "step_budget": 100})], rows, "s", 4)
     assert "up to 0.000 at 15 s (1 run, root mean square 0.000) and up to 0.100 at 60 s" in line
     assert "2 of the 2 goal comparisons" in line
     moment = "| moment | 0.5 | 60 | 1 | 100 | 100 | 0.800 ± 0.050 | 0.700 ± 0.050 | -0.100 | 0.141"

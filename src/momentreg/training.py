@@ -206,8 +206,8 @@ class _StepClock:
         return cfg.budget_share(self.steps, self.seconds)
 
     def spent(self, cfg: TrainConfig) -> bool:
-        """Whether ``cfg`` has a budget and it is used up."""
-        return bool(cfg.time_budget or cfg.step_budget) and self.share(cfg) >= 1
+        """Whether ``cfg``'s budget is used up (never without one: its share stays 0)."""
+        return self.share(cfg) >= 1
 
 
 # -- the loop -----------------------------------------------------------------------------------
