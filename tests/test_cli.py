@@ -86,8 +86,10 @@ def test_non_empty_out_needs_resume_or_force(run_dir):
         (["--alpha-delay-budget", "0.3"], "set time-budget"),
         (["--alpha-delay-budget", "1", "--time-budget", "5"], "invalid alpha-delay-budget"),
         (["--lr-step-budget", "1.5", "--time-budget", "5"], "invalid lr-step-budget"),
-        (["--time-budget", "5", "--step-budget", "100"], "not both"),
+        (["--time-budget", "5", "--step-budget", "100"], "one budget"),
+        (["--step-budget", "3", "--pass-budget", "0.5"], "one budget"),
         (["--step-budget", "0"], "--step-budget"),
+        (["--pass-budget", "0"], "--pass-budget"),
         (["--method", "consistency-analytic", "--samples", "3"], "has none to set"),
     ],
 )

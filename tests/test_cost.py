@@ -77,6 +77,22 @@ def test_counting_changes_neither_the_model_nor_the_random_streams():
     assert torch.equal(rng, torch.get_rng_state())
 
 
+def test_a_split_is_counted_on_the_copy_with_its_model():
+    """A user's (head, tail) split, as the trainer passes it: the count runs on a copy of both,
+    prices the same FLOPs as the split it finds itself, and leaves the user's model untouched."""
+    net, (x, y) = _net(), _batch()
+    head, tail = net[1], nn.Sequential(net[3])
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = TrainConfig(method="moment", sigma=0.5, alpha=1.0)
+    flat = torch.flatten(x, 1)
+    assert passes_per_image(net, flat, y, cfg, (head, tail)) == pytest.approx(
+        passes_per_image(nn.Sequential(head, nn.ReLU(), net[3]), flat, y, cfg)
+    )
+    passes_per_image(net, flat, y, cfg, (head, tail))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+
+
 COMPILED_AFTER_COUNTING = """
 import torch, torch._dynamo
 from momentreg import moments

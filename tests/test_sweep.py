@@ -80,6 +80,7 @@ def test_moment_variants_and_budgets_get_their_own_names_and_groups():
         {**base, "moment_noise": True},
         {**base, "time_budget": 180},
         {**base, "time_budget": 0, "step_budget": 500},
+        {**base, "time_budget": 0, "pass_budget": 3},
     ]
     names = [run_dir_name(v).rsplit("-", 1)[0] for v in variants]
     assert names == [
@@ -89,6 +90,7 @@ def test_moment_variants_and_budgets_get_their_own_names_and_groups():
         "moment-s0.5-noisy-t60",
         "moment-s0.5-t180",
         "moment-s0.5-steps500",
+        "moment-s0.5-p3",
     ]
     groups = [group_of({"folds": 1, **v}) for v in variants[:4]]
     assert len(set(groups)) == 4 and groups[0] == "moment"

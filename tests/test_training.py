@@ -212,11 +212,47 @@ def test_step_budget_ends_the_run_after_exactly_that_many_steps_and_repeats(tmp_
     assert all(torch.equal(x, y) for x, y in weights)
 
 
+@pytest.mark.parametrize("method, passes", [("noise", 1), ("consistency", 2), ("macer", 16)])
+def test_a_pass_budget_gives_each_method_the_steps_of_its_counted_compute(tmp_path, method, passes):
+    """2.5 clean epochs of 240 training images in batches of 50: 12 noise steps (600 image
+    passes), 6 two-copy consistency steps, and at least one 16-copy MACER step (its one step is
+    already 3.3 epochs). The run is the step-budgeted run of those steps, weight for weight."""
+    tr, va = _sample()
+    settings = dict(method=method, sigma=0.5, alpha=2.0, epochs=1000, early_stop=1000, **FAST)
+    kwargs = dict(settings, pass_budget=2.5, keep="last")
+    a, b = tiny_net(), tiny_net()
+    b.load_state_dict(a.state_dict())
+    history = train(a, tr, va, out_dir=tmp_path, **kwargs)
+    steps = max(1, (2.5 * 240) // (50 * passes))
+    assert history[-1]["steps"] == steps and len(history) == math.ceil(steps / 5)
+    assert train(tiny_net(), tr, va, out_dir=tmp_path, resume=True, **kwargs) == history
+    train(b, tr, va, step_budget=steps, keep="last", **settings)
+    weights = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in weights)
+
+
+def test_a_pass_budget_rounds_its_steps_down_and_keeps_one():
+    cfg = TrainConfig(batch_size=256, pass_budget=3.0)
+    assert cfg.pass_budget_steps(1.0, 54_000) == 632  # 632.8 steps of one pass
+    assert cfg.pass_budget_steps(2.0, 54_000) == 316  # 316.4 steps of two-copy consistency
+    assert cfg.pass_budget_steps(1.91, 54_000) == 331  # 331.3 steps of 1.91 passes
+    assert cfg.pass_budget_steps(16.0, 54_000) == 39  # 39.55
+    assert cfg.pass_budget_steps(2.0, 256 * 2) == 3  # exactly 3 steps: not 2 from rounding
+    assert cfg.pass_budget_steps(16.0, 100) == 1  # less than one step: one
+
+
 def test_a_run_has_one_budget():
-    with pytest.raises(ValueError, match="time-budget or step-budget, not both"):
+    with pytest.raises(ValueError, match="time-budget and step-budget are both set"):
         TrainConfig(time_budget=5.0, step_budget=10).validate()
+    with pytest.raises(ValueError, match="step-budget and pass-budget are both set"):
+        TrainConfig(step_budget=10, pass_budget=2.0).validate()
     with pytest.raises(ValueError, match="invalid step-budget"):
         TrainConfig(step_budget=-1).validate()
+    with pytest.raises(ValueError, match="invalid pass-budget"):
+        TrainConfig(pass_budget=math.inf).validate()
+    with pytest.raises(ValueError, match="shares of the budget"):
+        TrainConfig(lr_schedule="budget-step").validate()
+    TrainConfig(lr_schedule="budget-step", pass_budget=1.0).validate()
 
 
 def test_a_budget_step_run_records_the_decayed_rate(tmp_path):

@@ -139,8 +139,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--alpha-delay-budget",
         type=nonneg_float,
-        help="train this share of the budget (--time-budget or --step-budget) with the "
-        "regularizer off (0 to 1)",
+        help="train this share of the budget (--time-budget, --step-budget or --pass-budget) "
+        "with the regularizer off (0 to 1)",
     )
     p.add_argument(
         "--sigma-warmup",
@@ -186,6 +186,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--step-budget",
         type=pos_int,
         help="stop after this many training steps (repeatable, unlike --time-budget)",
+    )
+    g.add_argument(
+        "--pass-budget",
+        type=pos_float,
+        help="stop once the steps' counted compute (steps x batch x a step's passes per image, "
+        "momentreg.cost) reaches this many clean epochs: every method the same FLOPs",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -27,21 +27,25 @@ from momentreg.methods import step_loss
 __all__ = ["step_flops", "passes_per_image"]
 
 
-def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg) -> int:
+def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, split=None) -> int:
     """The FLOPs of one training step of ``cfg.method`` on the batch x [B, C, H, W], y [B]: the
-    loss's forward and its backward to the weights. Runs on a copy of the model, so no weight,
-    running statistic or random stream of the caller changes."""
-    model = copy.deepcopy(model).train()
+    loss's forward and its backward to the weights. Runs on a copy of the model (and of
+    ``split``, its (head, tail) for an analytic method, copied with it), so no weight, running
+    statistic or random stream of the caller changes; a tail that is a plain function closing over
+    the model is not copied, and the model's BatchNorm statistics then see the batch."""
+    model, split = copy.deepcopy((model, split))
+    model.train()
     gen = torch.Generator(device=x.device).manual_seed(0)
     noisy = torch.ones(len(y), dtype=torch.bool, device=x.device)  # augmentation: all noised
     with FlopCounterMode(display=False) as counter:
-        loss, _ = step_loss(model, x, y, noisy, cfg, gen)
+        loss, _ = step_loss(model, x, y, noisy, cfg, gen, split)
         loss.backward()
     return counter.get_total_flops()
 
 
-def passes_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg) -> float:
+def passes_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, split=None) -> float:
     """FLOPs of one ``cfg.method`` training step over those of a clean one (forward and backward,
-    one pass per image) on the same batch: the step's cost in clean passes per image."""
+    one pass per image) on the same batch: the step's cost in clean passes per image. ``split``:
+    the model's (head, tail) split for an analytic method, as the trainer takes it."""
     clean = dataclasses.replace(cfg, method="clean")
-    return step_flops(model, x, y, cfg) / step_flops(model, x, y, clean)
+    return step_flops(model, x, y, cfg, split) / step_flops(model, x, y, clean)

@@ -157,6 +157,8 @@ def run_dir_name(config: dict) -> str:
         parts.append(f"t{config['time_budget']}")
     if config.get("step_budget"):
         parts.append(f"steps{config['step_budget']}")
+    if config.get("pass_budget"):
+        parts.append(f"p{config['pass_budget']}")
     return "-".join(str(p) for p in parts) + f"-{digest}"
 
 
@@ -315,10 +317,11 @@ def sweep(
 
 def _cost(config: dict) -> float:
     """A run's training cost relative to one clean epoch (N-fold augmentation: N; moment: ~2),
-    or to one clean step for a step-budgeted run; a time-budgeted run costs its budget (seconds).
-    The largest start first (an order only: the units differ)."""
-    if config.get("time_budget"):
-        return config["time_budget"]
+    or to one clean step for a step-budgeted run; a pass-budgeted run costs its budget (clean
+    epochs), a time-budgeted one its budget (seconds). The largest start first (an order only: the
+    units differ)."""
+    if config.get("time_budget") or config.get("pass_budget"):
+        return config.get("time_budget") or config["pass_budget"]
     method = config.get("method")
     per_pass = {
         "augment": config.get("folds", 1),

@@ -10,10 +10,11 @@ from momentreg.methods import COPIES, METHODS
 from momentreg.regularizer import DEPTHS, MOMENT_LOSSES
 from momentreg.smoothing_losses import MACER_BETA, MACER_GAMMA
 
-__all__ = ["TrainConfig", "PROTOCOLS", "LR_SCHEDULES", "KEEP"]
+__all__ = ["TrainConfig", "PROTOCOLS", "LR_SCHEDULES", "KEEP", "BUDGETS"]
 
 LR_SCHEDULES = ("plateau", "step", "budget-step")
 KEEP = ("best", "last")
+BUDGETS = ("time_budget", "step_budget", "pass_budget")  # a run has at most one
 
 
 @dataclasses.dataclass
@@ -50,7 +51,9 @@ class TrainConfig:
     plateau_patience: int = 3
     early_stop: int = 10
     time_budget: float = 0.0  # stop once the training steps took this many seconds (0: no limit)
-    step_budget: int = 0  # stop after this many training steps (0: no limit); not with time_budget
+    step_budget: int = 0  # stop after this many training steps (0: no limit)
+    pass_budget: float = 0.0  # stop once the steps' counted compute reaches this many clean epochs
+    # (steps x batch x passes per image over the training images; 0: no limit); one budget a run
     keep: str = "best"  # the weights a run ends with: "best" validation loss, or the "last" epoch's
     seed: int = 0
 
@@ -93,6 +96,7 @@ class TrainConfig:
             "lr_gamma": 0 < self.lr_gamma <= 1,
             "time_budget": self.time_budget >= 0 and math.isfinite(self.time_budget),
             "step_budget": self.step_budget >= 0,
+            "pass_budget": self.pass_budget >= 0 and math.isfinite(self.pass_budget),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -102,18 +106,25 @@ class TrainConfig:
                 f"samples sets the noisy copies of {', '.join(COPIES)}; {self.method} has none "
                 "to set"
             )
-        if self.time_budget and self.step_budget:
-            raise ValueError("a run has one budget: set time-budget or step-budget, not both")
-        budgeted = self.time_budget or self.step_budget
-        if (self.alpha_delay_budget or self.lr_schedule == "budget-step") and not budgeted:
+        budgets = [k.replace("_", "-") for k in BUDGETS if getattr(self, k)]
+        if len(budgets) > 1:
+            raise ValueError(f"a run has one budget; {' and '.join(budgets)} are both set")
+        if (self.alpha_delay_budget or self.lr_schedule == "budget-step") and not budgets:
             raise ValueError(
                 "alpha-delay-budget and the budget-step schedule are shares of the budget: "
-                "set time-budget or step-budget"
+                "set time-budget, step-budget or pass-budget"
             )
+
+    def pass_budget_steps(self, passes: float, images: int) -> int:
+        """The steps ``pass_budget`` allows: as many steps of ``batch_size`` images, each image
+        costing ``passes`` clean passes (momentreg.cost), as fit in ``pass_budget`` clean epochs
+        of ``images`` training images, rounded down (at least one)."""
+        return max(1, math.floor(self.pass_budget * images / (self.batch_size * passes) + 1e-9))
 
     def budget_share(self, steps: int, seconds: float) -> float:
         """How much of the run's budget ``steps`` training steps that took ``seconds`` have
-        used: seconds over ``time_budget``, or steps over ``step_budget`` (0 without a budget)."""
+        used: seconds over ``time_budget``, or steps over ``step_budget`` (0 without a budget;
+        the trainer turns a pass budget into a step budget before its first step)."""
         if self.time_budget:
             return seconds / self.time_budget
         return steps / self.step_budget if self.step_budget else 0.0

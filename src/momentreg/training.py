@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from momentreg.cost import passes_per_image
 from momentreg.data import to_float
 from momentreg.errors import CheckpointError, TrainingError
 from momentreg.methods import step_loss
@@ -279,6 +280,19 @@ def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
     }
 
 
+def _pass_budget_as_steps(model, images, labels, cfg: TrainConfig, split) -> TrainConfig:
+    """``cfg`` with its pass budget turned into the step budget it allows: a step's cost in clean
+    passes per image is counted (momentreg.cost) on the first batch of ``images``, and
+    ``pass_budget`` clean epochs of them hold ``cfg.pass_budget_steps`` such steps. The count is
+    the same on every call, so a resumed run ends where an uninterrupted one does."""
+    if not cfg.pass_budget:
+        return cfg
+    x, y = to_float(images[: cfg.batch_size]), labels[: cfg.batch_size]
+    passes = passes_per_image(model, x, y, cfg, split)
+    steps = cfg.pass_budget_steps(passes, len(labels))
+    return dataclasses.replace(cfg, pass_budget=0.0, step_budget=steps)
+
+
 def train(
     model: nn.Module,
     train_set: tuple[torch.Tensor, torch.Tensor],
@@ -306,7 +320,9 @@ def train(
     have taken that many seconds (the first step of the call, which compiles, is not counted); that
     partial epoch is validated and checkpointed like any other. Where it stops depends on the clock,
     so such a run is not bit-for-bit repeatable; with ``step_budget`` it ends after that many
-    steps on any machine (and on the CPU repeats bit for bit).
+    steps on any machine (and on the CPU repeats bit for bit); with ``pass_budget`` after the
+    steps whose counted compute (steps x batch x passes per image) fits in that many clean epochs
+    of the training set: every method the same FLOPs, on any machine.
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     cfg.validate()
@@ -330,6 +346,7 @@ def train(
             _end_weights(model, state, cfg)
             return state.history
     writer = _tensorboard_writer(out) if tensorboard else None
+    cfg = _pass_budget_as_steps(model, images, labels, cfg, split)
     clock = _StepClock(state.last("steps"), state.last("step_seconds", 0.0))
     epochs = tqdm(
         range(state.epoch, cfg.epochs), desc="epochs", disable=not progress, initial=state.epoch,
