@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from statistics import NormalDist
 
+from certified_budgets import budget_line, budget_pairs, budget_table
 from certified_results import (
     left_out_runs,
     load_rows,
@@ -20,6 +21,7 @@ from certified_setting import setting
 from certified_study import (
     ANCHOR_TOLERANCE,
     ANCHORS,
+    CLEAN_EPOCHS,
     DIVERGED,
     RADII,
     SAMPLED,
@@ -95,11 +97,10 @@ def plot(rows: list[dict], sigma: float, path: Path, unit: str) -> None:
     leave out elementwise work)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     names = sorted({r["label"] for r in rows}, key=lambda n: (n.split()[0] not in SAMPLED, n))
-    seconds = (
-        ("budget", "training-step seconds (2 CPU cores, one run per core)")
-        if unit == "s"
-        else ("seconds", "training-step seconds as measured (the runs shared one GPU)")
-    )
+    seconds = {
+        "s": ("budget", "training-step seconds (2 CPU cores, one run per core)"),
+        CLEAN_EPOCHS: ("seconds", "training-step seconds as measured (2 CPU cores, shared)"),
+    }.get(unit, ("seconds", "training-step seconds as measured (the runs shared one GPU)"))
     for ax, key, xlabel in (
         (axes[0], *seconds),
         (axes[1], "compute", "training compute (millions of clean image-passes, FLOP-counted)"),
@@ -279,6 +280,11 @@ def kept_weights(
     return lines
 
 
+def _short(unit: str) -> str:
+    """What a short CPU study's budgets are: seconds, or a few epochs' compute."""
+    return "seconds" if unit == "s" else "a few epochs' compute"
+
+
 def write_doc(study: Study, results: Path, doc: Path) -> None:
     unit = study.unit
     rows, seeds = load_rows(results / TASK, unit)
@@ -297,14 +303,20 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
     n = read_json(results / TASK / rows[0]["run"] / CERTIFY_FILE)[f"{rows[0]['sigma']:g}"]["n"]
     key = next(k for k, v in STUDIES.items() if v is study)
     options = "" if key == "cpu" else f"--study {key} "
-    md = provenance(results, "Certified robustness per unit of compute", options)
+    title = "Certified robustness per unit of compute"
+    md = provenance(results, title + (", counted" if unit == CLEAN_EPOCHS else ""), options)
     md += ["## Setting", "", *setting(study, results, rows, sigmas, images, n), ""]
+    other = STUDIES[study.against] if study.against else None
+    if other is not None:
+        other_rows, other_seeds = load_rows(results.parent / other.name / TASK, other.unit)
+        paired = budget_pairs(rows, other_rows)
     md += [
         "## What we conclude",
         "",
         *verdict(rows, sigmas, left_methods, unit, study.macer_factor, untested(waiting)),
         *hinge_lines(results / TASK, rows, unit, study.tightness_from),
         *seed_lines(seeds, rows, unit, study.macer_factor),
+        *([budget_line(paired, other_seeds, f"{other.name}.md")] if other and paired else []),
     ]
     if study.anchor_check:
         md += [
@@ -318,7 +330,8 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
     else:
         md += [
             "",
-            f"With {images} images and budgets of seconds this is a scaled-down study: read the "
+            f"With {images} images and budgets of {_short(unit)} this is a scaled-down study: "
+            "read the "
             "gaps with their standard errors. The study at the anchors' recipe (sigma 0.25, 0.5 "
             "and 1.0; 90 epochs; 500 images at n = 100,000; our noise training checked against "
             "the anchors) is [certified-gpu.md](certified-gpu.md).",
@@ -362,6 +375,17 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
         ]  # fmt: skip
         for pairs, text in kinds:
             md += [text, "", seed_table(pairs, unit), ""] if pairs else []
+    if other is not None and paired:
+        md += [
+            "## The two studies",
+            "",
+            f"Each run beside the run of the same method and sigma in [{other.name}.md]"
+            f"({other.name}.md), which had a budget of {other.unit} (budgets paired by rank). "
+            "The steps ratio is this page's steps over that page's.",
+            "",
+            budget_table(paired, unit, other.unit),
+            "",
+        ]
     md += [
         "## The published anchors beside ours",
         "",
@@ -374,7 +398,7 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
         md += [""]
     else:
         md += [
-            "Ours are far below the anchors: seconds of CPU training against 90 epochs, on "
+            f"Ours are far below the anchors: {_short(unit)} of CPU training against 90 epochs, on "
             f"{images} images at n = {n:,} (a smaller n caps the radius lower). They compare "
             "methods with each other, not with the published numbers.",
             "",

@@ -9,7 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-from certified_study import RADII, SAMPLED, Study
+from certified_study import CLEAN_EPOCHS, RADII, SAMPLED, Study
 from study import cell
 
 from momentreg.certify import certified_accuracy
@@ -70,8 +70,9 @@ def _kept(config: dict, metrics: dict) -> dict:
 
 
 def budget(config: dict, unit: str) -> float:
-    """What a run was given: seconds of training steps, or epochs."""
-    return config["time_budget"] if unit == "s" else config["epochs"]
+    """What a run was given: seconds of training steps, clean epochs of compute, or epochs."""
+    key = {"s": "time_budget", CLEAN_EPOCHS: "pass_budget"}.get(unit, "epochs")
+    return config[key]
 
 
 def methods_option(command: str) -> str | None:

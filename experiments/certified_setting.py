@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from certified_results import batches, methods_option
-from certified_study import TASK
+from certified_study import CLEAN_EPOCHS, TASK
 
 from momentreg.rundir import CONFIG, METRICS, read_json
 
@@ -41,8 +41,10 @@ def setting(study, results: Path, rows: list[dict], sigmas: list[float], images:
         "0.01, momentum 0.9, weight decay 1e-4, batch 256)"
     )
     few = sorted({r["copies"] for r in rows if r["method"] == "macer" and r["copies"]})
-    if study.unit == "s":
+    if study.unit in ("s", CLEAN_EPOCHS):
         budgets = sorted({r["budget"] for r in rows})
+        *rest, last = [f"{b:g}" for b in budgets]
+        listed = f"{', '.join(rest)} and {last}" if rest else last
         macer = (
             "MACER with its 16 noisy copies only at the largest, with "
             + " and ".join(str(c) for c in few)
@@ -53,15 +55,27 @@ def setting(study, results: Path, rows: list[dict], sigmas: list[float], images:
         trained = [
             f"- The smallest informative version of issue 19, made without a GPU: MNIST, sigma "
             f"{sig}, {lenet}, but each run trains for a budget of training-step seconds instead "
-            "of 90 epochs (experiments/certified.toml): "
-            + ", ".join(f"{b:g}" for b in budgets[:-1])
-            + f" and {budgets[-1]:g} s, {macer}. Every method gets the same "
-            "seconds, so a dearer step means fewer steps: the budget is the compute."
+            f"of 90 epochs (experiments/certified.toml): {listed} s, {macer}. Every method gets "
+            "the same seconds, so a dearer step means fewer steps: the budget is the compute."
+            if study.unit == "s"
+            else f"- The study of [certified.md](certified.md) at equal counted compute instead "
+            f"of equal seconds: MNIST, sigma {sig}, {lenet}, each run trained for a budget of "
+            f"clean epochs of FLOPs (`--pass-budget`; experiments/certified-passes.toml): it "
+            "stops after the steps whose counted compute (steps x batch x its step's passes per "
+            f"image) fits in {listed} clean epochs of the 54,000 training images, {macer}. Every "
+            "method gets the same FLOPs on any machine and under any load, so a dearer step "
+            "means fewer steps and a run repeats bit for bit."
         ]
         delay = "the first 0.34 of their budget"
         seconds = (
             "*Step seconds* against noise training's at the same budget (MACER's against noise "
-            "training's at the largest)."
+            "training's at the largest)"
+            + (
+                "."
+                if study.unit == "s"
+                else ", measured while two certifications ran beside the two trainings on the 2 "
+                "cores: rough, and not the budget."
+            )
         )
         kept = (
             "Each run keeps its best-validation epoch (the last one may be partial), so two "
@@ -134,5 +148,10 @@ def setting(study, results: Path, rows: list[dict], sigmas: list[float], images:
         "with the regularizer off (the authors defer it for 31 of 90 epochs). The "
         "analytic variants replace the Monte Carlo mean by the analytic expectation (first-layer "
         "moments, or all layers with a pairwise-probit E[softmax]); consistency-analytic keeps one "
-        f"noisy copy{macer_copies}. `moment` is the paper's regularizer.",
+        f"noisy copy{macer_copies}."
+        + (
+            " `moment` is the paper's regularizer."
+            if any(r["method"] == "moment" for r in rows)
+            else ""
+        ),
     ]

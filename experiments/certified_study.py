@@ -1,4 +1,4 @@
-"""What issue 19's certified study is: its two versions (STUDIES), the methods it sets against
+"""What issue 19's certified study is: its three versions (STUDIES), the methods it sets against
 each other, the radii it reports and the published anchors it checks against. Read by the runner
 (certified.py) and the page (certified_page.py)."""
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 from study import ROOT
 
+CLEAN_EPOCHS = "clean epochs"  # a pass budget's unit: the compute of that many clean epochs
+
 
 @dataclasses.dataclass(frozen=True)
 class Study:
@@ -16,7 +18,7 @@ class Study:
 
     name: str
     spec: Path
-    unit: str  # what a run's budget counts: "s" (of training steps) or "epochs"
+    unit: str  # what a run's budget counts: "s" (of training steps), "epochs" or CLEAN_EPOCHS
     macer_factor: int  # MACER's budget over that of the analytic variants set against it
     images: int  # test images certified (--certify-images)
     n: int  # noise samples per image (--certify-n)
@@ -24,6 +26,7 @@ class Study:
     workers: int  # trainings at once (--workers)
     tightness_from: float  # the tightness tables show runs of at least this budget
     anchor_check: bool  # n and schedule as the anchors': check noise training against them
+    against: str = ""  # the study (STUDIES key) whose runs this one trains under another budget
 
 
 STUDIES = {
@@ -38,6 +41,19 @@ STUDIES = {
         workers=2,
         tightness_from=60,
         anchor_check=False,
+    ),
+    "passes": Study(
+        name="certified-passes",
+        spec=ROOT / "experiments/certified-passes.toml",
+        unit=CLEAN_EPOCHS,
+        macer_factor=4,
+        images=100,
+        n=10_000,
+        batch=10_000,
+        workers=2,
+        tightness_from=3,
+        anchor_check=False,
+        against="cpu",
     ),
     "gpu": Study(
         name="certified-gpu",

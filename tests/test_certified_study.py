@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 import certified  # noqa: E402
+from certified_budgets import budget_line, budget_pairs, budget_table  # noqa: E402
 from certified_page import anchor_table, hinge_lines, kept_weights, soft_table, tightness_table  # noqa: E402
 from certified_results import (  # noqa: E402
     load_rows,
@@ -23,7 +24,7 @@ from certified_results import (  # noqa: E402
 )
 from certified_seeds import seed_lines, seed_spread, seed_table  # noqa: E402
 from certified_setting import later_batches, setting  # noqa: E402
-from certified_study import STUDIES  # noqa: E402
+from certified_study import CLEAN_EPOCHS, STUDIES  # noqa: E402
 from certified_verdict import anchor_check, goal_pairs, over_a_quarter, same_passes  # noqa: E402
 from study import export  # noqa: E402
 
@@ -76,6 +77,61 @@ def test_macer_analytic_meets_macer_only_at_a_quarter_of_its_compute_or_less():
     assert "macer-analytic (all layers) at 90 epochs is not compared" in line
     assert "0.31x MACER's" in line
     assert over_a_quarter(runs, "s", 4) == []
+
+
+def test_a_study_of_pass_budgets_compares_macer_by_its_budgets():
+    """Pass budgets of 3 and 12 clean epochs: each run's steps fill its budget to within one
+    step, so a measured share of 0.2502 is a step's rounding, not a dearer run; it is compared.
+    The same share in a study of seconds leaves the run out."""
+    macer = row("macer", 0.5, 1.5, budget=12, compute=16.0)
+    rounded = row("macer-analytic", 0.5, 1.6, budget=3, compute=4.003)
+    pairs = goal_pairs([macer, rounded], CLEAN_EPOCHS, 4)
+    assert [(what, a["budget"]) for what, a, _ in pairs] == [
+        ("sigma 0.5, MACER's ACR at a quarter of its compute", 3)
+    ]
+    assert over_a_quarter([macer, rounded], CLEAN_EPOCHS, 4) == []
+    seconds = [{**macer, "budget": 240}, {**rounded, "budget": 60}]
+    assert goal_pairs(seconds, "s", 4) == []
+    assert len(over_a_quarter(seconds, "s", 4)) == 1
+
+
+def test_the_study_of_counted_compute_gives_every_run_a_pass_budget():
+    """Every run of experiments/certified-passes.toml has a pass budget and no other; MACER's is
+    4x the largest of its analytic variants', as the goal's quarter of MACER's compute needs."""
+    configs = expand(load_spec(str(STUDIES["passes"].spec)))
+    assert all(c["pass_budget"] for c in configs)
+    assert not any(c.get("time_budget") or c.get("step_budget") for c in configs)
+    macer = {c["pass_budget"] for c in configs if c["method"] == "macer"}
+    analytic = {c["pass_budget"] for c in configs if c["method"] == "macer-analytic"}
+    assert macer == {4 * max(analytic)} and STUDIES["passes"].macer_factor == 4
+
+
+def test_the_runs_of_two_studies_pair_by_the_rank_of_their_budgets():
+    def at(method, budget, acr, steps, **kw):
+        return {**row(method, 0.5, acr, budget=budget, **kw), "steps": steps, "depth": "first"}
+
+    passes = [at("noise", 0.75, 0.7, 158), at("noise", 3, 1.1, 632),
+              at("macer", 12, 0.9, 158), at("macer-analytic", 3, 1.0, 632)]  # fmt: skip
+    seconds = [at("noise", 15, 0.6, 144), at("noise", 60, 1.0, 612), at("macer", 240, 1.0, 157),
+               at("macer-analytic", 60, 1.0, 525),
+               at("macer-analytic", 60, 0.8, 300, copies=1)]  # fmt: skip
+    pairs = budget_pairs(passes, seconds)
+    assert [(a["budget"], b["budget"], a["method"]) for a, b in pairs] == [
+        (12, 240, "macer"), (0.75, 15, "noise"), (3, 60, "noise"), (3, 60, "macer-analytic")
+    ]  # fmt: skip
+    assert budget_pairs(passes, seconds[:2]) == []  # two budgets against three: no ranks to pair
+    table = budget_table(pairs, CLEAN_EPOCHS, "s")
+    assert (
+        "| macer-analytic | 0.5 | 3 | 632 | 1.000 ± 0.020 | 60 | 525 | 1.000 ± 0.020 | 1.20 |"
+        in table
+    )
+    seed = (seconds[0], {**seconds[0], "acr": 0.7, "step_budget": 144, "seed": 1})
+    line = budget_line(pairs, [seed], "certified.md")
+    assert "took 1.01x to 1.20x the steps" in line
+    assert "most, macer-analytic at sigma 0.5, 632 steps against 525" in line
+    # moves 0.1, 0.1, -0.1, 0: rms 0.087; 2 SE of each is 0.057, so three are beyond it
+    assert "root mean square of 0.087, 3 of 4 moves beyond" in line
+    assert "moved 1 run there by 0.100" in line
 
 
 def test_sampled_macer_with_few_copies_is_a_control_beside_the_goal_not_its_reference():
