@@ -10,20 +10,26 @@ from __future__ import annotations
 import statistics
 
 from certified_results import row_order
-from certified_seeds import at_steps, seed_spread
-from certified_verdict import acr_gap
+from certified_seeds import at_steps, resolved, seed_spread, spread_line
+from certified_verdict import acr_gap, goal_pairs
 
 from momentreg.tables import markdown_table
+
+
+def _ranks(rows: list[dict], other: list[dict]) -> dict[float, float]:
+    """The ``other`` study's budgets -> this study's budget of the same rank (empty where the
+    two have not as many budgets)."""
+    mine, theirs = sorted({r["budget"] for r in rows}), sorted({r["budget"] for r in other})
+    return dict(zip(theirs, mine, strict=True)) if len(mine) == len(theirs) else {}
 
 
 def budget_pairs(rows: list[dict], other: list[dict]) -> list[tuple[dict, dict]]:
     """(row, the ``other`` study's row of the same method, depth, copies and sigma at the budget
     of the same rank) for each row that has one; none where the studies' budgets differ in
     number."""
-    mine, theirs = sorted({r["budget"] for r in rows}), sorted({r["budget"] for r in other})
-    if len(mine) != len(theirs):
+    rank = _ranks(rows, other)
+    if not rank:
         return []
-    rank = dict(zip(theirs, mine, strict=True))
     pairs = []
     for r in sorted(rows, key=row_order):
         match = [
@@ -60,28 +66,39 @@ def budget_table(pairs: list[tuple[dict, dict]], unit: str, other_unit: str) -> 
     return markdown_table(header, body, align="lrrrrrrrrrr")
 
 
-def budget_line(pairs: list[tuple[dict, dict]], seeds: list[tuple[dict, dict]], other: str) -> str:
-    """What changing the kind of budget did: the runs' steps ratios, how far their ACRs moved
-    (root mean square, and how many beyond two standard errors of the images), against how far
-    the ``seeds`` of the other study (page ``other``) moved at their first seed's steps."""
+def budget_line(pairs: list[tuple[dict, dict]], page: str) -> str:
+    """What changing the kind of budget did: the runs' steps ratios, and how far their ACRs
+    moved (root mean square, the largest move, and how many beyond two standard errors of the
+    images) against the runs of page ``page``."""
     ratios = sorted(a["steps"] / b["steps"] for a, b in pairs)
     apart = sum(abs(gap) > two_se for gap, two_se in (acr_gap(a, b) for a, b in pairs))
     most = max(pairs, key=lambda p: p[0]["steps"] / p[1]["steps"])
-    drawn = at_steps(seeds)
+    moved = max(pairs, key=lambda p: abs(p[0]["acr"] - p[1]["acr"]))
     return (
-        f"- **The same runs at equal seconds** ([{other}]({other}), budgets paired by rank): "
-        f"at equal counted compute the {len(pairs)} runs took {ratios[0]:.2f}x to "
+        f"- **The same runs at equal seconds** ([{page}]({page}), budgets paired by rank): at "
+        f"equal counted compute the {len(pairs)} runs took {ratios[0]:.2f}x to "
         f"{ratios[-1]:.2f}x the steps they took at equal seconds (median "
         f"{statistics.median(ratios):.2f}x; most, {most[0]['label']} at sigma "
         f"{most[0]['sigma']:g}, {most[0]['steps']} steps against {most[1]['steps']}), and their "
-        f"ACR moved by a root mean square of {seed_spread(pairs):.3f}, {apart} of {len(pairs)} "
-        "moves beyond two standard errors of the images"
-        + (
-            f"; a second seed at its first seed's steps moved {len(drawn)} "
-            f"run{'s' * (len(drawn) != 1)} there by "
-            f"{seed_spread(drawn):.3f}"
-            if drawn
-            else ""
-        )
-        + " (the section on the two studies below)."
+        f"ACR moved by a root mean square of {seed_spread(pairs):.3f} (most, {moved[0]['label']} "
+        f"at sigma {moved[0]['sigma']:g}: {moved[0]['acr']:.3f} against {moved[1]['acr']:.3f}), "
+        f"{apart} of {len(pairs)} moves beyond two standard errors of the images (the section "
+        "on the two studies below)."
     )
+
+
+def draw_line(rows, other, seeds, unit: str, macer_factor: int, page: str) -> str | None:
+    """The training draw this page's runs do not measure, from the ``other`` study's second
+    seeds at their first seed's steps (page ``page``), their budgets renamed to this study's of
+    the same rank: how far it moves an ACR at each budget, and how many of this page's goal
+    comparisons that hold by more than two standard errors still do once it is counted."""
+    rank, drawn = _ranks(rows, other), at_steps(seeds)
+    if not rank or not drawn:
+        return None
+    renamed = [({**a, "budget": rank[a["budget"]]}, b) for a, b in drawn]
+    held = [(a, b) for _, a, b in goal_pairs(rows, unit, macer_factor) if resolved(a, b)]
+    what = (
+        f"**A second seed at the first seed's steps, from [{page}]({page})** (budgets paired by "
+        "rank; this page trains no second seed):"
+    )
+    return spread_line(what, renamed, held, unit, where=f"the second seeds of {page}")

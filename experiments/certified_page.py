@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from statistics import NormalDist
 
-from certified_budgets import budget_line, budget_pairs, budget_table
+from certified_budgets import budget_line, budget_pairs, budget_table, draw_line
 from certified_results import (
     left_out_runs,
     load_rows,
@@ -114,6 +114,14 @@ def plot(rows: list[dict], sigma: float, path: Path, unit: str) -> None:
         if unit == "s":
             ax.minorticks_off()
             ticks = sorted({r["budget"] for r in rows}) if key == "budget" else [0.03, 0.1, 0.3, 1]
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        elif unit == CLEAN_EPOCHS:  # the budgets' compute, and seconds by half-decades
+            ax.minorticks_off()
+            ticks = (
+                sorted({round(r["compute"] / scale, 2) for r in rows})
+                if key == "compute"
+                else [30, 100, 300, 1000]
+            )
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         else:
             plain = FuncFormatter(lambda v, _: f"{v:g}")
@@ -316,8 +324,11 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
         *verdict(rows, sigmas, left_methods, unit, study.macer_factor, untested(waiting)),
         *hinge_lines(results / TASK, rows, unit, study.tightness_from),
         *seed_lines(seeds, rows, unit, study.macer_factor),
-        *([budget_line(paired, other_seeds, f"{other.name}.md")] if other and paired else []),
     ]
+    if other is not None and paired:
+        page = f"{other.name}.md"
+        draw = draw_line(rows, other_rows, other_seeds, unit, study.macer_factor, page)
+        md += [budget_line(paired, page), *([draw] if draw else [])]
     if study.anchor_check:
         md += [
             "",
@@ -334,7 +345,14 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
             "read the "
             "gaps with their standard errors. The study at the anchors' recipe (sigma 0.25, 0.5 "
             "and 1.0; 90 epochs; 500 images at n = 100,000; our noise training checked against "
-            "the anchors) is [certified-gpu.md](certified-gpu.md).",
+            "the anchors) is [certified-gpu.md](certified-gpu.md)."
+            + "".join(
+                f" The same study with budgets of {s.unit} of counted compute instead of "
+                f"{'seconds' if unit == 's' else unit} is "
+                f"[{s.name}.md]({s.name}.md)."
+                for s in STUDIES.values()
+                if s.against == key
+            ),
         ]
     md += ["", "## Results", ""]
     for sigma in sigmas:
@@ -380,7 +398,8 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
             "## The two studies",
             "",
             f"Each run beside the run of the same method and sigma in [{other.name}.md]"
-            f"({other.name}.md), which had a budget of {other.unit} (budgets paired by rank). "
+            f"({other.name}.md), which had a budget of "
+            f"{'seconds' if other.unit == 's' else other.unit} (budgets paired by rank). "
             "The steps ratio is this page's steps over that page's.",
             "",
             budget_table(paired, unit, other.unit),

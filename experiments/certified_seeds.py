@@ -65,13 +65,13 @@ def seed_lines(pairs, rows, unit: str, macer_factor: int) -> list[str]:
     if not pairs:
         return []
     goal = goal_pairs(rows, unit, macer_factor)
-    held = [(a, b) for _, a, b in goal if _resolved(a, b)]
+    held = [(a, b) for _, a, b in goal if resolved(a, b)]
     lines = []
     steps, seconds = at_steps(pairs), at_seconds(pairs)
     second = {a["run"]: b for a, b in steps}  # a first seed's run -> its second seed at its steps
     if steps:
         what = "**A second seed at the first seed's steps** (the draw of the training alone):"
-        lines.append(_spread_line(what, steps, held, unit))
+        lines.append(spread_line(what, steps, held, unit))
     if seconds:
         ratios = sorted(b["steps"] / a["steps"] for a, b in seconds)
         what = (
@@ -79,11 +79,11 @@ def seed_lines(pairs, rows, unit: str, macer_factor: int) -> list[str]:
             f"these runs took {ratios[0]:.2f}x to {ratios[-1]:.2f}x their first seed's steps, "
             f"median {statistics.median(ratios):.2f}x):"
         )
-        lines.append(_spread_line(what, seconds, held, unit) + _both_kinds(second, seconds))
+        lines.append(spread_line(what, seconds, held, unit) + _both_kinds(second, seconds))
     return lines + _retrained_lines([(a, b) for _, a, b in goal], second, unit)
 
 
-def _resolved(a: dict, b: dict) -> bool:
+def resolved(a: dict, b: dict) -> bool:
     """a's ACR above b's by more than two standard errors over the images."""
     gap, two_se = acr_gap(a, b)
     return gap > two_se
@@ -102,10 +102,11 @@ def _both_kinds(second: dict, seconds) -> str:
     )
 
 
-def _spread_line(what: str, pairs, held, unit: str) -> str:
+def spread_line(what: str, pairs, held, unit: str, where="the section on second seeds below"):
     """One kind of second seed: how far it moved the ACRs at each budget, against the images'
     standard error, and how many of the ``held`` goal pairs keep a gap over two standard errors
-    once a training draw of that spread is counted in both runs. A gap's variance is then both
+    once a training draw of that spread is counted in both runs (``where``: where the seeds are
+    shown). A gap's variance is then both
     runs' squared image standard errors plus half the squared spread at each run's budget (at a
     budget without second seeds, the spread over all of them)."""
     budgets = sorted({a["budget"] for a, _ in pairs})
@@ -115,7 +116,7 @@ def _spread_line(what: str, pairs, held, unit: str) -> str:
     def train_var(r):
         return spread.get(r["budget"], pooled) ** 2 / 2
 
-    apart = sum(_resolved(a, b) or _resolved(b, a) for a, b in pairs)
+    apart = sum(resolved(a, b) or resolved(b, a) for a, b in pairs)
     se = statistics.median(r["se"] for pair in pairs for r in pair)
     still = [(a, b) for a, b in held if a["acr"] - b["acr"] > 2 * math.sqrt(
         train_var(a) + train_var(b) + a["se"] ** 2 + b["se"] ** 2)]  # fmt: skip
@@ -134,7 +135,7 @@ def _spread_line(what: str, pairs, held, unit: str) -> str:
         f"{len(pairs)} moves exceed two standard errors of the images. Counting a training draw "
         "of that spread in every run (its budget's, or all of them where its budget has none), "
         f"{len(still)} of the {len(held)} goal comparisons that hold by more than two standard "
-        "errors still do (the section on second seeds below)."
+        f"errors still do ({where})."
     )
 
 

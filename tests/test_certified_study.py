@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 import certified  # noqa: E402
-from certified_budgets import budget_line, budget_pairs, budget_table  # noqa: E402
+from certified_budgets import budget_line, budget_pairs, budget_table, draw_line  # noqa: E402
 from certified_page import anchor_table, hinge_lines, kept_weights, soft_table, tightness_table  # noqa: E402
 from certified_results import (  # noqa: E402
     load_rows,
@@ -110,7 +110,7 @@ def test_the_runs_of_two_studies_pair_by_the_rank_of_their_budgets():
     def at(method, budget, acr, steps, **kw):
         return {**row(method, 0.5, acr, budget=budget, **kw), "steps": steps, "depth": "first"}
 
-    passes = [at("noise", 0.75, 0.7, 158), at("noise", 3, 1.1, 632),
+    passes = [at("noise", 0.75, 0.7, 158), at("noise", 3, 1.2, 632),
               at("macer", 12, 0.9, 158), at("macer-analytic", 3, 1.0, 632)]  # fmt: skip
     seconds = [at("noise", 15, 0.6, 144), at("noise", 60, 1.0, 612), at("macer", 240, 1.0, 157),
                at("macer-analytic", 60, 1.0, 525),
@@ -125,13 +125,31 @@ def test_the_runs_of_two_studies_pair_by_the_rank_of_their_budgets():
         "| macer-analytic | 0.5 | 3 | 632 | 1.000 ± 0.020 | 60 | 525 | 1.000 ± 0.020 | 1.20 |"
         in table
     )
-    seed = (seconds[0], {**seconds[0], "acr": 0.7, "step_budget": 144, "seed": 1})
-    line = budget_line(pairs, [seed], "certified.md")
+    line = budget_line(pairs, "certified.md")
     assert "took 1.01x to 1.20x the steps" in line
     assert "most, macer-analytic at sigma 0.5, 632 steps against 525" in line
-    # moves 0.1, 0.1, -0.1, 0: rms 0.087; 2 SE of each is 0.057, so three are beyond it
-    assert "root mean square of 0.087, 3 of 4 moves beyond" in line
-    assert "moved 1 run there by 0.100" in line
+    # moves -0.1, 0.1, 0.2, 0: rms 0.122; 2 SE of each is 0.057, so three are beyond it
+    assert "root mean square of 0.122 (most, noise at sigma 0.5: 1.200 against 1.000)" in line
+    assert "3 of 4 moves beyond" in line
+
+
+def test_the_other_studys_second_seeds_are_counted_at_the_budgets_of_their_rank():
+    """The study of counted compute trains no second seed; the seconds study's seeds at their
+    first seed's steps stand in, their budgets renamed by rank (15 s -> 0.75 clean epochs)."""
+    cons = {**row("consistency", 0.5, 0.4, se=0.03, budget=0.75), "depth": "first"}
+    ana = {**row("macer-analytic", 0.5, 0.8, se=0.03, budget=0.75), "depth": "first"}
+    passes = [cons, ana, {**cons, "budget": 3}]
+    first = {**row("noise", 0.5, 0.7, budget=15), "depth": "first"}
+    seconds = [first, {**first, "budget": 60}]
+    calm = [(first, {**first, "acr": 0.69, "seed": 1, "step_budget": 100})]
+    line = draw_line(passes, seconds, calm, CLEAN_EPOCHS, 4, "certified.md")
+    assert "up to 0.010 at 0.75 clean epochs (1 run, root mean square 0.010)" in line
+    assert "1 of the 1 goal comparisons" in line  # gap 0.4 against 2 SE of about 0.09
+    wild = [(first, {**first, "acr": 0.3, "seed": 1, "step_budget": 100})]
+    assert "0 of the 1 goal comparisons" in draw_line(passes, seconds, wild, CLEAN_EPOCHS, 4, "c")
+    assert draw_line(passes, seconds[:1], calm, CLEAN_EPOCHS, 4, "c") is None  # ranks differ
+    at_seconds = [(first, {**first, "acr": 0.3, "seed": 1, "step_budget": 0})]
+    assert draw_line(passes, seconds, at_seconds, CLEAN_EPOCHS, 4, "c") is None
 
 
 def test_sampled_macer_with_few_copies_is_a_control_beside_the_goal_not_its_reference():

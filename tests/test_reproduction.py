@@ -1,5 +1,6 @@
 """The study pages (docs/reproduction.md, docs/beyond.md, docs/cifar.md, docs/certified.md,
-docs/certified-gpu.md) are what their experiments/ scripts write from the committed metrics."""
+docs/certified-passes.md, docs/certified-gpu.md) are what their experiments/ scripts write from
+the committed metrics."""
 
 import subprocess
 import sys
@@ -14,7 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize(
     "study, figures",
-    [("reproduction", 6), ("beyond", 2), ("cifar", 9), ("certified", 2), ("certified-gpu", 2)],
+    [
+        ("reproduction", 6),
+        ("beyond", 2),
+        ("cifar", 9),
+        ("certified", 2),
+        ("certified-passes", 2),
+        ("certified-gpu", 2),
+    ],
 )
 def test_committed_study_doc_regenerates_identically(tmp_path, study, figures):
     script = {
@@ -22,6 +30,7 @@ def test_committed_study_doc_regenerates_identically(tmp_path, study, figures):
         "beyond": ["beyond.py"],
         "cifar": ["cifar.py"],
         "certified": ["certified.py"],
+        "certified-passes": ["certified.py", "--study", "passes"],
         "certified-gpu": ["certified.py", "--study", "gpu"],
     }[study]
     doc = tmp_path / f"{study}.md"
