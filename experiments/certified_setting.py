@@ -64,7 +64,8 @@ def setting(study, results: Path, rows: list[dict], sigmas: list[float], images:
             "stops after the steps whose counted compute (steps x batch x its step's passes per "
             f"image) fits in {listed} clean epochs of the 54,000 training images, {macer}. Every "
             "method gets the same FLOPs on any machine and under any load, so a dearer step "
-            "means fewer steps and a run repeats bit for bit."
+            "means fewer steps; on the CPU with the same threads (one a run here) a run "
+            "repeats bit for bit."
         ]
         delay = "the first 0.34 of their budget"
         seconds = (

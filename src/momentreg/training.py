@@ -320,9 +320,9 @@ def train(
     have taken that many seconds (the first step of the call, which compiles, is not counted); that
     partial epoch is validated and checkpointed like any other. Where it stops depends on the clock,
     so such a run is not bit-for-bit repeatable; with ``step_budget`` it ends after that many
-    steps on any machine (and on the CPU repeats bit for bit); with ``pass_budget`` after the
-    steps whose counted compute (steps x batch x passes per image) fits in that many clean epochs
-    of the training set: every method the same FLOPs, on any machine.
+    steps on any machine (and on the CPU, with the same threads, repeats bit for bit); with
+    ``pass_budget`` after the steps whose counted compute (steps x batch x passes per image) fits
+    in that many clean epochs of the training set: every method the same FLOPs, on any machine.
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     cfg.validate()
