@@ -87,18 +87,21 @@ def budget_line(pairs: list[tuple[dict, dict]], page: str) -> str:
     )
 
 
-def draw_line(rows, other, seeds, unit: str, macer_factor: int, page: str) -> str | None:
-    """The training draw this page's runs do not measure, from the ``other`` study's second
-    seeds at their first seed's steps (page ``page``), their budgets renamed to this study's of
-    the same rank: how far it moves an ACR at each budget, and how many of this page's goal
-    comparisons that hold by more than two standard errors still do once it is counted."""
+def draw_line(rows, other, seeds, own: int, unit: str, macer_factor: int, page: str) -> str | None:
+    """The training draw measured by the ``other`` study's second seeds at their first seed's
+    steps (page ``page``; this page has ``own`` such seeds of its own), their budgets renamed to
+    this study's of the same rank: how far it moves an ACR at each budget, and how many of this
+    page's goal comparisons that hold by more than two standard errors still do once it is
+    counted."""
     rank, drawn = _ranks(rows, other), at_steps(seeds)
     if not rank or not drawn:
         return None
     renamed = [({**a, "budget": rank[a["budget"]]}, b) for a, b in drawn]
     held = [(a, b) for _, a, b in goal_pairs(rows, unit, macer_factor) if resolved(a, b)]
+    runs = f"{len(drawn)} run{'s' * (len(drawn) != 1)}"
+    mine = f"{runs} against this page's {own}" if own else "this page has none"
     what = (
         f"**A second seed at the first seed's steps, from [{page}]({page})** (budgets paired by "
-        "rank; this page trains no second seed):"
+        f"rank; {mine}):"
     )
     return spread_line(what, renamed, held, unit, where=f"the second seeds of {page}")

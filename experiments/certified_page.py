@@ -327,7 +327,8 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
     ]
     if other is not None and paired:
         page = f"{other.name}.md"
-        draw = draw_line(rows, other_rows, other_seeds, unit, study.macer_factor, page)
+        own = len(at_steps(seeds))
+        draw = draw_line(rows, other_rows, other_seeds, own, unit, study.macer_factor, page)
         md += [budget_line(paired, page), *([draw] if draw else [])]
     if study.anchor_check:
         md += [
@@ -386,7 +387,10 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
              "the steps its seed-0 run took (`step_budget`), its schedule (learning-rate steps, "
              "MACER's deferral) at shares of its steps where the first seed's was at shares of "
              "its seconds. The two differ in the draw, and only as far as the first seed's step "
-             "times varied in where the schedule turned."),
+             "times varied in where the schedule turned."
+             if unit == "s" else
+             "At the first seed's steps: the second seed had the same budget, and so the same "
+             "steps and schedule; the two differ in the draw alone."),
             (at_seconds(seeds), "At the same seconds: the second seed had the same budget of "
              "seconds and took its own number of steps, which the machine's speed and load set "
              "when it was trained; the draw and the clock both moved these."),

@@ -143,6 +143,7 @@ def _certified_rows(folder: Path, unit: str) -> list[dict]:
                 "sigma": config["sigma"],
                 "budget": budget(config, unit),
                 "step_budget": config.get("step_budget", 0),
+                "pass_budget": config.get("pass_budget", 0),
                 "batch": made.get(config["method"], ""),
                 "environment": metrics.get("environment"),
                 "seconds": metrics["step_seconds"],

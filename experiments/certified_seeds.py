@@ -46,15 +46,21 @@ def seed_table(pairs: list[tuple[dict, dict]], unit: str) -> str:
     return markdown_table(header, body, align="lrrrrrrrrr")
 
 
+def _fixed_steps(r: dict) -> bool:
+    """Whether a run's budget fixed its steps (a step budget, or a pass budget) rather than left
+    them to the clock."""
+    return bool(r["step_budget"] or r.get("pass_budget"))
+
+
 def at_steps(pairs: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
-    """The pairs whose second seed stopped after its first seed's steps: they differ only in the
-    draw of the training."""
-    return [p for p in pairs if p[1]["step_budget"]]
+    """The pairs whose second seed stopped after its first seed's steps (a step budget of
+    them, or the same pass budget): they differ only in the draw of the training."""
+    return [p for p in pairs if _fixed_steps(p[1])]
 
 
 def at_seconds(pairs: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
     """The pairs whose second seed had the same seconds, and so its own number of steps."""
-    return [p for p in pairs if not p[1]["step_budget"]]
+    return [p for p in pairs if not _fixed_steps(p[1])]
 
 
 def seed_lines(pairs, rows, unit: str, macer_factor: int) -> list[str]:

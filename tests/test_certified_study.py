@@ -22,7 +22,7 @@ from certified_results import (  # noqa: E402
     missing_runs,
     uncertified_runs,
 )
-from certified_seeds import seed_lines, seed_spread, seed_table  # noqa: E402
+from certified_seeds import at_seconds, at_steps, seed_lines, seed_spread, seed_table  # noqa: E402
 from certified_setting import later_batches, setting  # noqa: E402
 from certified_study import CLEAN_EPOCHS, STUDIES  # noqa: E402
 from certified_verdict import anchor_check, goal_pairs, over_a_quarter, same_passes  # noqa: E402
@@ -142,14 +142,20 @@ def test_the_other_studys_second_seeds_are_counted_at_the_budgets_of_their_rank(
     first = {**row("noise", 0.5, 0.7, budget=15), "depth": "first"}
     seconds = [first, {**first, "budget": 60}]
     calm = [(first, {**first, "acr": 0.69, "seed": 1, "step_budget": 100})]
-    line = draw_line(passes, seconds, calm, CLEAN_EPOCHS, 4, "certified.md")
+    line = draw_line(passes, seconds, calm, 0, CLEAN_EPOCHS, 4, "certified.md")
+    assert "(budgets paired by rank; this page has none)" in line
     assert "up to 0.010 at 0.75 clean epochs (1 run, root mean square 0.010)" in line
     assert "1 of the 1 goal comparisons" in line  # gap 0.4 against 2 SE of about 0.09
     wild = [(first, {**first, "acr": 0.3, "seed": 1, "step_budget": 100})]
-    assert "0 of the 1 goal comparisons" in draw_line(passes, seconds, wild, CLEAN_EPOCHS, 4, "c")
-    assert draw_line(passes, seconds[:1], calm, CLEAN_EPOCHS, 4, "c") is None  # ranks differ
+    assert "0 of the 1 goal comparisons" in draw_line(
+        passes, seconds, wild, 3, CLEAN_EPOCHS, 4, "c"
+    )
+    assert "1 run against this page's 3" in draw_line(
+        passes, seconds, wild, 3, CLEAN_EPOCHS, 4, "c"
+    )
+    assert draw_line(passes, seconds[:1], calm, 0, CLEAN_EPOCHS, 4, "c") is None  # ranks differ
     at_seconds = [(first, {**first, "acr": 0.3, "seed": 1, "step_budget": 0})]
-    assert draw_line(passes, seconds, at_seconds, CLEAN_EPOCHS, 4, "c") is None
+    assert draw_line(passes, seconds, at_seconds, 0, CLEAN_EPOCHS, 4, "c") is None
 
 
 def test_sampled_macer_with_few_copies_is_a_control_beside_the_goal_not_its_reference():
@@ -305,6 +311,19 @@ def test_a_second_seed_with_a_step_budget_is_paired_with_the_first_seed_of_those
     assert [(a["run"], b["run"], b["step_budget"], b["budget"]) for a, b in pairs] == [
         ("noise-a", "noise-b", 100, 90)  # the budget its first seed had
     ]
+
+
+def test_a_second_seed_with_a_pass_budget_is_drawn_again_at_its_first_seeds_steps(tmp_path):
+    """In a study of pass budgets a second seed of the same budget has its first seed's steps:
+    it is paired by the budget, and counted with the seeds at their steps, not at the seconds."""
+    for name, seed, budget in (("noise-a", 0, 3), ("noise-b", 1, 3), ("noise-c", 1, 0.75)):
+        _certified_run(tmp_path, name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        config.update(seed=seed, pass_budget=budget)
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    (row,), pairs = load_rows(tmp_path, CLEAN_EPOCHS)  # noise-c has no first seed at 0.75
+    assert [(a["run"], b["run"], b["budget"]) for a, b in pairs] == [("noise-a", "noise-b", 3)]
+    assert at_steps(pairs) == pairs and at_seconds(pairs) == []
 
 
 def test_the_goals_pairs_are_compared_again_between_second_seeds_at_their_steps():
