@@ -10,8 +10,8 @@ from __future__ import annotations
 import statistics
 
 from certified_results import row_order
-from certified_seeds import at_steps, resolved, seed_spread, spread_line
-from certified_verdict import acr_gap, goal_pairs
+from certified_seeds import at_steps, seed_spread, spread_line
+from certified_verdict import acr_gap, resolved
 
 from momentreg.tables import markdown_table
 
@@ -71,7 +71,7 @@ def budget_line(pairs: list[tuple[dict, dict]], page: str) -> str:
     moved (root mean square, the largest move, and how many beyond two standard errors of the
     images) against the runs of page ``page``."""
     ratios = sorted(a["steps"] / b["steps"] for a, b in pairs)
-    apart = sum(abs(gap) > two_se for gap, two_se in (acr_gap(a, b) for a, b in pairs))
+    apart = sum(resolved(a, b) or resolved(b, a) for a, b in pairs)
     most = max(pairs, key=lambda p: p[0]["steps"] / p[1]["steps"])
     moved = max(pairs, key=lambda p: abs(p[0]["acr"] - p[1]["acr"]))
     return (
@@ -87,17 +87,17 @@ def budget_line(pairs: list[tuple[dict, dict]], page: str) -> str:
     )
 
 
-def draw_line(rows, other, seeds, own: int, unit: str, macer_factor: int, page: str) -> str | None:
+def draw_line(rows, goal, other, seeds, own: int, unit: str, page: str) -> str | None:
     """The training draw measured by the ``other`` study's second seeds at their first seed's
     steps (page ``page``; this page has ``own`` such seeds of its own), their budgets renamed to
     this study's of the same rank: how far it moves an ACR at each budget, and how many of this
-    page's goal comparisons that hold by more than two standard errors still do once it is
-    counted."""
+    page's goal comparisons (``goal``: goal_pairs of ``rows``) that hold by more than two
+    standard errors still do once it is counted."""
     rank, drawn = _ranks(rows, other), at_steps(seeds)
     if not rank or not drawn:
         return None
     renamed = [({**a, "budget": rank[a["budget"]]}, b) for a, b in drawn]
-    held = [(a, b) for _, a, b in goal_pairs(rows, unit, macer_factor) if resolved(a, b)]
+    held = [(a, b) for _, a, b in goal if resolved(a, b)]
     runs = f"{len(drawn)} run{'s' * (len(drawn) != 1)}"
     mine = f"{runs} against this page's {own}" if own else "this page has none"
     what = (

@@ -31,8 +31,9 @@ from certified_study import (
     TIGHTNESS_SAMPLES,
     Study,
     authors_copies,
+    unit_name,
 )
-from certified_verdict import anchor_check, verdict
+from certified_verdict import anchor_check, goal_pairs, verdict
 from matplotlib.ticker import FuncFormatter
 from study import fmt, provenance
 
@@ -314,21 +315,22 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
     title = "Certified robustness per unit of compute"
     md = provenance(results, title + (", counted" if unit == CLEAN_EPOCHS else ""), options)
     md += ["## Setting", "", *setting(study, results, rows, sigmas, images, n), ""]
+    goal = goal_pairs(rows, unit, study.macer_factor)
     other = STUDIES[study.against] if study.against else None
-    if other is not None:
-        other_rows, other_seeds = load_rows(results.parent / other.name / TASK, other.unit)
-        paired = budget_pairs(rows, other_rows)
+    other_rows, other_seeds = (
+        load_rows(results.parent / other.name / TASK, other.unit) if other else ([], [])
+    )
+    paired = budget_pairs(rows, other_rows)
     md += [
         "## What we conclude",
         "",
-        *verdict(rows, sigmas, left_methods, unit, study.macer_factor, untested(waiting)),
+        *verdict(rows, goal, sigmas, left_methods, unit, study.macer_factor, untested(waiting)),
         *hinge_lines(results / TASK, rows, unit, study.tightness_from),
-        *seed_lines(seeds, rows, unit, study.macer_factor),
+        *seed_lines(seeds, goal, unit),
     ]
-    if other is not None and paired:
+    if paired:
         page = f"{other.name}.md"
-        own = len(at_steps(seeds))
-        draw = draw_line(rows, other_rows, other_seeds, own, unit, study.macer_factor, page)
+        draw = draw_line(rows, goal, other_rows, other_seeds, len(at_steps(seeds)), unit, page)
         md += [budget_line(paired, page), *([draw] if draw else [])]
     if study.anchor_check:
         md += [
@@ -349,7 +351,7 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
             "the anchors) is [certified-gpu.md](certified-gpu.md)."
             + "".join(
                 f" The same study with budgets of {s.unit} of counted compute instead of "
-                f"{'seconds' if unit == 's' else unit} is "
+                f"{unit_name(unit)} is "
                 f"[{s.name}.md]({s.name}.md)."
                 for s in STUDIES.values()
                 if s.against == key
@@ -397,13 +399,13 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
         ]  # fmt: skip
         for pairs, text in kinds:
             md += [text, "", seed_table(pairs, unit), ""] if pairs else []
-    if other is not None and paired:
+    if paired:
         md += [
             "## The two studies",
             "",
             f"Each run beside the run of the same method and sigma in [{other.name}.md]"
-            f"({other.name}.md), which had a budget of "
-            f"{'seconds' if other.unit == 's' else other.unit} (budgets paired by rank). "
+            f"({other.name}.md), which had a budget of {unit_name(other.unit)} (budgets paired by "
+            "rank). "
             "The steps ratio is this page's steps over that page's.",
             "",
             budget_table(paired, unit, other.unit),

@@ -10,7 +10,7 @@ import math
 import statistics
 
 from certified_results import row_order
-from certified_verdict import acr_gap, goal_pairs
+from certified_verdict import acr_gap, resolved
 
 from momentreg.tables import markdown_table
 
@@ -63,14 +63,14 @@ def at_seconds(pairs: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
     return [p for p in pairs if not _fixed_steps(p[1])]
 
 
-def seed_lines(pairs, rows, unit: str, macer_factor: int) -> list[str]:
+def seed_lines(pairs, goal, unit: str) -> list[str]:
     """What the second seeds say of the page's comparisons, for each kind of second seed: their
     spread at each budget against the images' standard error, and how many of the goal's pairs
     still clear two standard errors once the training draw is counted; then the goal's pairs
-    whose two runs both have a second seed at their steps, compared seed 1 with seed 1."""
+    whose two runs both have a second seed at their steps, compared seed 1 with seed 1
+    (``goal``: the page's goal_pairs)."""
     if not pairs:
         return []
-    goal = goal_pairs(rows, unit, macer_factor)
     held = [(a, b) for _, a, b in goal if resolved(a, b)]
     lines = []
     steps, seconds = at_steps(pairs), at_seconds(pairs)
@@ -87,12 +87,6 @@ def seed_lines(pairs, rows, unit: str, macer_factor: int) -> list[str]:
         )
         lines.append(spread_line(what, seconds, held, unit) + _both_kinds(second, seconds))
     return lines + _retrained_lines([(a, b) for _, a, b in goal], second, unit)
-
-
-def resolved(a: dict, b: dict) -> bool:
-    """a's ACR above b's by more than two standard errors over the images."""
-    gap, two_se = acr_gap(a, b)
-    return gap > two_se
 
 
 def _both_kinds(second: dict, seconds) -> str:

@@ -62,7 +62,7 @@ def setting(study, results: Path, rows: list[dict], sigmas: list[float], images:
             f"of equal seconds: MNIST, sigma {sig}, {lenet}, each run trained for a budget of "
             f"clean epochs of FLOPs (`--pass-budget`; experiments/certified-passes.toml): it "
             "stops after the steps whose counted compute (steps x batch x its step's passes per "
-            f"image) fits in {listed} clean epochs of the 54,000 training images, {macer}. Every "
+            f"image) fits in {listed} clean epochs of the training images, {macer}. Every "
             "method gets the same FLOPs on any machine and under any load, so a dearer step "
             "means fewer steps; on the CPU with the same threads (one a run here) a run "
             "repeats bit for bit."

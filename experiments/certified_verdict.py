@@ -9,12 +9,25 @@ import itertools
 import math
 
 from certified_results import row_order
-from certified_study import ANCHOR_TOLERANCE, ANCHORS, CLEAN_EPOCHS, SAMPLED, authors_copies
+from certified_study import (
+    ANCHOR_TOLERANCE,
+    ANCHORS,
+    CLEAN_EPOCHS,
+    SAMPLED,
+    authors_copies,
+    unit_name,
+)
 
 
 def acr_gap(a: dict, b: dict) -> tuple[float, float]:
     """a's ACR minus b's, and two standard errors of that difference."""
     return a["acr"] - b["acr"], 2 * math.hypot(a["se"], b["se"])
+
+
+def resolved(a: dict, b: dict) -> bool:
+    """a's ACR above b's by more than two standard errors over the images."""
+    gap, two_se = acr_gap(a, b)
+    return gap > two_se
 
 
 def _compare(a: dict, b: dict) -> str:
@@ -112,7 +125,7 @@ def same_passes(rows: list[dict], unit: str) -> tuple[list[str], str | None]:
     held = [(gap, two_se) for gap, two_se in ahead if gap >= 0]
     summary = (
         f"Against sampled MACER with as many noisy copies as the analytic variant's passes per "
-        f"image, at the same {'seconds' if unit == 's' else unit} (a control outside the goal's "
+        f"image, at the same {unit_name(unit)} (a control outside the goal's "
         "count), the analytic variant "
         f"is at least as good in {len(held)} of {len(ahead)} pairs, "
         f"{sum(gap > two_se for gap, two_se in held)} of them by more than two standard errors; "
@@ -127,10 +140,25 @@ def _macer_goal(unit: str, factor: int) -> str:
     return f"MACER's ACR at {'the same' if factor == 1 else f'1/{factor} of its'} {unit}"
 
 
-def verdict(rows, sigmas, left_out: dict[float, set], unit: str, macer_factor: int, not_certified):
-    """The goal, checked pair by pair, then the plainest baseline against the best run;
-    ``not_certified``: sigma -> the methods trained but not certified there."""
-    pairs = goal_pairs(rows, unit, macer_factor)
+def _goal_words(unit: str, factor: int) -> str:
+    """The goal as the verdict states it, for a study of ``unit`` budgets with MACER at
+    ``factor`` x the analytic variants' budget."""
+    if factor == 4 and unit == "s":
+        return "at the same seconds, or as MACER at 4x them"
+    if factor == 4 and unit == CLEAN_EPOCHS:
+        return "at the same counted compute, or as MACER at 4x it"
+    macer = "the same" if factor == 1 else f"{factor}x the"
+    return (
+        f"at the same {unit}, or as MACER at {macer} {unit} with at most a quarter of its "
+        "measured compute"
+    )
+
+
+def verdict(rows, pairs, sigmas, left_out: dict[float, set], unit: str, macer_factor: int,
+            not_certified):  # fmt: skip
+    """The goal, checked pair by pair (``pairs``: goal_pairs of the rows), then the plainest
+    baseline against the best run; ``not_certified``: sigma -> the methods trained but not
+    certified there."""
     lines = []
     for what, a, b in pairs:
         lines.append(
@@ -155,21 +183,11 @@ def verdict(rows, sigmas, left_out: dict[float, set], unit: str, macer_factor: i
                 + " trained but were not certified before the deadline (see the end of the page)."
             )
     held = [(a, b) for _, a, b in pairs if a["acr"] >= b["acr"]]
-    resolved = sum(gap > two_se for gap, two_se in (acr_gap(a, b) for a, b in held))
-    same = (
-        "at the same seconds, or as MACER at 4x them"
-        if unit == "s" and macer_factor == 4
-        else "at the same counted compute, or as MACER at 4x it"
-        if unit == CLEAN_EPOCHS and macer_factor == 4
-        else f"at the same {unit}, or as MACER at "
-        + ("the same" if macer_factor == 1 else f"{macer_factor}x the")
-        + f" {unit} with at most a quarter of its measured compute"
-    )
     head = (
         "**Verdict:** the goal (an analytic variant at least as certifiably robust as the sampled "
-        f"method {same}) holds in "
-        f"{len(held)} of {len(pairs)} comparisons; {resolved} of them by more than two standard "
-        "errors."
+        f"method {_goal_words(unit, macer_factor)}) holds in "
+        f"{len(held)} of {len(pairs)} comparisons; {sum(resolved(a, b) for a, b in held)} of them "
+        "by more than two standard errors."
     )
     for sigma in sigmas:
         for b in sorted({r["budget"] for r in rows if r["method"] == "noise"}):

@@ -143,20 +143,21 @@ def test_the_other_studys_second_seeds_are_counted_at_the_budgets_of_their_rank(
     first = {**row("noise", 0.5, 0.7, budget=15), "depth": "first"}
     seconds = [first, {**first, "budget": 60}]
     calm = [(first, {**first, "acr": 0.69, "seed": 1, "step_budget": 100})]
-    line = draw_line(passes, seconds, calm, 0, CLEAN_EPOCHS, 4, "certified.md")
+    goal = goal_pairs(passes, CLEAN_EPOCHS, 4)
+    line = draw_line(passes, goal, seconds, calm, 0, CLEAN_EPOCHS, "certified.md")
     assert "(budgets paired by rank; this page has none)" in line
     assert "up to 0.010 at 0.75 clean epochs (1 run, root mean square 0.010)" in line
     assert "1 of the 1 goal comparisons" in line  # gap 0.4 against 2 SE of about 0.09
     wild = [(first, {**first, "acr": 0.3, "seed": 1, "step_budget": 100})]
     assert "0 of the 1 goal comparisons" in draw_line(
-        passes, seconds, wild, 3, CLEAN_EPOCHS, 4, "c"
+        passes, goal, seconds, wild, 3, CLEAN_EPOCHS, "c"
     )
     assert "1 run against this page's 3" in draw_line(
-        passes, seconds, wild, 3, CLEAN_EPOCHS, 4, "c"
+        passes, goal, seconds, wild, 3, CLEAN_EPOCHS, "c"
     )
-    assert draw_line(passes, seconds[:1], calm, 0, CLEAN_EPOCHS, 4, "c") is None  # ranks differ
+    assert draw_line(passes, goal, seconds[:1], calm, 0, CLEAN_EPOCHS, "c") is None  # ranks differ
     at_seconds = [(first, {**first, "acr": 0.3, "seed": 1, "step_budget": 0})]
-    assert draw_line(passes, seconds, at_seconds, 0, CLEAN_EPOCHS, 4, "c") is None
+    assert draw_line(passes, goal, seconds, at_seconds, 0, CLEAN_EPOCHS, "c") is None
 
 
 def test_sampled_macer_with_few_copies_is_a_control_beside_the_goal_not_its_reference():
@@ -339,7 +340,7 @@ def test_the_goals_pairs_are_compared_again_between_second_seeds_at_their_steps(
         "m0": {**analytic, "run": "m1", "seed": 1, "acr": 0.5, "step_budget": 80},
     }
     pairs = [(cons, again["c0"]), (analytic, again["m0"])]
-    *_, head, line = seed_lines(pairs, [cons, analytic], "s", 4)
+    *_, head, line = seed_lines(pairs, goal_pairs([cons, analytic], "s", 4), "s")
     assert head.endswith("of the 1 goal comparisons whose two runs both have a second seed at "
                          "their steps, 1 hold with seed 0 and 0 with seed 1:")  # fmt: skip
     assert line == (
@@ -350,11 +351,11 @@ def test_the_goals_pairs_are_compared_again_between_second_seeds_at_their_steps(
     )
     # a second seed at the same seconds is no retraining at the same steps
     pairs[0] = (cons, {**again["c0"], "step_budget": 0, "steps": 60, "acr": 0.1})
-    lines = seed_lines(pairs, [cons, analytic], "s", 4)
+    lines = seed_lines(pairs, goal_pairs([cons, analytic], "s", 4), "s")
     assert not any("drawn again" in x for x in lines)
     assert "took 0.75x to 0.75x their first seed's steps" in lines[1]
     assert not lines[1].endswith("at the same seconds.")  # no run drawn again both ways
-    lines = seed_lines([*pairs, (cons, again["c0"])], [cons, analytic], "s", 4)
+    lines = seed_lines([*pairs, (cons, again["c0"])], goal_pairs([cons, analytic], "s", 4), "s")
     assert lines[1].endswith(
         "The 1 runs drawn again both ways moved by a root mean square of 0.200 at their first "
         "seed's steps and 0.300 at the same seconds."
@@ -396,19 +397,21 @@ def test_the_second_seeds_spread_is_counted_into_the_goals_resolved_pairs():
         row("consistency", 0.5, 0.5, se=0.05, budget=30),
         row("stability-analytic", 0.5, 0.55, se=0.05, budget=30),  # within 2 SE of the images
     ]
-    (line,) = seed_lines(pairs, rows, "s", 4)
+    (line,) = seed_lines(pairs, goal_pairs(rows, "s", 4), "s")
     assert line.startswith("- **A second seed at the first seed's steps** (the draw of the ")
     assert "moved the ACR by up to 0.100 at 60 s (2 runs, root mean square 0.100); the " in line
     assert "median standard error over the images is 0.050, and 0 of 2 moves exceed" in line
     assert "1 of the 2 goal comparisons that hold by more than two standard errors still do" in line
     # a second seed at 15 s with no move: the 15 s pair is judged by that spread, and holds
     calm = row("noise", 0.5, 0.6, se=0.05, budget=15)
-    (line,) = seed_lines([*pairs, (calm, {**calm, "seed": 1, "step_budget": 100})], rows, "s", 4)
+    (line,) = seed_lines(
+        [*pairs, (calm, {**calm, "seed": 1, "step_budget": 100})], goal_pairs(rows, "s", 4), "s"
+    )
     assert "up to 0.000 at 15 s (1 run, root mean square 0.000) and up to 0.100 at 60 s" in line
     assert "2 of the 2 goal comparisons" in line
     moment = "| moment | 0.5 | 60 | 1 | 100 | 100 | 0.800 ± 0.050 | 0.700 ± 0.050 | -0.100 | 0.141"
     assert moment in seed_table(pairs, "s")
-    assert seed_lines([], rows, "s", 4) == []
+    assert seed_lines([], goal_pairs(rows, "s", 4), "s") == []
 
 
 @pytest.mark.parametrize("study, beside", [("cpu", False), ("gpu", True)])

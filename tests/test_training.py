@@ -231,6 +231,15 @@ def test_a_pass_budget_gives_each_method_the_steps_of_its_counted_compute(tmp_pa
     assert all(torch.equal(x, y) for x, y in weights)
 
 
+def test_a_pass_budget_takes_the_passes_its_caller_counted():
+    """run.py counts a step's passes once, for metrics.json, and hands them to the trainer: 2.5
+    clean epochs of 240 images at 2 passes are 6 steps, even for noise training (1 pass)."""
+    tr, va = _sample()
+    kwargs = dict(method="noise", sigma=0.5, epochs=1000, early_stop=1000, **FAST)
+    history = train(tiny_net(), tr, va, pass_budget=2.5, passes=2.0, **kwargs)
+    assert history[-1]["steps"] == 6
+
+
 def test_a_pass_budget_rounds_its_steps_down_and_keeps_one():
     cfg = TrainConfig(batch_size=256, pass_budget=3.0)
     assert cfg.pass_budget_steps(1.0, 54_000) == 632  # 632.8 steps of one pass

@@ -263,6 +263,7 @@ def train_run(
         device=device,
         progress=progress,
         tensorboard=tensorboard,
+        passes=passes,  # counted once, for the metrics and a pass budget
     )
     images, labels = to_float(test_set[0]), test_set[1]
     gnr_images = config.gnr_limit or len(labels)

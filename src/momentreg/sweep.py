@@ -153,12 +153,9 @@ def run_dir_name(config: dict) -> str:
             parts.append(f"{short}{config[key]}")
     if parts[0] in ANALYTIC:
         parts += [token for token, _ in moment_variants(config)]
-    if config.get("time_budget"):
-        parts.append(f"t{config['time_budget']}")
-    if config.get("step_budget"):
-        parts.append(f"steps{config['step_budget']}")
-    if config.get("pass_budget"):
-        parts.append(f"p{config['pass_budget']}")
+    for key, short in (("time_budget", "t"), ("step_budget", "steps"), ("pass_budget", "p")):
+        if config.get(key):
+            parts.append(f"{short}{config[key]}")
     return "-".join(str(p) for p in parts) + f"-{digest}"
 
 
@@ -320,8 +317,9 @@ def _cost(config: dict) -> float:
     or to one clean step for a step-budgeted run; a pass-budgeted run costs its budget (clean
     epochs), a time-budgeted one its budget (seconds). The largest start first (an order only: the
     units differ)."""
-    if config.get("time_budget") or config.get("pass_budget"):
-        return config.get("time_budget") or config["pass_budget"]
+    budget = config.get("time_budget") or config.get("pass_budget")
+    if budget:
+        return budget
     method = config.get("method")
     per_pass = {
         "augment": config.get("folds", 1),

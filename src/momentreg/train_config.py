@@ -10,7 +10,7 @@ from momentreg.methods import COPIES, METHODS
 from momentreg.regularizer import DEPTHS, MOMENT_LOSSES
 from momentreg.smoothing_losses import MACER_BETA, MACER_GAMMA
 
-__all__ = ["TrainConfig", "PROTOCOLS", "LR_SCHEDULES", "KEEP", "BUDGETS"]
+__all__ = ["TrainConfig", "PROTOCOLS", "LR_SCHEDULES", "KEEP"]
 
 LR_SCHEDULES = ("plateau", "step", "budget-step")
 KEEP = ("best", "last")

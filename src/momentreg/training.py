@@ -280,15 +280,16 @@ def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
     }
 
 
-def _pass_budget_as_steps(model, images, labels, cfg: TrainConfig, split) -> TrainConfig:
+def _pass_budget_as_steps(model, images, labels, cfg: TrainConfig, split, passes) -> TrainConfig:
     """``cfg`` with its pass budget turned into the step budget it allows: a step's cost in clean
-    passes per image is counted (momentreg.cost) on the first batch of ``images``, and
-    ``pass_budget`` clean epochs of them hold ``cfg.pass_budget_steps`` such steps. The count is
-    the same on every call, so a resumed run ends where an uninterrupted one does."""
+    passes per image (``passes``, or counted by momentreg.cost on the first batch of ``images``),
+    and ``pass_budget`` clean epochs of them hold ``cfg.pass_budget_steps`` such steps. The count
+    is the same on every call, so a resumed run ends where an uninterrupted one does."""
     if not cfg.pass_budget:
         return cfg
-    x, y = to_float(images[: cfg.batch_size]), labels[: cfg.batch_size]
-    passes = passes_per_image(model, x, y, cfg, split)
+    if passes is None:
+        x, y = to_float(images[: cfg.batch_size]), labels[: cfg.batch_size]
+        passes = passes_per_image(model, x, y, cfg, split)
     steps = cfg.pass_budget_steps(passes, len(labels))
     return dataclasses.replace(cfg, pass_budget=0.0, step_budget=steps)
 
@@ -306,6 +307,7 @@ def train(
     progress: bool = True,
     tensorboard: bool = False,
     split: Split | None = None,
+    passes: float | None = None,
     **overrides,
 ) -> list[dict]:
     """Train ``model`` in place and leave it with its best-validation weights (``keep="last"``:
@@ -322,7 +324,9 @@ def train(
     so such a run is not bit-for-bit repeatable; with ``step_budget`` it ends after that many
     steps on any machine (and on the CPU, with the same threads, repeats bit for bit); with
     ``pass_budget`` after the steps whose counted compute (steps x batch x passes per image) fits
-    in that many clean epochs of the training set: every method the same FLOPs, on any machine.
+    in that many clean epochs of the training set: every method the same FLOPs, on any machine
+    (``passes``: the step's passes per image where the caller has counted them, as
+    momentreg.cost.passes_per_image on a first batch; else the trainer counts them).
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     cfg.validate()
@@ -346,7 +350,7 @@ def train(
             _end_weights(model, state, cfg)
             return state.history
     writer = _tensorboard_writer(out) if tensorboard else None
-    cfg = _pass_budget_as_steps(model, images, labels, cfg, split)
+    cfg = _pass_budget_as_steps(model, images, labels, cfg, split, passes)
     clock = _StepClock(state.last("steps"), state.last("step_seconds", 0.0))
     epochs = tqdm(
         range(state.epoch, cfg.epochs), desc="epochs", disable=not progress, initial=state.epoch,
