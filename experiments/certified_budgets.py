@@ -1,9 +1,10 @@
 """The same runs under two kinds of budget: each run of a study of counted compute
 (docs/certified-passes.md) beside the run of the same method and sigma in the study of seconds
-(docs/certified.md). Their budgets pair by rank (the smallest with the smallest, and so on), so the
-two studies must have as many budgets. What differs between the two runs is how many steps the
-budget allowed, and the draw as far as the steps differ; the second seeds of the study of seconds,
-drawn again at their first seed's steps, say how far the draw alone moves an ACR."""
+(docs/certified.md). Their budgets pair by rank (the smallest with the smallest, and so on); a
+budget past the other study's largest pairs with none. What differs between the two runs is how
+many steps the budget allowed, and the draw as far as the steps differ; the second seeds of the
+study of seconds, drawn again at their first seed's steps, say how far the draw alone moves an
+ACR."""
 
 from __future__ import annotations
 
@@ -17,25 +18,22 @@ from momentreg.tables import markdown_table
 
 
 def _ranks(rows: list[dict], other: list[dict]) -> dict[float, float]:
-    """The ``other`` study's budgets -> this study's budget of the same rank (empty where the
-    two have not as many budgets)."""
+    """The ``other`` study's budgets -> this study's budget of the same rank, for the ranks both
+    studies have."""
     mine, theirs = sorted({r["budget"] for r in rows}), sorted({r["budget"] for r in other})
-    return dict(zip(theirs, mine, strict=True)) if len(mine) == len(theirs) else {}
+    return dict(zip(theirs, mine, strict=False))
 
 
 def budget_pairs(rows: list[dict], other: list[dict]) -> list[tuple[dict, dict]]:
     """(row, the ``other`` study's row of the same method, depth, copies and sigma at the budget
-    of the same rank) for each row that has one; none where the studies' budgets differ in
-    number."""
+    of the same rank) for each row that has one."""
     rank = _ranks(rows, other)
-    if not rank:
-        return []
     pairs = []
     for r in sorted(rows, key=row_order):
         match = [
             o
             for o in other
-            if rank[o["budget"]] == r["budget"]
+            if rank.get(o["budget"]) == r["budget"]
             and all(o[k] == r[k] for k in ("method", "depth", "copies", "sigma"))
         ]
         pairs += [(r, match[0])] if match else []
@@ -93,8 +91,9 @@ def draw_line(rows, goal, other, seeds, own: int, unit: str, page: str) -> str |
     this study's of the same rank: how far it moves an ACR at each budget, and how many of this
     page's goal comparisons (``goal``: goal_pairs of ``rows``) that hold by more than two
     standard errors still do once it is counted."""
-    rank, drawn = _ranks(rows, other), at_steps(seeds)
-    if not rank or not drawn:
+    rank = _ranks(rows, other)
+    drawn = [p for p in at_steps(seeds) if p[0]["budget"] in rank]
+    if not drawn:
         return None
     renamed = [({**a, "budget": rank[a["budget"]]}, b) for a, b in drawn]
     held = [(a, b) for _, a, b in goal if resolved(a, b)]

@@ -20,19 +20,32 @@ from momentreg.sweep import expand, load_spec, run_dir_name
 def read_tsv(path: Path) -> list[dict]:
     with open(path) as f:
         return [
-            {"radius": float(r["radius"]), "correct": int(r["correct"])}
+            {"idx": int(r["idx"]), "radius": float(r["radius"]), "correct": int(r["correct"])}
             for r in csv.DictReader(f, delimiter="\t")
         ]
 
 
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error (nan for fewer than two)."""
+    n = len(values)
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
+    return mean, se
+
+
 def certified(tsv: list[dict]) -> dict:
-    """ACR (radius of correct predictions, 0 elsewhere), its standard error, and certified
-    accuracy (%) at RADII, from a per-image certification table."""
-    radii = [r["radius"] * r["correct"] for r in tsv]
-    n = len(radii)
-    acr = sum(radii) / n
-    se = math.sqrt(sum((r - acr) ** 2 for r in radii) / (n - 1) / n) if n > 1 else math.nan
-    return {"images": n, "acr": acr, "se": se, "at": certified_accuracy(tsv, RADII)}
+    """ACR (radius of correct predictions, 0 elsewhere), its standard error, certified accuracy
+    (%) at RADII, and each image's radius by test index (``radii``, for comparisons paired over
+    the images), from a per-image certification table."""
+    radii = {r["idx"]: r["radius"] * r["correct"] for r in tsv}
+    acr, se = mean_and_se(list(radii.values()))
+    return {
+        "images": len(radii),
+        "acr": acr,
+        "se": se,
+        "radii": radii,
+        "at": certified_accuracy(tsv, RADII),
+    }
 
 
 def label(config: dict) -> str:

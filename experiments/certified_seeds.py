@@ -2,7 +2,8 @@
 batch order, noise) moves a run's ACR, at its first seed's steps (the draw alone) or at its
 seconds (the draw and the clock, which sets the steps); and whether the goal's comparisons hold
 when both of their runs are drawn again. The page's standard errors are over the test images
-only; every comparison on it sets one run of a method against one run of another."""
+only (a gap's, over the per-image differences); every comparison on it sets one run of a method
+against one run of another."""
 
 from __future__ import annotations
 
@@ -103,12 +104,12 @@ def _both_kinds(second: dict, seconds) -> str:
 
 
 def spread_line(what: str, pairs, held, unit: str, where="the section on second seeds below"):
-    """One kind of second seed: how far it moved the ACRs at each budget, against the images'
-    standard error, and how many of the ``held`` goal pairs keep a gap over two standard errors
-    once a training draw of that spread is counted in both runs (``where``: where the seeds are
-    shown). A gap's variance is then both
-    runs' squared image standard errors plus half the squared spread at each run's budget (at a
-    budget without second seeds, the spread over all of them)."""
+    """One kind of second seed: how far it moved the ACRs at each budget, against a move's
+    standard error over the images, and how many of the ``held`` goal pairs keep a gap over two
+    standard errors once a training draw of that spread is counted in both runs (``where``: where
+    the seeds are shown). A gap's variance is then its squared standard error over the images
+    (acr_gap) plus half the squared spread at each run's budget (at a budget without second seeds,
+    the spread over all of them)."""
     budgets = sorted({a["budget"] for a, _ in pairs})
     spread = {b: seed_spread([p for p in pairs if p[0]["budget"] == b]) for b in budgets}
     pooled = seed_spread(pairs)
@@ -117,9 +118,9 @@ def spread_line(what: str, pairs, held, unit: str, where="the section on second 
         return spread.get(r["budget"], pooled) ** 2 / 2
 
     apart = sum(resolved(a, b) or resolved(b, a) for a, b in pairs)
-    se = statistics.median(r["se"] for pair in pairs for r in pair)
+    se = statistics.median(acr_gap(a, b)[1] / 2 for a, b in pairs)
     still = [(a, b) for a, b in held if a["acr"] - b["acr"] > 2 * math.sqrt(
-        train_var(a) + train_var(b) + a["se"] ** 2 + b["se"] ** 2)]  # fmt: skip
+        train_var(a) + train_var(b) + (acr_gap(a, b)[1] / 2) ** 2)]  # fmt: skip
     at = []
     for b in budgets:
         moves = [abs(y["acr"] - x["acr"]) for x, y in pairs if x["budget"] == b]
@@ -131,8 +132,9 @@ def spread_line(what: str, pairs, held, unit: str, where="the section on second 
         f"- {what} it moved the ACR by "
         + (", ".join(at[:-1]) + " and " if len(at) > 1 else "")
         + at[-1]
-        + f"; the median standard error over the images is {se:.3f}, and {apart} of "
-        f"{len(pairs)} moves exceed two standard errors of the images. Counting a training draw "
+        + f"; a move's standard error over the images (that of its per-image differences) is "
+        f"{se:.3f} at the median, and {apart} of {len(pairs)} moves exceed two of theirs. "
+        "Counting a training draw "
         "of that spread in every run (its budget's, or all of them where its budget has none), "
         f"{len(still)} of the {len(held)} goal comparisons that hold by more than two standard "
         f"errors still do ({where})."

@@ -135,7 +135,9 @@ def setting(study, results: Path, rows: list[dict], sigmas: list[float], images:
         *trained,
         f"- CERTIFY (Cohen et al.) at the training sigma on {images} test images (every "
         f"{10_000 // images}th), n0 = 100, n = {n:,}, alpha = 0.001. ACR: the mean certified "
-        "radius (0 for a wrong or abstained prediction), ± its standard error over the images; "
+        "radius (0 for a wrong or abstained prediction), ± its standard error over the images "
+        "(a gap between two runs, which certify the same images: that of the per-image "
+        "differences, so what the images share cancels); "
         "certified accuracy (%) at each radius (at r = 0 the smoothed classifier's accuracy, an "
         "abstention counted as wrong). Every ACR below is computed from the committed per-image "
         "TSVs.",
