@@ -32,26 +32,38 @@ def later_batches(rows: list[dict], trained: list[dict], made: dict[str, str]) -
     return lines
 
 
+def _listed(values) -> str:
+    """'a, b and c' of the sorted ``values``."""
+    *rest, last = [f"{v:g}" for v in sorted(values)]
+    return f"{', '.join(rest)} and {last}" if rest else last
+
+
+def _macer_budgets(rows: list[dict]) -> str:
+    """Which budgets MACER ran at: with its 16 noisy copies, and with each few-copy count (the
+    control, labelled with its copies)."""
+    at: dict[int, set] = {}
+    for r in rows:
+        if r["method"] == "macer":
+            at.setdefault(r["copies"], set()).add(r["budget"])
+    parts = [f"with its 16 noisy copies at {_listed(at.pop(0))}"] if 0 in at else []
+    few = [
+        f"with {c} noisy cop{'y' if c == 1 else 'ies'} at {_listed(b)}"
+        for c, b in sorted(at.items())
+    ]
+    parts += ["labelled so, " + " and ".join(few)] if few else []
+    return "MACER " + ", and, ".join(parts)
+
+
 def setting(study, results: Path, rows: list[dict], sigmas: list[float], images: int, n: int):
     """The page's setting bullets: what was trained, for how long, and how it was certified."""
-    *rest, last = [f"{s:g}" for s in sigmas]
-    sig = f"{', '.join(rest)} and {last}" if rest else last
+    sig = _listed(sigmas)
     lenet = (
         "the anchors' LeNet (`smoothing-lenet`: conv 20-50, fc 500, raw pixels) and recipe (SGD "
         "0.01, momentum 0.9, weight decay 1e-4, batch 256)"
     )
-    few = sorted({r["copies"] for r in rows if r["method"] == "macer" and r["copies"]})
     if study.unit in ("s", CLEAN_EPOCHS):
-        budgets = sorted({r["budget"] for r in rows})
-        *rest, last = [f"{b:g}" for b in budgets]
-        listed = f"{', '.join(rest)} and {last}" if rest else last
-        macer = (
-            "MACER with its 16 noisy copies only at the largest, with "
-            + " and ".join(str(c) for c in few)
-            + " (labelled so) at the others"
-            if few
-            else "MACER only at the largest"
-        )
+        listed = _listed({r["budget"] for r in rows})
+        macer = _macer_budgets(rows)
         trained = [
             f"- The smallest informative version of issue 19, made without a GPU: MNIST, sigma "
             f"{sig}, {lenet}, but each run trains for a budget of training-step seconds instead "

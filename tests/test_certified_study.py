@@ -25,7 +25,7 @@ from certified_results import (  # noqa: E402
     uncertified_runs,
 )
 from certified_seeds import at_seconds, at_steps, seed_lines, seed_spread, seed_table  # noqa: E402
-from certified_setting import later_batches, setting  # noqa: E402
+from certified_setting import _macer_budgets, later_batches, setting  # noqa: E402
 from certified_study import CLEAN_EPOCHS, STUDIES  # noqa: E402
 from certified_verdict import (  # noqa: E402
     acr_gap,
@@ -226,6 +226,17 @@ def test_sampled_macer_with_few_copies_is_a_control_beside_the_goal_not_its_refe
     assert same_passes([macer, plain], "s") == ([], None)
     longer = {**two, "budget": 480, "acr": 1.3}  # the anchors' row is MACER's 16 copies
     assert "| macer | 1.590 | 1.000 (240 s) |" in anchor_table([macer, longer], [0.5], {}, "s", {})
+
+
+def test_the_setting_names_the_budgets_of_macer_and_of_each_few_copy_control():
+    runs = [(0, 12), (0, 48), (1, 0.75), (1, 3), (1, 12), (2, 0.75), (2, 3)]
+    rows = [row("macer", s, 1.0, budget=b, copies=c) for c, b in runs for s in (0.5, 1.0)]
+    rows.append(row("noise", 0.5, 1.0, budget=0.75))
+    assert _macer_budgets(rows) == (
+        "MACER with its 16 noisy copies at 12 and 48, and, labelled so, with 1 noisy copy at "
+        "0.75, 3 and 12 and with 2 noisy copies at 0.75 and 3"
+    )
+    assert _macer_budgets(rows[:4]) == "MACER with its 16 noisy copies at 12 and 48"
 
 
 @pytest.mark.parametrize(
