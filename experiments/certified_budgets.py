@@ -12,7 +12,7 @@ import statistics
 
 from certified_results import row_order
 from certified_seeds import at_steps, seed_spread, spread_line
-from certified_verdict import acr_gap, resolved
+from certified_verdict import acr_gap, apart, resolved
 
 from momentreg.tables import markdown_table
 
@@ -69,7 +69,7 @@ def budget_line(pairs: list[tuple[dict, dict]], page: str) -> str:
     moved (root mean square, the largest move, and how many beyond two standard errors of the
     images) against the runs of page ``page``."""
     ratios = sorted(a["steps"] / b["steps"] for a, b in pairs)
-    apart = sum(resolved(a, b) or resolved(b, a) for a, b in pairs)
+    beyond = sum(apart(a, b) for a, b in pairs)
     most = max(pairs, key=lambda p: p[0]["steps"] / p[1]["steps"])
     moved = max(pairs, key=lambda p: abs(p[0]["acr"] - p[1]["acr"]))
     return (
@@ -80,7 +80,7 @@ def budget_line(pairs: list[tuple[dict, dict]], page: str) -> str:
         f"{most[0]['sigma']:g}, {most[0]['steps']} steps against {most[1]['steps']}), and their "
         f"ACR moved by a root mean square of {seed_spread(pairs):.3f} (most, {moved[0]['label']} "
         f"at sigma {moved[0]['sigma']:g}: {moved[0]['acr']:.3f} against {moved[1]['acr']:.3f}), "
-        f"{apart} of {len(pairs)} moves beyond two standard errors of the images (the section "
+        f"{beyond} of {len(pairs)} moves beyond two standard errors of the images (the section "
         "on the two studies below)."
     )
 

@@ -117,8 +117,9 @@ def spread_line(what: str, pairs, held, unit: str, where="the section on second 
     def train_var(r):
         return spread.get(r["budget"], pooled) ** 2 / 2
 
-    apart = sum(resolved(a, b) or resolved(b, a) for a, b in pairs)
-    se = statistics.median(acr_gap(a, b)[1] / 2 for a, b in pairs)
+    gaps = [acr_gap(a, b) for a, b in pairs]
+    apart = sum(abs(gap) > two_se for gap, two_se in gaps)
+    se = statistics.median(two_se / 2 for _, two_se in gaps)
     still = [(a, b) for a, b in held if a["acr"] - b["acr"] > 2 * math.sqrt(
         train_var(a) + train_var(b) + (acr_gap(a, b)[1] / 2) ** 2)]  # fmt: skip
     at = []

@@ -36,6 +36,12 @@ def resolved(a: dict, b: dict) -> bool:
     return gap > two_se
 
 
+def apart(a: dict, b: dict) -> bool:
+    """a's and b's ACRs more than two standard errors over the images apart, either way."""
+    gap, two_se = acr_gap(a, b)
+    return abs(gap) > two_se
+
+
 def _compare(a: dict, b: dict) -> str:
     """'a >= b' or 'a < b', and whether the gap exceeds two standard errors of the difference."""
     gap, two_se = acr_gap(a, b)
