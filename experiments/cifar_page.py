@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cifar_recipes import section as recipes_section
 from cifar_study import CIFAR_TASKS, TASKS, TOLERANCE
 from cifar_verdicts import (
     PAPER_TABLE4,
@@ -148,7 +149,8 @@ def _settings(rows: list[dict], folder: Path) -> str:
         f"{config['optimizer'].upper()} lr {config['lr']:g}, batch {config['batch_size']}, "
         f"weight decay {config['weight_decay']:g}, plateau factor {config['plateau_factor']:g} "
         f"patience {config['plateau_patience']}, early stopping {config['early_stop']}, at most "
-        f"{config['epochs']} epochs"
+        f"{config['epochs']} epochs, moment weighting "
+        f"{config.get('moment_weighting', 'sum')}"  # runs made before the weighting summed
     )
     if budgets != {None}:
         text += "; every run also stopped after " + " or ".join(
@@ -284,9 +286,10 @@ def write_doc(results: Path, doc: Path) -> None:
         "section for the settings and for runs cut short by the time budget.",
         "- **GNR** on all 10,000 test images: 30 noise levels in [0, 0.5], noise of norm "
         "sigma*sqrt(d), one draw per image and level.",
-        "- **Not run: CIFAR-100.** No copy of it can be reached from our machines; its loader "
-        "stays tested on official-format files that the tests make, and the sweep preset "
-        "`paper-cifar100-alexnet` is ready for a machine that has the archive.",
+        "- **CIFAR-100 (rebuilt)**: a lossless copy with the official split "
+        "(`../shared/datasets/cifar100/README.md`), read with `--dataset imagefolder`. Its "
+        "full-protocol grids (experiments/cifar100-lenet.toml, cifar100-alexnet.toml) need a "
+        "GPU and have not run; the short runs of the last section show that its recipe trains.",
         "",
         "## Verdicts",
         "",
@@ -298,6 +301,7 @@ def write_doc(results: Path, doc: Path) -> None:
         "measure of cost; `python -m benchmarks` measures step costs.",
         "",
         *sections,
+        *recipes_section(results),
     ]
     doc.write_text("\n".join(md) + "\n")
     print(f"wrote {doc} and {figures}/*.png")

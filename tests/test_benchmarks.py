@@ -116,8 +116,8 @@ def test_smoothing_benchmark_prices_every_method_against_its_flops(tmp_path):
     assert "step / floor" in result.stdout
 
 
-def test_readme_quotes_the_committed_benchmark_runs():
-    """The README's performance paragraph is the committed results, not an older run's."""
+def test_the_guide_quotes_the_committed_benchmark_runs():
+    """The guide's performance paragraph is the committed results, not an older run's."""
     r = json.loads((ROOT / "benchmarks" / "results.json").read_text())
     smoothing = json.loads((ROOT / "benchmarks" / "smoothing.json").read_text())["methods"]
     lenet, alexnet = r["steps"]["lenet-mnist"], r["steps"]["alexnet-cifar10"]
@@ -141,5 +141,5 @@ def test_readme_quotes_the_committed_benchmark_runs():
         f"{smoothing['macer-analytic (all layers)']['ratio_to_floor']:.2f}x for MACER",
         f"python -m benchmarks` ({round(r['benchmark_seconds'] / 60)} min here",
     ]
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join((ROOT / "docs" / "guide.md").read_text().split())
     assert [q for q in quoted if q not in readme] == []

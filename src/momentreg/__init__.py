@@ -1,6 +1,9 @@
 """momentreg: train classifiers that stay correct under additive Gaussian input noise, by an
 analytic moment regularizer, and measure how robust they are."""
 
+__version__ = "0.1.0"  # first: modules that record it import it from here
+
+from momentreg.data import load_dataset
 from momentreg.models import Normalize, build_model
 from momentreg.moments import (
     affine_moments,
@@ -16,6 +19,7 @@ from momentreg.regularizer import (
     moment_loss,
     split_at_first_relu,
 )
+from momentreg.robustness import gaussian_robustness
 from momentreg.smoothing_losses import (
     analytic_probs,
     consistency_loss,
@@ -23,10 +27,13 @@ from momentreg.smoothing_losses import (
     macer_loss,
     stability_loss,
 )
-
-__version__ = "0.1.0"
+from momentreg.training import TrainConfig, train
 
 __all__ = [
+    "load_dataset",
+    "gaussian_robustness",
+    "train",
+    "TrainConfig",
     "Normalize",
     "build_model",
     "affine_moments",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 
 from momentreg import __version__
@@ -17,7 +18,7 @@ from momentreg.errors import MomentregError, UsageError
 from momentreg.malloc import keep_freed_memory
 from momentreg.methods import METHODS
 from momentreg.models import MODELS, is_factory
-from momentreg.regularizer import DEPTHS, MOMENT_LOSSES
+from momentreg.regularizer import DEPTHS, MOMENT_LOSSES, WEIGHTINGS
 from momentreg.run import (
     TRAIN_FIELDS,
     RunConfig,
@@ -33,6 +34,7 @@ from momentreg.run import (
 from momentreg.rundir import read_json
 from momentreg.tables import attack_table, markdown_table, write_table
 from momentreg.train_config import KEEP, LR_SCHEDULES
+from momentreg.training import CollapseWarning
 
 USAGE_ERROR = 2
 USER_MODEL_HELP = "the FILE.py:FUNCTION the run was trained with, to allow running it again"
@@ -117,6 +119,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--moment-loss",
         choices=MOMENT_LOSSES,
         help="moment: CE of the expected logits (default) or the expected CE (needs depth all)",
+    )
+    p.add_argument(
+        "--moment-weighting",
+        choices=WEIGHTINGS,
+        help="moment: sum, CE + alpha * CE_moment (the paper's Eq. 2), or convex, that divided by "
+        "1 + alpha (the authors' code; the default of the SGD protocols, alexnet's)",
     )
     p.add_argument(
         "--moment-noise",
@@ -490,9 +498,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PYTHON_SHOW_WARNING = warnings.showwarning
+
+
+def _show_warning(message, category, *args, **kwargs) -> None:
+    """momentreg's own warnings as one line on stderr; others as Python shows them."""
+    if issubclass(category, CollapseWarning):
+        print(f"momentreg: warning: {message}", file=sys.stderr)
+    else:
+        _PYTHON_SHOW_WARNING(message, category, *args, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
     keep_freed_memory()  # CPU steps reuse their activations' pages (momentreg/malloc.py)
     try:
         args.func(args)

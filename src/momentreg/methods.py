@@ -48,7 +48,7 @@ def moment_method_loss(model, x, y, noisy, cfg, gen, split):
     extra = _noise(x, cfg, gen) if cfg.moment_noise and cfg.sigma > 0 else None
     loss, parts = moment_loss(
         model, x, y, cfg.sigma, cfg.alpha, split, depth=cfg.moment_depth, loss=cfg.moment_loss,
-        noisy=extra,
+        noisy=extra, weighting=cfg.moment_weighting,
     )  # fmt: skip
     return loss, parts["logits"]
 

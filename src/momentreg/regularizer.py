@@ -1,5 +1,10 @@
 """The analytic moment regularizer: loss = CE(f(x), y) + alpha * CE(E[f(x + n)], y).
 
+Two weightings of the terms: "sum" (the paper's Eq. 2, above) and "convex", the sum divided by
+1 + alpha (the authors' code, (1 - a) CE + a CE_moment with a = alpha / (1 + alpha)). Adam's step
+does not depend on the loss's scale, so the two train alike under Adam; under SGD the sum's step
+is 1 + alpha times a clean step, and the convex weighting's is a clean step's size.
+
 The network is split at its first ReLU, f = tail(relu(head(x))) with ``head`` affine. For
 n ~ N(0, diag(sigma^2)) the pre-activation head(x + n) is Gaussian with mean head(x) and variance
 head_variance(sigma^2) (the head with squared weights, no bias), so E[relu(.)] is exact and
@@ -31,6 +36,7 @@ __all__ = [
     "output_moments",
     "expected_cross_entropy",
     "moment_loss",
+    "WEIGHTINGS",
 ]
 
 AFFINE_HEAD_LAYERS = (Normalize, nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.Flatten, nn.Identity)
@@ -191,6 +197,7 @@ def output_moments(
 
 
 MOMENT_LOSSES = ("mean", "expected-ce")
+WEIGHTINGS = ("sum", "convex")
 
 
 def expected_cross_entropy(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -211,8 +218,10 @@ def moment_loss(
     depth: str = "first",
     loss: str = "mean",
     noisy: torch.Tensor | None = None,
+    weighting: str = "sum",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """CE(model(x), y) + alpha * CE(expected_logits(model, x, sigma), y).
+    """CE(model(x), y) + alpha * CE(expected_logits(model, x, sigma), y); with
+    weighting="convex" that divided by 1 + alpha (see the module's docstring).
 
     depth="first" (the paper): the head runs once; the clean and expected activations go through
     the tail in one batched call of size 2B (a BatchNorm in train mode inside the tail sees both
@@ -225,6 +234,8 @@ def moment_loss(
     """
     if alpha < 0:
         raise ValueError("alpha must be >= 0")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if depth not in DEPTHS or loss not in MOMENT_LOSSES:
         raise ValueError(f"depth must be one of {DEPTHS} and loss one of {MOMENT_LOSSES}")
     if loss == "expected-ce" and depth != "all":
@@ -246,7 +257,10 @@ def moment_loss(
             F.cross_entropy(mean, y) if loss == "mean" else expected_cross_entropy(mean, var, y)
         )
     clean = F.cross_entropy(logits, y)
-    return clean + alpha * moment, {"clean": clean, "moment": moment, "logits": logits}
+    total = clean + alpha * moment
+    if weighting == "convex":
+        total = total / (1 + alpha)
+    return total, {"clean": clean, "moment": moment, "logits": logits}
 
 
 def check_regularizable(model: nn.Module, depth: str = "first") -> Split | None:
@@ -267,8 +281,10 @@ class MomentRegularizer(nn.Module):
     ``model`` is any ``nn.Module`` with an affine head before its first ReLU (split once, here,
     by :func:`split_at_first_relu`, so a model it cannot split fails now, not mid-training); x
     [B, *input_shape] in the model's input units, y [B] class indices; parts holds the clean and
-    moment terms and the first term's logits [B, classes] (for accuracy). ``split``, ``depth``
-    and ``loss`` are :func:`moment_loss`'s.
+    moment terms and the first term's logits [B, classes] (for accuracy). ``split``, ``depth``,
+    ``loss`` and ``weighting`` are :func:`moment_loss`'s: under SGD, weighting="convex" keeps
+    the step of a clean step's size (the paper's sum takes 1 + alpha times it, which can make a
+    network of SGD's protocol, such as AlexNet at lr 0.1, diverge or collapse).
 
     The module's only child is ``model`` and it keeps no other state, so it works as a plain
     loss: under ``torch.compile``, under autocast (the ReLU-mean kernels compute in float32), and
@@ -285,13 +301,17 @@ class MomentRegularizer(nn.Module):
         split: Split | None = None,
         depth: str = "first",
         loss: str = "mean",
+        weighting: str = "sum",
     ):
         super().__init__()
         if alpha < 0:
             raise ValueError("alpha must be >= 0")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         checked_sigma(sigma)  # now, not at the first batch
         self.model = model
         self.sigma, self.alpha, self.depth, self.loss = sigma, alpha, depth, loss
+        self.weighting = weighting
         # a plain tuple: the halves share the model's modules and are not registered twice
         self.split = split or check_regularizable(model, depth)
 
@@ -305,7 +325,11 @@ class MomentRegularizer(nn.Module):
             self.split,
             depth=self.depth,
             loss=self.loss,
+            weighting=self.weighting,
         )
 
     def extra_repr(self) -> str:
-        return f"sigma={self.sigma}, alpha={self.alpha}, depth={self.depth!r}, loss={self.loss!r}"
+        return (
+            f"sigma={self.sigma}, alpha={self.alpha}, depth={self.depth!r}, loss={self.loss!r}, "
+            f"weighting={self.weighting!r}"
+        )

@@ -135,6 +135,7 @@ MOMENT_VARIANTS = (
     ("moment_depth", "all", "all", "all layers"),
     ("moment_loss", "expected-ce", "expected-ce", "expected CE"),
     ("moment_noise", True, "noisy", "noisy"),
+    ("moment_weighting", "convex", "convex", "convex weighting"),
 )
 
 

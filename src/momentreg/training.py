@@ -15,24 +15,26 @@ import dataclasses
 import io
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from momentreg.cost import passes_per_image
 from momentreg.data import to_float
 from momentreg.errors import CheckpointError, TrainingError
 from momentreg.methods import step_loss
-from momentreg.regularizer import Split
+from momentreg.regularizer import Split, moment_loss
 from momentreg.rundir import CHECKPOINT, HISTORY, atomic_save, atomic_write
 from momentreg.train_config import TrainConfig
 
 __all__ = [
     "TrainConfig",  # train()'s settings, from momentreg.train_config
     "TrainState",
+    "CollapseWarning",
     "train",
     "train_one_epoch",
     "load_checkpoint",
@@ -82,11 +84,13 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 @torch.inference_mode()
-def _validate(model, images, labels, batch_size, device) -> tuple[float, float]:
-    """(mean loss, accuracy %). Each batch's loss and hits stay on the device until the end: one
-    read for the epoch, not two a batch; the losses are summed in Python's float64, in order."""
+def _validate(model, images, labels, batch_size, device) -> tuple[float, float, bool]:
+    """(mean loss, accuracy %, whether the predictions collapsed: at least ``COLLAPSE_SHARE`` of
+    the images, and twice as many as the most common label has, get one class). Each batch's
+    loss, hits and predictions stay on the device until the end: one read for the epoch; the
+    losses are summed in Python's float64, in order."""
     model.eval()
-    parts = []
+    parts, counts = [], 0
     for i in range(0, len(labels), batch_size):
         x, y = (
             to_float(images[i : i + batch_size].to(device)),
@@ -94,11 +98,24 @@ def _validate(model, images, labels, batch_size, device) -> tuple[float, float]:
         )
         logits = model(x)
         loss = F.cross_entropy(logits, y, reduction="sum")
-        hits = (logits.argmax(1) == y).sum()  # exact in float32 up to 2^24 images a batch
+        pred = logits.argmax(1)
+        hits = (pred == y).sum()  # exact in float32 up to 2^24 images a batch
+        counts = counts + torch.bincount(pred, minlength=logits.shape[1])
         parts.append(torch.stack([loss.float(), hits.float()]))
-    losses, hits = torch.stack(parts).T.tolist()
+    common = torch.bincount(labels.to(device)).max()
+    parts.append(torch.stack([counts.max(), common]).float())
+    *rows, (top, label_top) = torch.stack(parts).tolist()
+    losses, hits = zip(*rows, strict=True)
     loss, correct = sum(losses), int(sum(hits))
-    return loss / len(labels), 100.0 * correct / len(labels)
+    collapsed = top >= COLLAPSE_SHARE * len(labels) and top >= 2 * label_top
+    return loss / len(labels), 100.0 * correct / len(labels), collapsed
+
+
+class CollapseWarning(UserWarning):
+    """Validation predictions collapsed onto one class: the run is not learning."""
+
+
+COLLAPSE_SHARE = 0.9  # of the validation images given one class, for a collapse
 
 
 # -- the state of a run, and its checkpoint ------------------------------------------------------
@@ -214,17 +231,36 @@ class _StepClock:
 # -- the loop -----------------------------------------------------------------------------------
 
 
-def _train_step(state: TrainState, x, y, noisy, cfg: TrainConfig, split) -> tuple[float, Tensor]:
-    """One optimizer step; returns (loss, correct predictions, on the device). Reading the loss
-    back is the step's one host-device sync; a non-finite loss stops training before the step."""
+def _train_step(state: TrainState, x, y, noisy, cfg: TrainConfig, split) -> tuple:
+    """One optimizer step; returns (loss, gradient norm, correct predictions on the device).
+    Reading the loss and the gradient norm back is the step's one host-device sync; a non-finite
+    loss or gradient stops training before the step changes any weight."""
     loss, logits = step_loss(state.model, x, y, noisy, cfg, state.dev_gen, split)
-    value = loss.item()
-    if not math.isfinite(value):
-        raise TrainingError(f"non-finite loss ({value})")
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss
+    value, grad_norm = torch.stack([loss.detach(), norm.detach().to(loss.dtype)]).tolist()
+    if not math.isfinite(value):
+        raise TrainingError(f"non-finite {_bad_term(state.model, x, y, noisy, cfg, split)}")
+    if not math.isfinite(grad_norm):
+        raise TrainingError(f"non-finite gradient (norm {grad_norm}) of a finite loss ({value})")
     state.optimizer.step()
-    return value, (logits.argmax(1) == y).sum()
+    return value, grad_norm, (logits.argmax(1) == y).sum()
+
+
+@torch.no_grad()
+def _bad_term(model, x, y, noisy, cfg: TrainConfig, split) -> str:
+    """Which term of the regularizer's loss is non-finite on this batch (its clean or its moment
+    term), for the error; other methods' losses have one term."""
+    if cfg.method != "moment":
+        return "loss"
+    _, parts = moment_loss(model, x, y, cfg.sigma, cfg.alpha, split, depth=cfg.moment_depth,
+                           loss=cfg.moment_loss, weighting=cfg.moment_weighting)  # fmt: skip
+    bad = [name for name in ("clean", "moment") if not torch.isfinite(parts[name])]
+    values = ", ".join(f"{name} {parts[name].item()}" for name in ("clean", "moment"))
+    terms = f"{' and '.join(bad)} terms" if len(bad) > 1 else f"{(bad or ['total'])[0]} term"
+    return f"{terms} of the loss ({values})"
 
 
 def _step_config(cfg: TrainConfig, epoch: int, clock: _StepClock) -> TrainConfig:
@@ -257,6 +293,7 @@ def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
     folds = cfg.folds if cfg.method == "augment" else 1
     perm = torch.randperm(n * folds, generator=state.cpu_gen).to(labels.device)
     total_loss, correct, seen = 0.0, torch.zeros((), dtype=torch.long, device=labels.device), 0
+    grad_max = 0.0
     epoch = state.epoch + 1
     steps = math.ceil(n * folds / cfg.batch_size)
     for step in tqdm(range(steps), desc=f"epoch {epoch}", disable=not progress, leave=False):
@@ -266,10 +303,14 @@ def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
         if cfg.lr_schedule == "budget-step":
             _budget_lr(state.optimizer, cfg, clock)
         try:
-            loss, hits = _train_step(state, x, y, idx >= n, _step_config(cfg, epoch, clock), split)
+            loss, grad_norm, hits = _train_step(
+                state, x, y, idx >= n, _step_config(cfg, epoch, clock), split
+            )
         except TrainingError as e:
-            raise TrainingError(f"{e} at epoch {epoch}, batch {step + 1}") from None
+            where = f"step {clock.steps + 1} (epoch {epoch}, batch {step + 1})"
+            raise TrainingError(f"{e} at {where}") from None
         total_loss, correct, seen = total_loss + loss * len(y), correct + hits, seen + len(y)
+        grad_max = max(grad_max, grad_norm)
         clock.add(time.perf_counter() - t_step)
         if clock.spent(cfg):
             break  # the last epoch is a partial one
@@ -277,6 +318,7 @@ def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
         "epoch": epoch,
         "train_loss": total_loss / seen,
         "train_accuracy": 100.0 * int(correct) / seen,
+        "grad_norm_max": grad_max,
     }
 
 
@@ -361,11 +403,23 @@ def train(
         try:
             row = train_one_epoch(state, images, labels, cfg, clock, split, progress)
         except TrainingError as e:
-            kept = "the last good checkpoint is kept" if out else "no checkpoint was written"
+            kept = (
+                f"the last good checkpoint (epoch {state.epoch}) and history are kept in {out}"
+                if out is not None and state.epoch
+                else "no checkpoint was written"
+            )
             raise TrainingError(f"{e}; {kept}") from None
-        row["val_loss"], row["val_accuracy"] = _validate(
+        row["val_loss"], row["val_accuracy"], row["collapsed"] = _validate(
             model, val_images, val_labels, cfg.batch_size, device
         )
+        if row["collapsed"] and not any(r.get("collapsed") for r in state.history):
+            warnings.warn(
+                f"epoch {row['epoch']}: the model gives one class to at least "
+                f"{COLLAPSE_SHARE:.0%} of the validation images (accuracy "
+                f"{row['val_accuracy']:.2f}%): training has collapsed (flagged in the history)",
+                CollapseWarning,
+                stacklevel=2,
+            )
         state.end_epoch(_history_row(row, state, clock, time.perf_counter() - t0))
         state.stopped = state.bad_epochs >= cfg.early_stop or clock.spent(cfg)
         epochs.set_postfix(val_loss=f"{row['val_loss']:.4f}", val_acc=f"{row['val_accuracy']:.2f}")

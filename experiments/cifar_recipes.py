@@ -1,0 +1,158 @@
+"""docs/cifar.md's section on the paper's own recipes on a CPU: the per-step logs of AlexNet under
+SGD (experiments/alexnet_sgd.py) and the short runs of experiments/recipes-cpu.toml, as tables,
+with the hand-written conclusions of experiments/cifar-recipes.md below them.
+
+    momentreg sweep experiments/recipes-cpu.toml --out runs/recipes-cpu --workers 2
+    python experiments/cifar_recipes.py export runs/recipes-cpu  # docs/results/cifar/recipes-cpu
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import sys
+from pathlib import Path
+
+from momentreg.rundir import CONFIG, ERROR, HISTORY, METRICS, read_json
+from momentreg.tables import markdown_table
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTES = ROOT / "experiments" / "cifar-recipes.md"
+STEPS = "alexnet-sgd"  # the per-step logs, beside the runs in the study's results
+RUNS = "recipes-cpu"
+DATA = {"cifar10": "CIFAR-10 (JPEG copy)", "cifar100": "CIFAR-100 (rebuilt)"}
+VARIANTS = {  # experiments/alexnet_sgd.py's variants: the loss and the learning rate
+    "clean": ("CE", "0.1"),
+    "clean-double-lr": ("CE", "0.2"),
+    "sum": ("CE + CE_moment (the paper's sum)", "0.1"),
+    "convex": ("(CE + CE_moment) / 2 (convex)", "0.1"),
+    "half-lr": ("CE + CE_moment (the paper's sum)", "0.05"),
+}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _step_row(path: Path) -> list[str]:
+    variant, _, sigma = path.stem.rpartition("-sigma")
+    rows = list(csv.DictReader(path.open()))
+    last = rows[-50:]  # the last 50 steps
+    moment = [float(r["moment"]) for r in last if r["moment"]]
+    finite_s = [float(r["s_min"]) for r in rows if r.get("s_min")]
+    validated = [r for r in rows if r["val_accuracy"]]
+    loss, lr = VARIANTS[variant]
+    return [
+        loss,
+        "" if variant.startswith("clean") else sigma,
+        lr,
+        str(len(rows)),
+        f"{_mean([float(r['clean']) for r in last]):.3f}",
+        f"{_mean(moment):.3f}" if moment else "",
+        f"{max(float(r['grad_norm']) for r in rows):.2f}",
+        f"{min(finite_s):.3f}" if finite_s else "",
+        f"{float(rows[-1]['logit_max']):.2f}",
+        f"{float(validated[-1]['val_accuracy']):.2f} (step {validated[-1]['step']})",
+        next((f"step {r['step']}: {r['nonfinite']}" for r in rows if r["nonfinite"]), "none"),
+    ]
+
+
+def steps_table(folder: Path) -> str:
+    header = ["loss", "sigma", "lr", "steps", "clean term", "moment term", "max grad norm",
+              "smallest s", "largest logit", "val. accuracy", "first non-finite"]  # fmt: skip
+
+    def key(path: Path) -> tuple:
+        variant, _, sigma = path.stem.rpartition("-sigma")
+        return float(sigma), list(VARIANTS).index(variant)
+
+    paths = sorted(folder.glob("*.csv"), key=key)
+    return markdown_table(header, [_step_row(p) for p in paths])
+
+
+def _run_row(run: Path, clean: dict[tuple, float]) -> list[str]:
+    config = read_json(run / CONFIG)
+    task = (config["model"], DATA[Path(config["data_dir"]).name])
+    if not (run / METRICS).exists():
+        error = (run / ERROR).read_text().splitlines()[0] if (run / ERROR).exists() else ""
+        return [*task, config["method"], "", "", "failed: " + error, "", "", ""]
+    metrics = read_json(run / METRICS)
+    history = list(csv.DictReader((run / HISTORY).open()))
+    acc = metrics["test_accuracy"]
+    moment = config["method"] == "moment"
+    finite = all(math.isfinite(float(r["train_loss"])) for r in history)
+    return [
+        *task,
+        config["method"],
+        f"{config['sigma']:g}" if moment else "",
+        config["moment_weighting"] if moment else "",
+        f"{acc:.2f}",
+        f"{100 * acc / clean[task]:.0f}%" if task in clean else "",
+        f"{metrics['gnr']:.2f}",
+        ", ".join(f"{float(r['val_accuracy']):.2f}" for r in history)
+        + ("" if finite else " (non-finite)")
+        + (" (collapsed)" if any(r.get("collapsed") == "True" for r in history) else ""),
+    ]
+
+
+def runs_table(folder: Path) -> str:
+    runs = sorted(p for p in folder.iterdir() if (p / CONFIG).exists())
+    configs = {run: read_json(run / CONFIG) for run in runs}
+    clean = {
+        (c["model"], DATA[Path(c["data_dir"]).name]): read_json(run / METRICS)["test_accuracy"]
+        for run, c in configs.items()
+        if c["method"] == "clean" and (run / METRICS).exists()
+    }
+    runs.sort(key=lambda r: (configs[r]["model"], configs[r]["method"] != "clean",
+                             configs[r]["sigma"]))  # fmt: skip
+    header = ["model", "data", "method", "sigma", "weighting", "test accuracy", "of clean's",
+              "GNR", "val. accuracy per epoch"]  # fmt: skip
+    return markdown_table(header, [_run_row(run, clean) for run in runs])
+
+
+def section(results: Path) -> list[str]:
+    """The section's lines, or none where its results are absent."""
+    if not (results / RUNS).is_dir():
+        return []
+    return [
+        "## The paper's recipes on a CPU",
+        "",
+        "Per-step logs of AlexNet on CIFAR-10 (JPEG copy) with the paper's protocol (SGD, "
+        "Nesterov momentum 0.9, weight decay 5e-4, batch 128, no noise warm-up, seed 0, 1 thread "
+        "a run), the regularizer at alpha 1, written by `python experiments/alexnet_sgd.py "
+        "--cifar-dir DIR --variant V --sigma S --steps N --out docs/results/cifar/alexnet-sgd/"
+        "V-sigmaS.csv` (N = 352, one epoch, or 200). The clean and moment terms are means over the "
+        "last 50 steps; s is the head's standard deviation under the noise; the validation "
+        "accuracy is on the 5,000 held-out images at the last step.",
+        "",
+        steps_table(results / STEPS),
+        "",
+        "Short runs with momentreg's defaults (AlexNet: the paper's protocol, which now weighs "
+        "the terms convexly; LeNet on CIFAR-100 (rebuilt): Adam 1e-3, batch 128), 3 epochs, no "
+        "noise warm-up, seed 0, on 2 CPU cores: `momentreg sweep experiments/recipes-cpu.toml "
+        "--out runs/recipes-cpu --workers 2`. Test accuracy on all 10,000 test images, GNR on "
+        "the first 1,000.",
+        "",
+        runs_table(results / RUNS),
+        "",
+        NOTES.read_text().strip(),
+        "",
+    ]
+
+
+def export(runs: Path, dest: Path) -> None:
+    """Copy config, metrics and history (and the error of a failed run) of a sweep's runs."""
+    for run in sorted((runs / "runs").iterdir()):
+        if not (run / CONFIG).exists():
+            continue
+        (dest / run.name).mkdir(parents=True, exist_ok=True)
+        for name in (CONFIG, METRICS, HISTORY, ERROR):
+            if (run / name).exists():
+                shutil.copy2(run / name, dest / run.name / name)
+    print(f"exported {runs} to {dest}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "export":
+        sys.exit("usage: python experiments/cifar_recipes.py export RUNS")
+    export(Path(sys.argv[2]), ROOT / "docs" / "results" / "cifar" / RUNS)
