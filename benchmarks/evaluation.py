@@ -238,7 +238,7 @@ def targets_markdown(a: dict, c: dict) -> list[str]:
     ]  # fmt: skip
     rows = [[name, value, "met" if ok else "**not met**"] for name, value, ok in checks]
     return [
-        "### Evaluation targets (issue 18)",
+        "### Evaluation targets",
         "",
         markdown_table(["target", "this run", ""], rows, align="lrl"),
     ]

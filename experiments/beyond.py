@@ -1,4 +1,4 @@
-r"""Beyond the paper (issue 10): which training recipe buys the most robustness per unit of training
+r"""Beyond the paper: which training recipe buys the most robustness per unit of training
 compute? Writes docs/beyond.md.
 
     python experiments/beyond.py --mnist-dir ../shared/datasets/mnist \

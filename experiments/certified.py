@@ -1,4 +1,4 @@
-"""Certified robustness per unit of compute (issue 19): the randomized-smoothing baselines and their
+"""Certified robustness per unit of compute: the randomized-smoothing baselines and their
 analytic variants under one trainer; writes docs/certified.md (--study cpu) or
 docs/certified-gpu.md (--study gpu).
 

@@ -336,7 +336,7 @@ def write_doc(study: Study, results: Path, doc: Path) -> None:
         md += [
             "",
             f"**Our noise training against the published Cohen ACR** (within {ANCHOR_TOLERANCE:g} "
-            "is issue 19's test that the comparison is fair; the anchors certify all 10,000 "
+            "is the study's test that the comparison is fair; the anchors certify all 10,000 "
             f"images, ours {images}, so our standard error bounds how finely this can tell):",
             "",
             *anchor_check(rows, sigmas),

@@ -65,7 +65,8 @@ def setting(study, results: Path, rows: list[dict], sigmas: list[float], images:
         listed = _listed({r["budget"] for r in rows})
         macer = _macer_budgets(rows)
         trained = [
-            f"- The smallest informative version of issue 19, made without a GPU: MNIST, sigma "
+            f"- The smallest informative version of the certified study, made without a GPU: "
+            f"MNIST, sigma "
             f"{sig}, {lenet}, but each run trains for a budget of training-step seconds instead "
             f"of 90 epochs (experiments/certified.toml): {listed} s, {macer}. Every method gets "
             "the same seconds, so a dearer step means fewer steps: the budget is the compute."

@@ -1,4 +1,4 @@
-"""What issue 19's certified study is: its three versions (STUDIES), the methods it sets against
+"""What the certified study is: its three versions (STUDIES), the methods it sets against
 each other, the radii it reports and the published anchors it checks against. Read by the runner
 (certified.py) and the page (certified_page.py)."""
 
@@ -109,7 +109,7 @@ DIVERGED = 10.0  # a run diverged if its last validation loss is over this many 
 
 
 # Published ACRs of LeNet on MNIST (all 10,000 test images, N = 100,000, alpha = 0.001), from
-# the certification logs of jh-jeong/smoothing-consistency as issue 19 quotes them (SmoothAdv for
+# the certification logs of jh-jeong/smoothing-consistency as the study quotes them (SmoothAdv for
 # scale).
 ANCHORS = {
     "noise": {0.25: 0.911, 0.5: 1.558, 1.0: 1.618},
@@ -120,4 +120,4 @@ ANCHORS = {
 }
 
 
-ANCHOR_TOLERANCE = 0.03  # issue 19: our noise training within this ACR of the published one
+ANCHOR_TOLERANCE = 0.03  # our noise training within this ACR of the published one

@@ -1,4 +1,4 @@
-"""The certified study's verdict, computed from its rows: issue 19's goal checked pair by pair
+"""The certified study's verdict, computed from its rows: the study's goal checked pair by pair
 (analytic variant against the sampled method of the same cost), MACER at the analytic variants'
 passes as a control, the plainest baseline against the best run, and our noise training against
 the published anchors."""

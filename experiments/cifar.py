@@ -1,4 +1,4 @@
-r"""The paper's CIFAR-10 experiments, and LeNet on MNIST at the paper's own protocol (issue 20);
+r"""The paper's CIFAR-10 experiments, and LeNet on MNIST at the paper's own protocol;
 writes docs/cifar.md.
 
     python experiments/cifar.py --cifar-dir DIR --mnist-dir DIR [--device cuda] \

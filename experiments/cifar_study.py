@@ -1,4 +1,4 @@
-"""What issue 20's CIFAR study is: its tasks (spec, model, dataset), the fair comparison's
+"""What the CIFAR study is: its tasks (spec, model, dataset), the fair comparison's
 accuracy window and the certification setting. Read by the runner (cifar.py), the verdicts and
 the page."""
 
