@@ -37,7 +37,7 @@ from certified_verdict import anchor_check, goal_pairs, verdict
 from matplotlib.ticker import FuncFormatter
 from study import fmt, provenance
 
-from momentreg.plots import plt
+from matplotlib.figure import Figure
 from momentreg.rundir import CERTIFY_FILE, TIGHTNESS_FILE, read_json
 from momentreg.smoothing_losses import MACER_BETA, MACER_GAMMA
 from momentreg.sweep import load_spec
@@ -96,7 +96,8 @@ def plot(rows: list[dict], sigma: float, path: Path, unit: str) -> None:
     """ACR against the two costs, one line per method: training-step seconds on this machine (the
     budget of a study of seconds; else as measured), and FLOP-counted clean image-passes (which
     leave out elementwise work)."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=True)
+    fig = Figure(figsize=(13, 4))
+    axes = fig.subplots(1, 2, sharey=True)
     names = sorted({r["label"] for r in rows}, key=lambda n: (n.split()[0] not in SAMPLED, n))
     seconds = {
         "s": ("budget", "training-step seconds (2 CPU cores, one run per core)"),
@@ -134,7 +135,6 @@ def plot(rows: list[dict], sigma: float, path: Path, unit: str) -> None:
     fig.suptitle(f"MNIST, sigma {sigma:g}: certified radius against training cost")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def tightness_table(folder: Path, rows: list[dict], sigma: float, unit: str, least: float) -> str:

@@ -1,18 +1,16 @@
-"""Figures (matplotlib, Agg backend: no display needed)."""
+"""Figures, drawn on matplotlib Figure objects: no pyplot, no backend switch, no display needed."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def plot_consistency(curves: dict[str, dict], path: Path, title: str = "") -> None:
     """curves: label -> {"sigmas": [...], "consistency": [...]} (as in metrics.json's gnr_curve)."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     for label, curve in curves.items():
         ax.plot(curve["sigmas"], [100 * c for c in curve["consistency"]], marker=".", label=label)
     ax.set_xlabel("test noise level sigma (noise norm = sigma * sqrt(d), pixels in [0, 1])")
@@ -22,12 +20,12 @@ def plot_consistency(curves: dict[str, dict], path: Path, title: str = "") -> No
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_certified(curves: dict[str, dict[str, float]], path: Path, title: str = "") -> None:
     """curves: label -> {radius: certified accuracy in %} (as in certify.json)."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     for label, by_radius in curves.items():
         radii = sorted(by_radius, key=float)
         ax.plot([float(r) for r in radii], [by_radius[r] for r in radii], marker="o", label=label)
@@ -38,12 +36,12 @@ def plot_certified(curves: dict[str, dict[str, float]], path: Path, title: str =
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_tightness(table: dict[str, list[dict]], path: Path) -> None:
     """Median relative error of the analytic and linearized expected logits against sigma."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     for i, (run, rows) in enumerate(table.items()):
         sigmas = [r["sigma"] for r in rows]
         for name, style in (("analytic", "-"), ("linearized", "--"), ("all_layers", "-.")):
@@ -60,4 +58,3 @@ def plot_tightness(table: dict[str, list[dict]], path: Path) -> None:
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

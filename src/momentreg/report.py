@@ -12,10 +12,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 from momentreg.attacks import ATTACK_LABELS  # noqa: E402
 from momentreg.methods import ANALYTIC, WEIGHTED  # noqa: E402
@@ -177,7 +174,8 @@ def mean(values):
 
 def plot_vs_sigma(rows: list[dict], path: Path, title: str) -> None:
     """Accuracy and GNR against training sigma per method group (the paper's Figure 2)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    fig = Figure(figsize=(11, 4), dpi=110)
+    axes = fig.subplots(1, 2)
     series = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["method"] != "clean":
@@ -205,11 +203,11 @@ def plot_vs_sigma(rows: list[dict], path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_fair(selected: dict, path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
     groups = list(selected)
     gnrs = [selected[g]["gnr"] for g in groups]
     bars = ax.bar(range(len(groups)), gnrs, color=["0.5"] + ["C0"] * (len(groups) - 1))
@@ -229,7 +227,6 @@ def plot_fair(selected: dict, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def fair_table(selected: dict[str, dict]) -> str:
