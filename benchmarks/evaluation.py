@@ -112,7 +112,7 @@ def _lbfgs_against_scipy(model, x, y, images: int) -> dict:
     """Both L-BFGS versions on the first ``images`` correctly classified test images."""
     from momentreg.fixed_eps import misclassified
     from momentreg.lbfgs import lbfgs_attack
-    from momentreg.lbfgs_scipy import lbfgs_scipy
+    from tests.lbfgs_scipy import lbfgs_scipy
 
     keep = ~misclassified(model, x, y)
     x, y = x[keep][:images], y[keep][:images]

@@ -34,10 +34,10 @@ from certified_study import (
     unit_name,
 )
 from certified_verdict import anchor_check, goal_pairs, verdict
+from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from study import fmt, provenance
 
-from matplotlib.figure import Figure
 from momentreg.rundir import CERTIFY_FILE, TIGHTNESS_FILE, read_json
 from momentreg.smoothing_losses import MACER_BETA, MACER_GAMMA
 from momentreg.sweep import load_spec

@@ -10,9 +10,9 @@ from momentreg.attacks import ATTACKS, minimal_perturbations, summarize
 from momentreg.data import load_dataset, to_float, train_val_split
 from momentreg.eps_search import linear_estimate, minimal_epsilon
 from momentreg.lbfgs import box_lbfgs, lbfgs_attack
-from momentreg.lbfgs_scipy import lbfgs_scipy
 from momentreg.models import Normalize
 from momentreg.training import train
+from tests.lbfgs_scipy import lbfgs_scipy
 
 
 def _linear_model():

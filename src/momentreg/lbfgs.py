@@ -13,7 +13,7 @@ The minimizer is a projected L-BFGS (a memory of 10 pairs, Armijo backtracking a
 path; variables held at a bound by their gradient are frozen for the step), run on all images of
 the batch in lockstep with per-image histories, step sizes and stopping tests (scipy's L-BFGS-B
 tests: relative decrease under 2.2e-9 or projected gradient under 1e-5). The image-by-image scipy
-version it replaces is ``momentreg.lbfgs_scipy``, the reference it is checked against
+version it replaces is ``tests/lbfgs_scipy.py``, the reference it is checked against
 (tests/test_attacks.py, benchmarks).
 """
 
