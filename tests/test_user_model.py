@@ -92,3 +92,33 @@ def test_a_bad_factory_is_one_line_and_writes_nothing(
 def test_a_missing_factory_file_is_one_line(tmp_path, capsys):
     assert main(["train", "--model", "nope/model.py:make", *QUICK, "--out", str(tmp_path)]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+BUGGY = """
+from torch import nn
+
+
+class Buggy(nn.Module):
+    def __init__(self, channels, size, classes):
+        super().__init__()
+        self.fc = nn.Linear(channels * size * size, classes)
+
+    def forward(self, x):
+        raise ValueError("a bug in the model's forward")
+
+
+def make(channels, size, classes):
+    return Buggy(channels, size, classes)
+"""
+
+
+@pytest.mark.slow
+def test_a_bug_in_a_user_model_keeps_its_traceback(tmp_path):
+    """Only momentreg's own errors are one line: a ValueError from a bug is not a usage error."""
+    from tests.helpers import QUICK, cli
+
+    (tmp_path / "buggy.py").write_text(BUGGY)
+    done = cli("train", "--model", f"{tmp_path / 'buggy.py'}:make", "--out", str(tmp_path / "r"),
+               *QUICK)  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "a bug in the model's forward" in done.stderr

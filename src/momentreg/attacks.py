@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from momentreg import fixed_eps
 from momentreg.eps_search import linear_estimate, minimal_epsilon
+from momentreg.errors import ConfigError
 from momentreg.fixed_eps import misclassified
 from momentreg.lbfgs import lbfgs_attack
 
@@ -111,7 +112,7 @@ def minimal_perturbations(
 ) -> AttackResult:
     """Run one attack on float ``images`` [N, C, H, W] in [0, 1] with true ``labels`` [N]."""
     if attack not in ATTACKS:
-        raise ValueError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
+        raise ConfigError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
     model.eval()
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)

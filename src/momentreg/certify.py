@@ -18,6 +18,8 @@ from scipy.stats import beta, binomtest, norm
 from torch import nn
 from tqdm.auto import tqdm
 
+from momentreg.errors import ConfigError
+
 __all__ = [
     "ABSTAIN",
     "RADII",
@@ -136,9 +138,9 @@ def certify_images(
     settings), the images of ``done`` are not certified again and the others continue the same
     stream of noise, so the rows are those of one uninterrupted call (but for ``time``)."""
     if not (sigma > 0 and n0 >= 1 and n >= 1 and 0 < alpha < 1 and batch >= 1):
-        raise ValueError("certify needs sigma > 0, n0 >= 1, n >= 1, 0 < alpha < 1 and batch >= 1")
+        raise ConfigError("certify needs sigma > 0, n0 >= 1, n >= 1, 0 < alpha < 1 and batch >= 1")
     if (done is None) != (state is None):
-        raise ValueError("resuming needs both the rows done and the generator state after them")
+        raise ConfigError("resuming needs both the rows done and the generator state after them")
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -192,7 +194,7 @@ def summarize(rows: list[dict], radii=RADII) -> dict:
     certified radius (ACR: mean of radius over correct predictions, 0 elsewhere)."""
     total = len(rows)
     if total == 0:
-        raise ValueError("no certified images to summarize")
+        raise ConfigError("no certified images to summarize")
     return {
         "images": total,
         "abstained": sum(r["predict"] == ABSTAIN for r in rows),

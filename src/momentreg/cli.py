@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # CPU steps reuse their activations' pages (momentreg/malloc.py)
     try:
         args.func(args)
-    except (MomentregError, ValueError) as e:
+    except MomentregError as e:
         print(f"momentreg: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except OSError as e:

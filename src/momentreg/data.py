@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from momentreg.errors import DatasetError
+from momentreg.errors import ConfigError, DatasetError
 
 __all__ = ["DatasetError", "load_dataset", "to_float", "train_val_split", "DATASET_NAMES"]
 
@@ -118,7 +118,7 @@ def load_dataset(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 [N, C, H, W], labels int64 [N]) of ``split`` ("train" or "test")."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     if name == SAMPLE:
         return _load_sample(split)
     if name not in DATASET_NAMES:

@@ -19,3 +19,8 @@ class DatasetError(MomentregError):
 
 class UsageError(MomentregError):
     """Bad arguments or paths given by the user."""
+
+
+class ConfigError(MomentregError, ValueError):
+    """An invalid setting, argument or model: a ``ValueError`` to library callers, one line at the
+    command line (where any other ``ValueError`` is a bug and keeps its traceback)."""

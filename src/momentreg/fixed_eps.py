@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momentreg.errors import ConfigError
+
 __all__ = ["additive_noise", "fgsm", "misclassified", "pgd"]
 
 
@@ -82,7 +84,7 @@ def additive_noise(
     Draws come from torch's global generator, one [N, C, H, W] tensor per repeat, and stop once
     every image has flipped."""
     if distribution not in ("gaussian", "uniform"):
-        raise ValueError(f"unknown noise {distribution!r}; choose gaussian or uniform")
+        raise ConfigError(f"unknown noise {distribution!r}; choose gaussian or uniform")
     e = _per_image(eps, x)
     result, found = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for _ in range(repeats):

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momentreg.errors import ConfigError
+
 __all__ = [
     "Normalize",
     "lenet",
@@ -96,7 +98,7 @@ def smoothing_lenet(channels: int, size: int, classes: int, normalize: Normalize
 def alexnet(channels: int, size: int, classes: int, normalize: Normalize) -> nn.Sequential:
     """AlexNet adapted to 32x32 inputs (no dropout), as in the paper."""
     if size != 32:
-        raise ValueError(f"alexnet is defined for 32x32 inputs, got {size}x{size}")
+        raise ConfigError(f"alexnet is defined for 32x32 inputs, got {size}x{size}")
     return nn.Sequential(
         normalize,
         nn.Conv2d(channels, 64, 11, stride=4, padding=5),
@@ -210,7 +212,7 @@ def input_spec(images: torch.Tensor, classes: int) -> tuple:
     (an image folder). Square images only, as the models' ``size`` is one side."""
     _, channels, height, width = images.shape
     if height != width:
-        raise ValueError(f"the models take square images, these are {width}x{height}")
+        raise ConfigError(f"the models take square images, these are {width}x{height}")
     scale = 255.0 if images.dtype == torch.uint8 else 1.0
     mean = torch.zeros(channels, dtype=torch.float64)
     square = torch.zeros(channels, dtype=torch.float64)
@@ -235,12 +237,12 @@ def load_factory(name: str) -> Callable[[int, int, int], nn.Module]:
     Importing it runs that file's code: call this only for a name the user gave."""
     where, _, function = name.rpartition(":")
     if not where or not function:
-        raise ValueError(f"--model {name}: expected path/to/file.py:function or module:function")
+        raise ConfigError(f"--model {name}: expected path/to/file.py:function or module:function")
     try:
         if where.endswith(".py") or "/" in where or "\\" in where:
             path = Path(where)
             if not path.is_file():
-                raise ValueError(f"--model {name}: {path} is not a file")
+                raise ConfigError(f"--model {name}: {path} is not a file")
             unit = importlib.util.spec_from_file_location(f"momentreg_user.{path.stem}", path)
             module = importlib.util.module_from_spec(unit)
             sys.modules[unit.name] = module  # pickling and dataclasses look the module up
@@ -251,10 +253,10 @@ def load_factory(name: str) -> Callable[[int, int, int], nn.Module]:
         raise
     except Exception as e:  # the user's module failed to import: say where, not a traceback
         message = f"--model {name}: importing {where} failed ({type(e).__name__}: {e})"
-        raise ValueError(message) from None
+        raise ConfigError(message) from None
     factory = getattr(module, function, None)
     if not callable(factory):
-        raise ValueError(f"--model {name}: {where} has no function {function!r}")
+        raise ConfigError(f"--model {name}: {where} has no function {function!r}")
     return factory
 
 
@@ -267,11 +269,11 @@ def build_model(name: str, dataset: str, spec: Sequence | None = None) -> nn.Mod
     return an ``nn.Module`` that takes images in [0, 1] [B, channels, size, size] (momentreg adds
     no normalization to it) and returns logits [B, classes]."""
     if not is_factory(name) and name not in MODELS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown model {name!r}; choose from {sorted(MODELS)} or FILE.py:FUNCTION"
         )
     if spec is None and dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
+        raise ConfigError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
     channels, size, classes, mean, std = DATASETS[dataset] if spec is None else spec
     if not is_factory(name):
         return MODELS[name](channels, size, classes, Normalize(mean, std))
@@ -280,12 +282,12 @@ def build_model(name: str, dataset: str, spec: Sequence | None = None) -> nn.Mod
     except ValueError:
         raise
     except Exception as e:
-        raise ValueError(
+        raise ConfigError(
             f"--model {name}: the factory failed for {channels} channels, size {size}, "
             f"{classes} classes ({type(e).__name__}: {e})"
         ) from None
     if not isinstance(model, nn.Module):
-        raise ValueError(
+        raise ConfigError(
             f"--model {name}: the factory returned {type(model).__name__}, not an nn.Module"
         )
     return model

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from momentreg.errors import ConfigError
 from momentreg.models import Normalize
 from momentreg.moments import affine_moments, network_moments, relu_and_mean, relu_mean
 from momentreg.split import graph_moments, trace_split
@@ -64,14 +65,14 @@ def split_at_first_relu(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     for i, layer in enumerate(leaves):
         if isinstance(layer, nn.ReLU):
             if i == 0:
-                raise ValueError("the model starts with a ReLU: there is no affine head before it")
+                raise ConfigError("the model starts with a ReLU: there is no affine head before it")
             return nn.Sequential(*leaves[:i]), nn.Sequential(*leaves[i + 1 :])
         if not isinstance(layer, AFFINE_HEAD_LAYERS):
-            raise ValueError(
+            raise ConfigError(
                 f"layer {i} ({layer!r}) before the first ReLU is not affine; the head may only "
                 f"hold {', '.join(t.__name__ for t in AFFINE_HEAD_LAYERS)}"
             )
-    raise ValueError("the model has no nn.ReLU to split at")
+    raise ConfigError("the model has no nn.ReLU to split at")
 
 
 def checked_sigma(sigma: float | torch.Tensor) -> float | torch.Tensor:
@@ -84,13 +85,13 @@ def checked_sigma(sigma: float | torch.Tensor) -> float | torch.Tensor:
     """
     if isinstance(sigma, numbers.Real):
         if not (math.isfinite(sigma) and sigma >= 0):
-            raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+            raise ConfigError(f"sigma must be finite and >= 0, got {sigma}")
         return float(sigma)
     sigma = torch.as_tensor(sigma)
     version = None if sigma.is_inference() else sigma._version
     if version is None or _CHECKED.get(sigma) != version:
         if (sigma.lt(0) | ~torch.isfinite(sigma)).any():
-            raise ValueError("sigma must be finite and >= 0 everywhere")
+            raise ConfigError("sigma must be finite and >= 0 everywhere")
         if version is not None:
             _CHECKED[sigma] = version
     return sigma
@@ -117,7 +118,7 @@ def _input_variance(sigma: float | torch.Tensor, input_shape: torch.Size, like: 
     except RuntimeError:
         shape = None
     if shape != input_shape:
-        raise ValueError(
+        raise ConfigError(
             f"sigma of shape {tuple(sigma.shape)} does not broadcast to one input of shape "
             f"{tuple(input_shape)}"
         )
@@ -179,7 +180,7 @@ def expected_logits(
     if depth == "all":
         return output_moments(model, x, sigma)[0]
     if depth != "first":
-        raise ValueError(f"depth must be one of {DEPTHS}, got {depth!r}")
+        raise ConfigError(f"depth must be one of {DEPTHS}, got {depth!r}")
     head, tail = _split(model, split)
     return tail(relu_mean(*head_moments(head, sigma, x)))
 
@@ -190,7 +191,7 @@ def output_moments(
     """Mean and variance [B, classes] of model(x + n) by assumed density filtering through every
     layer of an ``nn.Sequential`` (see :func:`momentreg.moments.network_moments`)."""
     if not isinstance(model, nn.Sequential):
-        raise ValueError("moments through every layer need an nn.Sequential model")
+        raise ConfigError("moments through every layer need an nn.Sequential model")
     var = _input_variance(sigma, x.shape[1:], x)
     mean, var = network_moments(_leaves(model), x, var)
     return mean, var.expand_as(mean)
@@ -233,13 +234,13 @@ def moment_loss(
     "moment": ..., "logits": first-term logits [B, K]}).
     """
     if alpha < 0:
-        raise ValueError("alpha must be >= 0")
+        raise ConfigError("alpha must be >= 0")
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if depth not in DEPTHS or loss not in MOMENT_LOSSES:
-        raise ValueError(f"depth must be one of {DEPTHS} and loss one of {MOMENT_LOSSES}")
+        raise ConfigError(f"depth must be one of {DEPTHS} and loss one of {MOMENT_LOSSES}")
     if loss == "expected-ce" and depth != "all":
-        raise ValueError("loss='expected-ce' needs the output variance: use depth='all'")
+        raise ConfigError("loss='expected-ce' needs the output variance: use depth='all'")
     seen = x if noisy is None else x + noisy
     if depth == "first":
         head, tail = _split(model, split)
@@ -267,7 +268,7 @@ def check_regularizable(model: nn.Module, depth: str = "first") -> Split | None:
     """Raise ``ValueError`` now if the regularizer cannot handle ``model`` at ``depth``; returns
     the (head, tail) split that depth "first" uses (None for "all")."""
     if depth == "all" and not isinstance(model, nn.Sequential):
-        raise ValueError(
+        raise ConfigError(
             f"moments through every layer need an nn.Sequential model, not "
             f"{type(model).__name__}: use --moment-depth first"
         )
@@ -305,9 +306,9 @@ class MomentRegularizer(nn.Module):
     ):
         super().__init__()
         if alpha < 0:
-            raise ValueError("alpha must be >= 0")
+            raise ConfigError("alpha must be >= 0")
         if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+            raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         checked_sigma(sigma)  # now, not at the first batch
         self.model = model
         self.sigma, self.alpha, self.depth, self.loss = sigma, alpha, depth, loss

@@ -15,6 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from momentreg.attacks import ATTACK_LABELS  # noqa: E402
+from momentreg.errors import ConfigError
 from momentreg.methods import ANALYTIC, WEIGHTED  # noqa: E402
 from momentreg.plots import plot_certified, plot_consistency  # noqa: E402
 from momentreg.rundir import CERTIFY_FILE, METRICS, read_json, read_run  # noqa: E402
@@ -136,7 +137,7 @@ def fair_comparison(rows: list[dict], tolerance: float, group=group_of) -> dict:
     """
     clean = [r for r in rows if r["method"] == "clean"]
     if not clean:
-        raise ValueError("the fair comparison needs at least one clean run")
+        raise ConfigError("the fair comparison needs at least one clean run")
     baseline = sum(r["test_accuracy"] for r in clean) / len(clean)
     threshold = baseline - tolerance
     selected: dict[str, dict] = {}
@@ -278,7 +279,7 @@ def write_report(sweep_dir: Path, out: Path, tolerance: float | None = None) -> 
     """Write results.csv, report.md and its PNG figures into ``out``; returns report.md's path."""
     rows = collect(sweep_dir)
     if not rows:
-        raise ValueError(f"no finished runs under {sweep_dir}")
+        raise ConfigError(f"no finished runs under {sweep_dir}")
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
     md = [

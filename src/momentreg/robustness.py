@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from momentreg.errors import ConfigError
+
 __all__ = ["default_sigmas", "sphere_noise", "gaussian_robustness", "accuracy"]
 
 
@@ -91,10 +93,10 @@ def gaussian_robustness(
     plus one per nonzero sigma and noise sample over the images (in the model's eval mode).
     """
     if noise_samples < 1:
-        raise ValueError("noise_samples must be >= 1")
+        raise ConfigError("noise_samples must be >= 1")
     sigmas = default_sigmas() if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float64)
     if sigmas.dim() != 1 or len(sigmas) < 2 or (sigmas < 0).any():
-        raise ValueError("sigmas must be a 1-D sequence of at least two levels >= 0")
+        raise ConfigError("sigmas must be a 1-D sequence of at least two levels >= 0")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -27,7 +27,7 @@ import torch
 from momentreg import __version__
 from momentreg.cost import passes_per_image
 from momentreg.data import DATASET_NAMES, IMAGEFOLDER, load_dataset, to_float, train_val_split
-from momentreg.errors import MomentregError, UsageError
+from momentreg.errors import ConfigError, MomentregError, UsageError
 from momentreg.imagefolder import imagefolder_classes
 from momentreg.methods import ANALYTIC
 from momentreg.models import MODELS, build_model, input_spec, is_factory
@@ -90,7 +90,7 @@ class RunConfig:
         run_fields = {f.name for f in dataclasses.fields(cls)} - {"train"}
         unknown = set(settings) - run_fields - TRAIN_FIELDS - set(_RECORDED)
         if unknown:
-            raise ValueError(f"unknown setting {sorted(unknown)[0]!r}")
+            raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}")
         model = settings.get("model", "lenet")
         train_settings = {**PROTOCOLS.get(model, PROTOCOLS["lenet"])}
         train_settings.update({k: v for k, v in settings.items() if k in TRAIN_FIELDS})
@@ -101,7 +101,7 @@ class RunConfig:
             config = cls(**run, train=TrainConfig(**train_settings))
             config.validate()
         except TypeError as e:  # e.g. "epochs": "ten" in a JSON or TOML file
-            raise ValueError(f"a setting has the wrong type ({e})") from None
+            raise ConfigError(f"a setting has the wrong type ({e})") from None
         return config
 
     def flat(self) -> dict:
@@ -111,15 +111,15 @@ class RunConfig:
 
     def validate(self) -> None:
         if self.model not in MODELS and not is_factory(self.model):
-            raise ValueError(f"unknown model {self.model!r}; choose from {sorted(MODELS)}")
+            raise ConfigError(f"unknown model {self.model!r}; choose from {sorted(MODELS)}")
         if self.dataset not in DATASET_NAMES:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose from {DATASET_NAMES}")
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose from {DATASET_NAMES}")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         for name in ("train_limit", "gnr_limit", "noise_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"invalid {name.replace('_', '-')}: {value}")
+                raise ConfigError(f"invalid {name.replace('_', '-')}: {value}")
         self.train.validate()
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momentreg.errors import ConfigError
 from momentreg.moments import relu_and_mean, relu_mean
 from momentreg.regularizer import (
     Split,
@@ -215,11 +216,11 @@ def macer_loss(
     hinge's radius is in its units."""
     sigma = checked_sigma(sigma)
     if not isinstance(sigma, float):
-        raise ValueError("macer_loss needs sigma as a number (its radius is in units of sigma)")
+        raise ConfigError("macer_loss needs sigma as a number (its radius is in units of sigma)")
     if copies is None:
         copies = 0 if analytic else 16
     if copies < (0 if analytic else 1):
-        raise ValueError(f"macer_loss needs copies >= {0 if analytic else 1}, got {copies}")
+        raise ConfigError(f"macer_loss needs copies >= {0 if analytic else 1}, got {copies}")
     if analytic and not copies:
         moments = analytic_logits(model, x, sigma, split, depth)  # one pass for both betas
         g = softmax_of(*moments)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from momentreg.errors import ConfigError
 from momentreg.models import Normalize
 from momentreg.moments import affine_moments
 
@@ -142,7 +143,7 @@ def _check_head_node(node: fx.Node, root: nn.Module, varying: set[fx.Node]) -> N
         reason = "is not affine"
     if reason:
         kinds = ", ".join(t.__name__ for t in HEAD_LAYERS)
-        raise ValueError(
+        raise ConfigError(
             f"{_where(node, root)} {reason}; the head (everything the first ReLU depends on) "
             f"may hold only {kinds}, shape operations and arithmetic with constants"
         )
@@ -169,22 +170,22 @@ def trace_split(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # control flow on values, unsupported Python: fx says which
-        raise ValueError(
+        raise ConfigError(
             f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e}); pass "
             "split=(head, tail) yourself"
         ) from None
     nodes = list(graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     if len(inputs) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__}.forward must take one input, it takes {len(inputs)}"
         )
     relu = next((n for n in nodes if _is_relu(n, model)), None)
     if relu is None:
-        raise ValueError(f"{type(model).__name__} has no ReLU (module, function or method)")
+        raise ConfigError(f"{type(model).__name__} has no ReLU (module, function or method)")
     pre = relu.args[0] if relu.args else relu.kwargs.get("input")
     if not isinstance(pre, fx.Node) or pre.op == "placeholder":
-        raise ValueError(
+        raise ConfigError(
             f"{_where(relu, model)} is the first ReLU, and there is no affine head before it"
         )
     head_nodes = _ancestors(relu)
@@ -216,7 +217,7 @@ def trace_split(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
                 env[used] = tail_graph.node_copy(used, env.__getitem__)
             else:  # computed before the ReLU (or the input itself), read after it
                 source = "the input" if used.op == "placeholder" else _where(used, model)
-                raise ValueError(
+                raise ConfigError(
                     f"{_where(node, model)} reads {source}, computed before the first ReLU "
                     f"({_where(relu, model)}): a skip connection over the ReLU cannot be fed its "
                     "expected output; pass "

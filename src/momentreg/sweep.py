@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from momentreg.errors import MomentregError
+from momentreg.errors import ConfigError, MomentregError
 from momentreg.methods import ANALYTIC, WEIGHTED
 from momentreg.run import RunConfig
 from momentreg.rundir import CONFIG, ERROR, LOCK, METRICS, read_json, write_json
@@ -97,7 +97,7 @@ def parse_setting(text: str) -> tuple[str, object]:
     quoted string), else as the bare string (a path)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+        raise ConfigError(f"expected KEY=VALUE, got {text!r}")
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:

@@ -11,6 +11,7 @@ import csv
 import io
 from pathlib import Path
 
+from momentreg.errors import ConfigError
 from momentreg.rundir import atomic_write
 
 __all__ = ["fmt", "markdown_table", "csv_text", "write_table", "attack_table"]
@@ -24,7 +25,7 @@ def fmt(value, spec=".2f") -> str:
 def markdown_table(header: list, rows: list[list], align: str | None = None) -> str:
     """``| a | b |`` lines: the header, the alignment row, one line per row (no final newline)."""
     if align is not None and len(align) != len(header):
-        raise ValueError(f"align has {len(align)} letters for {len(header)} columns")
+        raise ConfigError(f"align has {len(align)} letters for {len(header)} columns")
     marks = ["---:" if a == "r" else "---" for a in (align or "l" * len(header))]
     lines = ["| " + " | ".join(str(c) for c in header) + " |", "|" + "|".join(marks) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from momentreg.errors import ConfigError
 from momentreg.methods import COPIES, METHODS
 from momentreg.regularizer import DEPTHS, MOMENT_LOSSES, WEIGHTINGS
 from momentreg.smoothing_losses import MACER_BETA, MACER_GAMMA
@@ -60,23 +61,25 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.moment_depth not in DEPTHS:
-            raise ValueError(f"unknown moment depth {self.moment_depth!r}; choose from {DEPTHS}")
+            raise ConfigError(f"unknown moment depth {self.moment_depth!r}; choose from {DEPTHS}")
         if self.moment_weighting not in WEIGHTINGS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown moment weighting {self.moment_weighting!r}; choose from {WEIGHTINGS}"
             )
         if self.moment_loss not in MOMENT_LOSSES:
-            raise ValueError(f"unknown moment loss {self.moment_loss!r}; choose {MOMENT_LOSSES}")
+            raise ConfigError(f"unknown moment loss {self.moment_loss!r}; choose {MOMENT_LOSSES}")
         if self.moment_loss == "expected-ce" and self.moment_depth != "all":
-            raise ValueError("moment loss expected-ce needs moment depth all (the output variance)")
+            raise ConfigError(
+                "moment loss expected-ce needs moment depth all (the output variance)"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose {LR_SCHEDULES}")
+            raise ConfigError(f"unknown lr schedule {self.lr_schedule!r}; choose {LR_SCHEDULES}")
         if self.keep not in KEEP:
-            raise ValueError(f"unknown keep {self.keep!r}; choose {' or '.join(KEEP)}")
+            raise ConfigError(f"unknown keep {self.keep!r}; choose {' or '.join(KEEP)}")
         if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
         checks = {
             "sigma": self.sigma >= 0 and math.isfinite(self.sigma),
             "alpha": self.alpha >= 0 and math.isfinite(self.alpha),
@@ -105,17 +108,17 @@ class TrainConfig:
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid {bad[0].replace('_', '-')}: {getattr(self, bad[0])}")
+            raise ConfigError(f"invalid {bad[0].replace('_', '-')}: {getattr(self, bad[0])}")
         if self.samples and self.method not in COPIES:
-            raise ValueError(
+            raise ConfigError(
                 f"samples sets the noisy copies of {', '.join(COPIES)}; {self.method} has none "
                 "to set"
             )
         budgets = [k.replace("_", "-") for k in BUDGETS if getattr(self, k)]
         if len(budgets) > 1:
-            raise ValueError(f"a run has one budget; {' and '.join(budgets)} are both set")
+            raise ConfigError(f"a run has one budget; {' and '.join(budgets)} are both set")
         if (self.alpha_delay_budget or self.lr_schedule == "budget-step") and not budgets:
-            raise ValueError(
+            raise ConfigError(
                 "alpha-delay-budget and the budget-step schedule are shares of the budget: "
                 "set time-budget, step-budget or pass-budget"
             )

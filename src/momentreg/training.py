@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from momentreg.cost import passes_per_image
 from momentreg.data import to_float
-from momentreg.errors import CheckpointError, TrainingError
+from momentreg.errors import CheckpointError, ConfigError, TrainingError
 from momentreg.methods import step_loss
 from momentreg.regularizer import Split, moment_loss
 from momentreg.rundir import CHECKPOINT, HISTORY, atomic_save, atomic_write
@@ -242,7 +242,7 @@ def _train_step(state: TrainState, x, y, noisy, cfg: TrainConfig, split) -> tupl
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss
     value, grad_norm = torch.stack([loss.detach(), norm.detach().to(loss.dtype)]).tolist()
     if not math.isfinite(value):
-        raise TrainingError(f"non-finite {_bad_term(state.model, x, y, noisy, cfg, split)}")
+        raise TrainingError(f"non-finite {_bad_term(state.model, x, y, cfg, split, value)}")
     if not math.isfinite(grad_norm):
         raise TrainingError(f"non-finite gradient (norm {grad_norm}) of a finite loss ({value})")
     state.optimizer.step()
@@ -250,11 +250,11 @@ def _train_step(state: TrainState, x, y, noisy, cfg: TrainConfig, split) -> tupl
 
 
 @torch.no_grad()
-def _bad_term(model, x, y, noisy, cfg: TrainConfig, split) -> str:
+def _bad_term(model, x, y, cfg: TrainConfig, split, value: float) -> str:
     """Which term of the regularizer's loss is non-finite on this batch (its clean or its moment
-    term), for the error; other methods' losses have one term."""
+    term), for the error; other methods' losses have one term, ``value``."""
     if cfg.method != "moment":
-        return "loss"
+        return f"loss ({value})"
     _, parts = moment_loss(model, x, y, cfg.sigma, cfg.alpha, split, depth=cfg.moment_depth,
                            loss=cfg.moment_loss, weighting=cfg.moment_weighting)  # fmt: skip
     bad = [name for name in ("clean", "moment") if not torch.isfinite(parts[name])]
@@ -374,7 +374,7 @@ def train(
     cfg.validate()
     device = torch.device(device)
     if len(train_set[1]) == 0 or len(val_set[1]) == 0:
-        raise ValueError("the training and validation sets must not be empty")
+        raise ConfigError("the training and validation sets must not be empty")
     images, labels = train_set[0].to(device), train_set[1].to(device)
     val_images, val_labels = val_set[0].to(device), val_set[1].to(device)
     state = TrainState.start(model.to(device), cfg, device)
@@ -484,7 +484,7 @@ def _check_identity(stored: dict, wanted: dict, path: Path) -> None:
 
 def _tensorboard_writer(out: Path | None):
     if out is None:
-        raise ValueError("tensorboard logging needs an output directory")
+        raise ConfigError("tensorboard logging needs an output directory")
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
