@@ -88,7 +88,7 @@ def evaluate(runs: Path, images: dict, device: str) -> None:
     """Every evaluation of every CIFAR-10 winner as its own job, all at once."""
     jobs = []
     for task in CIFAR_TASKS:
-        rows = report.collect(runs / task)
+        rows = report.collect(runs / task) if (runs / task).is_dir() else []
         if not rows:
             continue
         config = read_json(runs / task / "runs" / rows[0]["run"] / CONFIG)
