@@ -1,0 +1,122 @@
+"""The noise corruptions of CIFAR-10-C (Hendrycks & Dietterich, ICLR 2019): Gaussian, shot,
+impulse and speckle noise at severities 1 to 5, with the published constants, and the published
+files' layout.
+
+Each corruption maps an image x in [0, 1] to a noisy one, clipped to [0, 1] and quantized to uint8
+as the published files are (``uint8(255 * x)``, which truncates):
+
+    gaussian_noise  x + c * n,  n ~ N(0, 1)          c = 0.04, 0.06, 0.08, 0.09, 0.10
+    shot_noise      Poisson(c * x) / c               c = 500, 250, 100, 75, 50
+    impulse_noise   each value set to 0 or 1 (even odds) with probability c
+                                                     c = 0.01, 0.02, 0.03, 0.05, 0.07
+    speckle_noise   x + x * c * n,  n ~ N(0, 1)       c = 0.06, 0.10, 0.12, 0.16, 0.20
+
+The draws come from a ``torch.Generator`` on the images' device, batch by batch, so a seed gives
+the same corrupted set on every run of a machine; the authors drew with NumPy, so our corrupted
+images are draws of the same distribution, not their files. Where you have the files
+(``<corruption>.npy``: 5 x 10,000 images, severity 1 first; ``labels.npy``), ``load_cifar_c``
+reads them, and the evaluation uses them instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from momentreg.errors import ConfigError, DatasetError
+
+__all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt", "apply", "to_uint8", "load_cifar_c"]
+
+CORRUPTIONS = {
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
+    "shot_noise": (500, 250, 100, 75, 50),
+    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
+    "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),
+}
+SEVERITIES = (1, 2, 3, 4, 5)
+PER_SEVERITY = 10_000  # images per severity in a published file
+
+
+def _constant(name: str, severity: int) -> float:
+    if name not in CORRUPTIONS:
+        raise ConfigError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
+    if severity not in SEVERITIES:
+        raise ConfigError(f"severity must be 1 to 5, got {severity}")
+    return CORRUPTIONS[name][severity - 1]
+
+
+def _draws(name: str, x: torch.Tensor, c: float, gen: torch.Generator | None) -> tuple:
+    """The random draws of one corruption for float images ``x``."""
+    if name in ("gaussian_noise", "speckle_noise"):
+        return (torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype),)
+    if name == "shot_noise":
+        return (torch.poisson(x * c, generator=gen),)
+    flip = torch.rand(x.shape, generator=gen, device=x.device) < c
+    salt = torch.rand(x.shape, generator=gen, device=x.device) < 0.5
+    return flip, salt
+
+
+def apply(name: str, x: torch.Tensor, c: float, draws: tuple) -> torch.Tensor:
+    """The corruption's formula on float images ``x`` [N, C, H, W] in [0, 1], given its draws
+    (a standard normal tensor; Poisson counts of rate c * x; or impulse's flip and salt masks);
+    returns the clipped images, before quantization."""
+    if name == "gaussian_noise":
+        out = x + c * draws[0]
+    elif name == "speckle_noise":
+        out = x + x * c * draws[0]
+    elif name == "shot_noise":
+        out = draws[0] / c
+    else:
+        flip, salt = draws
+        out = torch.where(flip, salt.to(x.dtype), x)
+    return out.clamp(0, 1)
+
+
+def corrupt(
+    images: torch.Tensor, name: str, severity: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``images`` (uint8 in [0, 255] or float in [0, 1], [N, C, H, W]) with corruption ``name`` at
+    ``severity``, as uint8 [N, C, H, W] on the images' device.
+
+    Example:
+        >>> images = torch.full((2, 3, 4, 4), 128, dtype=torch.uint8)
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> corrupt(images, "impulse_noise", 5, gen).shape
+        torch.Size([2, 3, 4, 4])
+    """
+    c = _constant(name, severity)
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    return to_uint8(apply(name, x, c, _draws(name, x, c, generator)))
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] as the published files store them: ``uint8(255 * x)``, truncated."""
+    return (x * 255).to(torch.uint8)
+
+
+def load_cifar_c(folder: str | Path, name: str, severity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images [10000, C, H, W], int64 labels [10000]) of one corruption and severity from
+    the published layout: ``folder/<name>.npy`` holds 5 x 10,000 images [N, H, W, C], severity 1
+    first, and ``folder/labels.npy`` their labels."""
+    _constant(name, severity)
+    folder = Path(folder)
+    files = folder / f"{name}.npy", folder / "labels.npy"
+    for path in files:
+        if not path.is_file():
+            raise DatasetError(f"{path} is missing: CIFAR-10-C has <corruption>.npy and labels.npy")
+    images = np.load(files[0], mmap_mode="r")
+    labels = np.load(files[1], mmap_mode="r")
+    if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
+        raise DatasetError(
+            f"{files[0]} is not a CIFAR-10-C file: expected uint8 [N, H, W, C] with one label "
+            f"per image in labels.npy, got {images.dtype} {tuple(images.shape)} and "
+            f"{len(labels)} labels"
+        )
+    per = len(images) // len(SEVERITIES)
+    if per * len(SEVERITIES) != len(images):
+        raise DatasetError(f"{files[0]} holds {len(images)} images, not 5 severities of equal size")
+    part = slice((severity - 1) * per, severity * per)
+    chosen = torch.from_numpy(np.array(images[part])).permute(0, 3, 1, 2)  # a copy, writable
+    return chosen.contiguous(), torch.from_numpy(np.asarray(labels[part], dtype=np.int64))

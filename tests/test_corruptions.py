@@ -1,0 +1,118 @@
+"""The CIFAR-10-C noise corruptions against a direct NumPy computation of their formulas, their
+draws against their distributions, and the published files' layout."""
+
+import doctest
+
+import numpy as np
+import pytest
+import torch
+
+from momentreg import corruptions
+from momentreg.corruptions import CORRUPTIONS, apply, corrupt, load_cifar_c, to_uint8
+from momentreg.errors import ConfigError, DatasetError
+
+RNG = np.random.default_rng(0)
+X = RNG.uniform(0, 1, (4, 3, 8, 8))
+
+
+def _numpy(name: str, x: np.ndarray, c: float, draws: tuple) -> np.ndarray:
+    """The published formulas (before quantization), written out in NumPy."""
+    if name == "gaussian_noise":
+        return np.clip(x + draws[0] * c, 0, 1)
+    if name == "speckle_noise":
+        return np.clip(x + x * draws[0] * c, 0, 1)
+    if name == "shot_noise":
+        return np.clip(draws[0] / c, 0, 1)
+    out = x.copy()
+    flip, salt = draws
+    out[flip & salt] = 1
+    out[flip & ~salt] = 0
+    return out
+
+
+def _numpy_draws(name: str, x: np.ndarray, c: float) -> tuple:
+    if name in ("gaussian_noise", "speckle_noise"):
+        return (RNG.standard_normal(x.shape),)
+    if name == "shot_noise":
+        return (RNG.poisson(x * c).astype(np.float64),)
+    return RNG.uniform(size=x.shape) < c, RNG.uniform(size=x.shape) < 0.5
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_each_corruption_is_its_published_formula_on_fixed_draws(name, severity):
+    c = CORRUPTIONS[name][severity - 1]
+    draws = _numpy_draws(name, X, c)
+    expected = _numpy(name, X, c, draws)
+    got = apply(name, torch.from_numpy(X), c, tuple(torch.from_numpy(d) for d in draws))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_quantization_truncates_as_numpys_uint8():
+    x = np.array([0.0, 0.5, 0.999, 1.0, 1 / 255, 0.99999 / 255, 254.9 / 255])
+    np.testing.assert_array_equal(to_uint8(torch.from_numpy(x)).numpy(), np.uint8(x * 255))
+
+
+def test_the_draws_have_their_distributions():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((20, 3, 32, 32), 0.5)
+    images = (x * 255).round().to(torch.uint8)  # 128
+    base = images.float() / 255
+    shot = corrupt(images, "shot_noise", 5, gen).float() / 255  # c = 50: mean x, variance x / c
+    assert shot.mean().item() == pytest.approx(base.mean().item(), abs=0.005)
+    assert shot.var().item() == pytest.approx(base.mean().item() / 50, rel=0.05)
+    impulse = corrupt(images, "impulse_noise", 5, gen)  # 7% of the values set to 0 or 255
+    assert (impulse != images).float().mean().item() == pytest.approx(0.07, abs=0.005)
+    assert (impulse == 255).sum().item() == pytest.approx((impulse == 0).sum().item(), rel=0.1)
+    noisy = corrupt(images, "gaussian_noise", 3, gen).float() / 255  # std 0.08, few clipped
+    assert (noisy - base).std().item() == pytest.approx(0.08, rel=0.03)
+    speckle = corrupt(images, "speckle_noise", 5, gen).float() / 255  # std x * 0.2
+    assert (speckle - base).std().item() == pytest.approx(0.2 * base.mean().item(), rel=0.03)
+
+
+def test_a_seed_gives_the_same_corrupted_images_and_another_does_not():
+    images = torch.from_numpy((X * 255).astype(np.uint8))
+    draw = [
+        corrupt(images, "gaussian_noise", 2, torch.Generator().manual_seed(s)) for s in (1, 1, 2)
+    ]
+    assert draw[0].dtype == torch.uint8 and torch.equal(draw[0], draw[1])
+    assert not torch.equal(draw[0], draw[2])
+
+
+def test_unknown_corruptions_and_severities_are_refused():
+    images = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+    with pytest.raises(ConfigError, match="unknown corruption 'fog'"):
+        corrupt(images, "fog", 1)
+    with pytest.raises(ConfigError, match="severity must be 1 to 5"):
+        corrupt(images, "shot_noise", 6)
+
+
+def test_the_published_layout_is_read_by_severity(tmp_path):
+    per, size = 4, 8
+    images = RNG.integers(0, 256, (5 * per, size, size, 3), dtype=np.uint8)
+    labels = RNG.integers(0, 10, 5 * per, dtype=np.uint8)
+    np.save(tmp_path / "shot_noise.npy", images)
+    np.save(tmp_path / "labels.npy", labels)
+    got, got_labels = load_cifar_c(tmp_path, "shot_noise", 3)
+    np.testing.assert_array_equal(got.numpy(), images[2 * per : 3 * per].transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(got_labels.numpy(), labels[2 * per : 3 * per])
+    assert got.dtype == torch.uint8 and got_labels.dtype == torch.int64
+    with pytest.raises(DatasetError, match="gaussian_noise.npy is missing"):
+        load_cifar_c(tmp_path, "gaussian_noise", 1)
+    np.save(tmp_path / "speckle_noise.npy", images.astype(np.float32))
+    with pytest.raises(DatasetError, match="not a CIFAR-10-C file"):
+        load_cifar_c(tmp_path, "speckle_noise", 1)
+
+
+def test_the_docstring_example_runs():
+    assert doctest.testmod(corruptions).failed == 0
+
+
+def test_the_constants_are_the_published_ones():
+    """hendrycks/robustness, ImageNet-C/create_c/make_cifar_c.py: the severities' constants."""
+    assert CORRUPTIONS == {
+        "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
+        "shot_noise": (500, 250, 100, 75, 50),
+        "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
+        "speckle_noise": (0.06, 0.1, 0.12, 0.16, 0.2),
+    }
