@@ -3,7 +3,8 @@
 # end or to a deadline, and what finished comes back in at most 4 files under $OUT.
 #
 #   experiments/gpu/cifar.sh TASK [--benchmarks] [--workers K] [--deadline SECONDS]
-#   experiments/gpu/cifar.sh TASK --smoke        # the same steps on the CPU, a tiny grid
+#   experiments/gpu/cifar.sh TASK --smoke        # the same steps on the CPU: experiments/gpu/
+#                                                # smoke.toml's tiny grid, a few images
 #
 # TASK: cifar10-lenet | cifar10-alexnet | cifar100-lenet | cifar100-alexnet (the specs
 # experiments/<TASK>.toml). The data travel as pieces made here by
@@ -53,11 +54,12 @@ export PYTHONPATH="$PWD/src:$PWD/experiments${PYTHONPATH:+:$PYTHONPATH}" PYTHONU
 export MOMENTREG_CACHE_DIR="${MOMENTREG_CACHE_DIR:-$PWD/.data/cache}"
 start=$(date +%s)
 device=cuda
-settings=()
-if [ "$smoke" = 1 ]; then  # the same steps on the CPU: one epoch of a few images per run
-    device=cpu workers=2 deadline=600
+spec="experiments/$task.toml" settings=()
+if [ "$smoke" = 1 ]; then  # the same steps on the CPU: a tiny grid, one epoch of a few images
+    device=cpu workers=2 deadline=600 spec=experiments/gpu/smoke.toml
     export MOMENTREG_COMPILE=0
-    settings=(--set epochs=1 --set train_limit=40 --set gnr_limit=8 --set batch_size=20)
+    settings=(--set "model=${task#*-}" --set epochs=1 --set train_limit=40 --set gnr_limit=8
+              --set batch_size=20)
 fi
 
 {
@@ -75,7 +77,7 @@ fi
         mkdir -p "$runs/runs" && tar -xzf ".gpu-runs/$task.tar.gz" -C "$runs/runs"
     fi
     left=$(( deadline - ($(date +%s) - start) ))
-    timeout --signal=INT "$left" "$python" -m momentreg sweep "experiments/$task.toml" \
+    timeout --signal=INT "$left" "$python" -m momentreg sweep "$spec" \
         --out "$runs" --workers "$workers" --set "data_dir=$data/$set_name" \
         --set "device=$device" "${settings[@]}" --quiet \
         || echo "sweep: ended by the deadline or with failed runs ($?)"
