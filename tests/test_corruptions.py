@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from momentreg import corruptions
-from momentreg.corruptions import CORRUPTIONS, apply, corrupt, load_cifar_c, to_uint8
+from momentreg.corruptions import CORRUPTIONS, SEVERITIES, apply, corrupt, load_cifar_c, to_uint8
 from momentreg.errors import ConfigError, DatasetError
 
 RNG = np.random.default_rng(0)
@@ -116,3 +116,45 @@ def test_the_constants_are_the_published_ones():
         "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
         "speckle_noise": (0.06, 0.1, 0.12, 0.16, 0.2),
     }
+
+
+def _brightness_model() -> torch.nn.Module:
+    """Class 1 for images brighter than mid-grey, else 0: its accuracy moves with the noise."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    with torch.no_grad():
+        net[1].weight.zero_()
+        net[1].weight[1] = 1.0 / (3 * 8 * 8)
+        net[1].bias.copy_(torch.tensor([0.5, 0.0]))
+    return net
+
+
+def test_corruption_accuracy_is_the_accuracy_on_the_corrupted_images():
+    from momentreg.corruptions import corruption_accuracy
+
+    images = torch.from_numpy(RNG.integers(0, 256, (40, 3, 8, 8), dtype=np.uint8))
+    labels = (images.float().mean((1, 2, 3)) > 127.5).long()
+    net = _brightness_model()
+    result = corruption_accuracy(net, images, labels, ("shot_noise", "gaussian_noise"), seed=3,
+                                 batch_size=64)  # fmt: skip
+    assert list(result) == ["shot_noise", "gaussian_noise"] and len(result["shot_noise"]) == 5
+    for k, name in enumerate(result):  # one batch: the generator of (seed, corruption, severity)
+        for severity in (1, 5):
+            gen = torch.Generator().manual_seed(3 + 10 * k + severity)
+            noisy = corrupt(images, name, severity, gen).float() / 255
+            direct = 100.0 * (net(noisy).argmax(1) == labels).float().mean().item()
+            assert result[name][severity - 1] == pytest.approx(direct)
+
+
+def test_corruption_accuracy_reads_the_published_files_where_given(tmp_path):
+    from momentreg.corruptions import corruption_accuracy
+
+    images = RNG.integers(0, 256, (5 * 6, 8, 8, 3), dtype=np.uint8)
+    labels = RNG.integers(0, 2, 5 * 6, dtype=np.uint8)
+    np.save(tmp_path / "impulse_noise.npy", images)
+    np.save(tmp_path / "labels.npy", labels)
+    net = _brightness_model()
+    result = corruption_accuracy(net, None, None, ("impulse_noise",), cifar_c=tmp_path)
+    for severity in SEVERITIES:
+        x, y = load_cifar_c(tmp_path, "impulse_noise", severity)
+        direct = 100.0 * (net(x.float() / 255).argmax(1) == y).float().mean().item()
+        assert result["impulse_noise"][severity - 1] == pytest.approx(direct)

@@ -24,10 +24,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from momentreg.errors import ConfigError, DatasetError
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt", "apply", "to_uint8", "load_cifar_c"]
+__all__ = [
+    "CORRUPTIONS",
+    "SEVERITIES",
+    "corrupt",
+    "apply",
+    "to_uint8",
+    "load_cifar_c",
+    "corruption_accuracy",
+]
 
 CORRUPTIONS = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
@@ -120,3 +129,52 @@ def load_cifar_c(folder: str | Path, name: str, severity: int) -> tuple[torch.Te
     part = slice((severity - 1) * per, severity * per)
     chosen = torch.from_numpy(np.array(images[part])).permute(0, 3, 1, 2)  # a copy, writable
     return chosen.contiguous(), torch.from_numpy(np.asarray(labels[part], dtype=np.int64))
+
+
+@torch.inference_mode()
+def corruption_accuracy(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    names: tuple[str, ...] = tuple(CORRUPTIONS),
+    *,
+    seed: int = 0,
+    batch_size: int = 256,
+    cifar_c: str | Path | None = None,
+    device=None,
+    progress: bool = False,
+) -> dict[str, list[float]]:
+    """Accuracy (%) under each corruption at severities 1 to 5: name -> [5 accuracies].
+
+    ``images`` uint8 or float [N, C, H, W], ``labels`` [N]: the clean test set, corrupted here,
+    batch by batch on the model's device, with a generator seeded by ``seed`` for each corruption
+    and severity (the same corrupted set on every run with the same batch size). With
+    ``cifar_c`` (a folder of the published files) the published corrupted images and their
+    labels are read instead, and ``images``, ``labels`` and ``seed`` are not used. Costs one
+    forward pass per image, corruption and severity (20 per image for all four).
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    result = {}
+    try:
+        for k, name in enumerate(names):
+            result[name] = []
+            for severity in tqdm(SEVERITIES, desc=name, disable=not progress, leave=False):
+                if cifar_c is not None:
+                    x_all, y_all = load_cifar_c(cifar_c, name, severity)
+                else:
+                    x_all, y_all = images, labels
+                    _constant(name, severity)
+                gen = torch.Generator(device=device).manual_seed(seed + 10 * k + severity)
+                hits = torch.zeros((), dtype=torch.long, device=device)
+                for start in range(0, len(y_all), batch_size):
+                    x = x_all[start : start + batch_size].to(device)
+                    y = y_all[start : start + batch_size].to(device)
+                    if cifar_c is None:
+                        x = corrupt(x, name, severity, gen)
+                    hits += (model(x.float() / 255).argmax(1) == y).sum()
+                result[name].append(100.0 * hits.item() / len(y_all))
+    finally:
+        model.train(was_training)
+    return result
