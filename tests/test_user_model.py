@@ -122,3 +122,83 @@ def test_a_bug_in_a_user_model_keeps_its_traceback(tmp_path):
                *QUICK)  # fmt: skip
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "a bug in the model's forward" in done.stderr
+
+
+def _plain_loop_weights(factory_file, path):
+    """A model trained by a plain PyTorch loop on the bundled sample, saved as a state_dict."""
+    import importlib.util
+
+    import torch
+    import torch.nn.functional as F
+
+    from momentreg.data import load_dataset, to_float
+
+    unit = importlib.util.spec_from_file_location("users_model", factory_file)
+    module = importlib.util.module_from_spec(unit)
+    unit.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = module.make(1, 28, 10)
+    images, labels = load_dataset("mnist-sample", split="train")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for i in range(0, 600, 50):
+        loss = F.cross_entropy(model(to_float(images[i : i + 50])), labels[i : i + 50])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save(model.state_dict(), path)
+
+
+def test_evaluate_fine_tune_evaluate_compare_a_model_trained_elsewhere(tmp_path, factory_file):
+    """The README's path for a model a user already has, on the bundled sample."""
+    weights, model = tmp_path / "mine.pt", f"{factory_file}:make"
+    _plain_loop_weights(factory_file, weights)
+    card = ["--corruptions", "gaussian_noise,shot_noise", "--limit", "100", "--quiet"]
+    assert main(["evaluate", "--model", model, "--weights", str(weights), "--dataset",
+                 "mnist-sample", "--card", str(tmp_path / "before"), "--name", "before",
+                 *card]) == 0  # fmt: skip
+    assert main(["train", "--model", model, "--weights", str(weights), "--method", "moment",
+                 "--sigma", "0.5", "--out", str(tmp_path / "tuned"), *QUICK]) == 0  # fmt: skip
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    from momentreg.external import sha256_of
+
+    assert config["weights_sha256"] == sha256_of(weights)
+    assert main(["evaluate", str(tmp_path / "tuned"), "--model", model, "--card",
+                 str(tmp_path / "after"), "--name", "after", *card]) == 0  # fmt: skip
+    assert main(["compare", str(tmp_path / "before"), str(tmp_path / "after"), "--out",
+                 str(tmp_path / "both")]) == 0  # fmt: skip
+    table = (tmp_path / "both" / "compare.md").read_text()
+    assert "| measure | before | after |" in table and "GNR" in table
+    assert (tmp_path / "both" / "compare.png").stat().st_size > 0
+    before = json.loads((tmp_path / "before" / "card.json").read_text())
+    assert before["images"] == 100 and set(before["corruptions"]) == {"gaussian_noise",
+                                                                     "shot_noise"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ("missing", "no such file"),
+        ("code", "not a plain state_dict"),
+        ("other", "missing keys for this model"),
+        ("shape", "has shape"),
+    ],
+)
+def test_bad_weights_are_one_line_and_exit_2(tmp_path, factory_file, capsys, weights, message):
+    import torch
+    from torch import nn
+
+    path = tmp_path / "w.pt"
+    if weights == "code":
+        torch.save({"model": nn.Linear(2, 2)}, path)  # a pickled module: needs code to load
+    elif weights == "other":
+        torch.save(nn.Linear(2, 2).state_dict(), path)
+    elif weights == "shape":
+        from momentreg.models import build_model
+
+        state = build_model(f"{factory_file}:make", "mnist-sample").state_dict()
+        state["fc.weight"] = torch.zeros(3, 3)
+        torch.save(state, path)
+    args = ["--dataset", "mnist-sample", "--card", str(tmp_path / "c"), "--quiet"]
+    code = main(["evaluate", "--model", f"{factory_file}:make", "--weights", str(path), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err

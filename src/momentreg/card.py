@@ -19,7 +19,7 @@ from momentreg.errors import ConfigError
 from momentreg.robustness import gaussian_robustness, prediction_stats
 from momentreg.tables import markdown_table
 
-__all__ = ["Card", "evaluate", "write_card", "read_card"]
+__all__ = ["Card", "evaluate", "write_card", "read_card", "compare_cards"]
 
 
 @dataclasses.dataclass
@@ -153,3 +153,36 @@ def read_card(path: str | Path) -> Card:
     path = Path(path)
     path = path / "card.json" if path.is_dir() else path
     return Card(**json.loads(path.read_text()))
+
+
+def compare_cards(cards: list[Card], folder: str | Path) -> tuple[Path, Path]:
+    """compare.md (one row per measure, one column per card) and compare.png (each card's
+    accuracy against severity, averaged over its corruptions, and its GNR curve) in
+    ``folder``: what a regularizer bought a model, side by side."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    measures = [row[0] for row in _rows(cards[0])]
+    values = [{row[0]: row[1] for row in _rows(card)} for card in cards]
+    rows = [[m, *(v.get(m, "") for v in values)] for m in measures]
+    rows.append(["images (GNR)", *(f"{c.images} ({c.gnr_images})" for c in cards)])
+    table = folder / "compare.md"
+    table.write_text(markdown_table(["measure", *(c.name for c in cards)], rows) + "\n")
+    fig = Figure(figsize=(10, 4), dpi=110)
+    left, right = fig.subplots(1, 2)
+    for card in cards:
+        curve = card.gnr_curve
+        left.plot(curve["sigmas"], [100 * c for c in curve["consistency"]], label=card.name)
+        if card.corruptions:
+            per_severity = [sum(a[i] for a in card.corruptions.values()) / len(card.corruptions)
+                            for i in range(len(SEVERITIES))]  # fmt: skip
+            right.plot(SEVERITIES, per_severity, marker="o", label=card.name)
+    left.set(xlabel="test noise level sigma", ylabel="prediction unchanged (%)", title="GNR curve")
+    right.set(xlabel="severity", ylabel="accuracy (%), mean of the corruptions",
+              title="noise corruptions")  # fmt: skip
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    figure = folder / "compare.png"
+    fig.savefig(figure)
+    return table, figure

@@ -1,6 +1,7 @@
 """The ``momentreg`` command: train, evaluate, demo.
 
-Every user mistake ends with ``momentreg: error: <one line>`` and exit code 2, never a traceback.
+Every user mistake (one of momentreg's own errors) ends with ``momentreg: error: <one line>`` and
+exit code 2; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 from momentreg import __version__
 from momentreg.certify import certify_line
-from momentreg.data import DATASET_NAMES
+from momentreg.data import DATASET_NAMES, IMAGEFOLDER, load_dataset
 from momentreg.errors import MomentregError, UsageError
+from momentreg.imagefolder import imagefolder_classes
 from momentreg.malloc import keep_freed_memory
 from momentreg.methods import METHODS
-from momentreg.models import MODELS, is_factory
+from momentreg.models import MODELS, build_model, input_spec, is_factory
 from momentreg.regularizer import DEPTHS, MOMENT_LOSSES, WEIGHTINGS
 from momentreg.run import (
     TRAIN_FIELDS,
@@ -201,6 +205,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="stop once the steps' counted compute (steps x batch x a step's passes per image, "
         "momentreg.cost) reaches this many clean epochs: every method the same FLOPs",
     )
+    p.add_argument(
+        "--weights",
+        type=Path,
+        help="start from this plain state_dict of --model (fine-tuning a model you trained); "
+        "the run records its SHA-256",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--train-limit",
@@ -255,16 +265,40 @@ def cmd_train(args) -> None:
     warn_if_constant(metrics)
 
 
+def _external(args, device) -> tuple[dict, torch.nn.Module]:
+    """(a run-like config, the model) of ``evaluate --model ... --weights W.pt --dataset D``."""
+    from momentreg.external import load_weights, with_normalization
+
+    if not (args.weights and args.dataset):
+        raise UsageError("evaluate needs a RUN, or --model, --weights and --dataset")
+    images, labels = load_dataset(args.dataset, args.data_dir, "test")
+    spec = None
+    if args.dataset == IMAGEFOLDER:
+        spec = input_spec(images, len(imagefolder_classes(args.data_dir)))
+    model = load_weights(build_model(args.model or "lenet", args.dataset, spec), args.weights)
+    if args.normalize:
+        model = with_normalization(model, *args.normalize)
+    config = {"dataset": args.dataset, "data_dir": args.data_dir and str(args.data_dir)}
+    return config, model.to(device)
+
+
 def cmd_evaluate(args) -> None:
     """Recompute accuracy (and GNR with --gnr) into metrics.json, and/or attacks into attacks.json,
-    and/or smoothing certificates into certify.json. With only --attacks or --certify, metrics.json
-    is left as it is.
+    and/or smoothing certificates into certify.json; with --card, the robustness card. A model
+    from outside momentreg (--model, --weights, --dataset) writes into --card's folder.
     """
     device = device_of(args.device)
-    config, model = load_run(args.run, device, args.model)
+    if args.run is None:
+        config, model = _external(args, device)
+        if args.card is None:
+            raise UsageError("a model outside a run directory needs --card DIR for its results")
+    else:
+        config, model = load_run(args.run, device, args.model)
     images, labels = test_subset(config, args.data_dir, args.limit, args.stride)
-    progress = not args.quiet
-    if args.gnr or not (args.attacks or args.certify):
+    progress, folder = not args.quiet, args.run or args.card
+    if args.card is not None:
+        _card(args, model, images, labels, device, progress)
+    elif args.gnr or not (args.attacks or args.certify):
         metrics = evaluate_accuracy(
             args.run, model, images, labels, gnr=args.gnr, noise_samples=args.noise_samples,
             seed=args.seed, device=device, progress=progress,
@@ -274,17 +308,69 @@ def cmd_evaluate(args) -> None:
         warn_if_constant(metrics)
     if args.attacks:
         results = attack_run(
-            args.run, model, images, labels, args.attacks, tol=args.tol, seed=args.seed,
+            folder, model, images, labels, args.attacks, tol=args.tol, seed=args.seed,
             stride=args.stride, progress=progress,
         )  # fmt: skip
         print(attack_table(results))
     if args.certify:
         summary = certify_run(
-            args.run, model, images, labels, sigma=args.sigma, n0=args.n0, n=args.n,
+            folder, model, images, labels, sigma=args.sigma, n0=args.n0, n=args.n,
             alpha=args.alpha, batch=args.batch, seed=args.seed, stride=args.stride,
             progress=progress,
         )  # fmt: skip
         print(certify_line(summary))
+
+
+def _card(args, model, images, labels, device, progress) -> None:
+    from momentreg.card import evaluate, write_card
+
+    prepare_out_dir(args.card, resume=True, force=False)
+    card = evaluate(
+        model, images, labels, name=args.name or str(args.run or args.weights),
+        corruptions=args.corruptions, cifar_c=args.cifar_c, seed=args.seed, device=device,
+        progress=progress,
+    )  # fmt: skip
+    paths = write_card(card, args.card)
+    overall = card.mean_corruption_accuracy()
+    print(
+        f"test accuracy {card.clean_accuracy:.2f}%  GNR {card.gnr:.2f}"
+        + (f"  noise corruptions {overall:.2f}%" if overall is not None else "")
+        + f" on {card.images} images -> {', '.join(str(p) for p in paths)}"
+    )
+
+
+def _corruption_list(text: str) -> tuple[str, ...]:
+    from momentreg.corruptions import CORRUPTIONS
+
+    names = list(CORRUPTIONS) if text == "all" else [t.strip() for t in text.split(",") if t]
+    unknown = [n for n in names if n not in CORRUPTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown corruption {unknown[0] if unknown else text!r}; choose from "
+            f"{', '.join(CORRUPTIONS)} or all"
+        )
+    return tuple(names)
+
+
+def _normalize(text: str) -> list[float]:
+    values = [_number(float)(t.strip()) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers: {text!r}")
+    return values
+
+
+def cmd_compare(args) -> None:
+    from momentreg.card import compare_cards, read_card
+
+    cards = []
+    for path in args.cards:
+        if not (path / "card.json").exists() and not path.name == "card.json":
+            raise UsageError(f"{path} holds no card.json: make one with momentreg evaluate --card")
+        cards.append(read_card(path))
+    prepare_out_dir(args.out, resume=True, force=False)
+    table, figure = compare_cards(cards, args.out)
+    print(table.read_text().strip())
+    print(f"wrote {table} and {figure}")
 
 
 def _attack_list(text: str) -> list[str]:
@@ -391,8 +477,10 @@ def _evaluate_parser(sub) -> None:
     from momentreg.attacks import ATTACKS
 
     attack_help = "; ".join(f"{k}: {v[1]}" for k, v in ATTACKS.items())
-    p = sub.add_parser("evaluate", help="recompute the metrics of a finished run")
-    p.add_argument("run", type=Path)
+    p = sub.add_parser(
+        "evaluate", help="recompute a run's metrics, or measure any model (--model, --weights)"
+    )
+    p.add_argument("run", type=Path, nargs="?", help="a run directory (or give --weights)")
     p.add_argument("--gnr", action="store_true", help="also recompute GNR and its curve")
     p.add_argument("--limit", type=pos_int, help="evaluate on the first N test images")
     stride = "every K-th test image, then --limit (balanced classes in a class-sorted folder)"
@@ -400,9 +488,21 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--noise-samples", type=pos_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=Path, help="override the run's data directory")
-    p.add_argument("--model", help=USER_MODEL_HELP)
+    p.add_argument("--model", help=USER_MODEL_HELP + "; with --weights, the model to build")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
+    g = p.add_argument_group("a model from outside momentreg, and its robustness card")
+    g.add_argument("--weights", type=Path, help="a plain state_dict file (weights_only loading)")
+    g.add_argument("--dataset", choices=DATASET_NAMES, help="its test set (with --data-dir)")
+    g.add_argument("--normalize", nargs=2, type=_normalize, metavar=("MEAN", "STD"),
+                   help="wrap a model that expects normalized inputs: comma-separated per "
+                   "channel")  # fmt: skip
+    g.add_argument("--card", type=Path, help="write card.json, card.md and card.png here")
+    g.add_argument("--name", help="the card's title (default: the run or weights path)")
+    g.add_argument("--corruptions", type=_corruption_list, default=_corruption_list("all"),
+                   help="CIFAR-10-C noise corruptions for the card: all, or comma-separated "
+                   "gaussian_noise,shot_noise,impulse_noise,speckle_noise")  # fmt: skip
+    g.add_argument("--cifar-c", type=Path, help="the published CIFAR-10-C files, used instead")
     p.add_argument("--attacks", type=_attack_list, help="comma-separated, or all: " + attack_help)
     p.add_argument("--tol", type=pos_float, default=0.01, help="relative tolerance of eps search")
     g = p.add_argument_group("randomized smoothing (Cohen et al. 2019)")
@@ -460,6 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_table)
 
     _sweep_parser(sub)
+
+    p = sub.add_parser("compare", help="robustness cards side by side: one table, one figure")
+    p.add_argument("cards", type=Path, nargs="+", help="card folders (momentreg evaluate --card)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="results.csv, figures and the fair comparison of a sweep")
     p.add_argument("dir", type=Path, help="a sweep directory (or a folder of runs)")

@@ -28,6 +28,7 @@ from momentreg import __version__
 from momentreg.cost import passes_per_image
 from momentreg.data import DATASET_NAMES, IMAGEFOLDER, load_dataset, to_float, train_val_split
 from momentreg.errors import ConfigError, MomentregError, UsageError
+from momentreg.external import load_weights, sha256_of
 from momentreg.imagefolder import imagefolder_classes
 from momentreg.methods import ANALYTIC
 from momentreg.models import MODELS, build_model, input_spec, is_factory
@@ -63,7 +64,8 @@ __all__ = [
 ]
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-_RECORDED = ("version", "input_spec")  # written into config.json by train_run, not settings
+# written into config.json by train_run, not settings
+_RECORDED = ("version", "input_spec", "weights_sha256")
 
 
 @dataclasses.dataclass
@@ -81,6 +83,7 @@ class RunConfig:
     gnr_limit: int | None = None
     noise_samples: int = 1
     device: str = "cpu"
+    weights: str | None = None  # start from this plain state_dict (a user's trained model)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     @classmethod
@@ -95,8 +98,9 @@ class RunConfig:
         train_settings = {**PROTOCOLS.get(model, PROTOCOLS["lenet"])}
         train_settings.update({k: v for k, v in settings.items() if k in TRAIN_FIELDS})
         run = {k: v for k, v in settings.items() if k in run_fields}
-        if run.get("data_dir") is not None:
-            run["data_dir"] = str(run["data_dir"])
+        for key in ("data_dir", "weights"):
+            if run.get(key) is not None:
+                run[key] = str(run[key])
         try:
             config = cls(**run, train=TrainConfig(**train_settings))
             config.validate()
@@ -242,12 +246,18 @@ def train_run(
     model = build_model(config.model, config.dataset, spec)
     if cfg.method in ANALYTIC:  # a model the regularizer cannot split fails before any writing
         check_regularizable(model, cfg.moment_depth)
+    digest = None
+    if config.weights is not None:  # the user's weights, checked before anything is written
+        if not (resume and (out / CHECKPOINT).exists()):
+            load_weights(model, config.weights)
+        digest = sha256_of(config.weights)
     check_free_space(next(p for p in (out, *out.parents) if p.exists()), model)
     if force and not resume and existed:
         clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     flat = {**config.flat(), "device": str(device)}
-    write_json(out / CONFIG, {"version": __version__, **flat, "input_spec": spec})
+    recorded = {"input_spec": spec, "weights_sha256": digest}
+    write_json(out / CONFIG, {"version": __version__, **flat, **recorded})
     t0 = time.perf_counter()
     # the step's FLOPs, counted before training: a model the counter cannot take fails now
     batch = [t[: cfg.batch_size].to(device) for t in train_set]

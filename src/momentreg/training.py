@@ -456,7 +456,8 @@ def _log(writer, state: TrainState) -> None:
 def _history_row(row: dict, state: TrainState, clock: _StepClock, seconds: float) -> dict:
     """An epoch's history.csv row: ``row`` (epoch, train and validation loss and accuracy, in
     the file's column order), then the timing columns (``seconds``: the epoch's training and
-    validation)."""
+    validation), then the epoch's largest gradient norm and whether its validation collapsed."""
+    later = {k: row.pop(k) for k in ("grad_norm_max", "collapsed")}  # columns added later
     return {
         **row,
         "lr": None,  # set by end_epoch, after the schedule's step
@@ -464,6 +465,7 @@ def _history_row(row: dict, state: TrainState, clock: _StepClock, seconds: float
         "train_seconds": state.last("train_seconds", 0.0) + seconds,
         "steps": clock.steps,
         "step_seconds": clock.seconds,
+        **later,
     }
 
 
