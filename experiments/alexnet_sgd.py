@@ -166,7 +166,7 @@ def run(args) -> int:
             writer.writerow(row)
             f.flush()
             if step % 50 == 0 or probe.where:
-                print(f"step {step}: " + ", ".join(f"{k} {row[k]}" for k in COLUMNS[2:]),
+                print(f"step {step}: " + ", ".join(f"{k} {row.get(k, '')}" for k in COLUMNS[2:]),
                       flush=True)  # fmt: skip
             if probe.where:
                 print(f"first non-finite value at step {step}: {probe.where}")

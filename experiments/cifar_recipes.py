@@ -53,7 +53,9 @@ def _step_row(path: Path) -> list[str]:
         f"{max(float(r['grad_norm']) for r in rows):.2f}",
         f"{min(finite_s):.3f}" if finite_s else "",
         f"{float(rows[-1]['logit_max']):.2f}",
-        f"{float(validated[-1]['val_accuracy']):.2f} (step {validated[-1]['step']})",
+        f"{float(validated[-1]['val_accuracy']):.2f} (step {validated[-1]['step']})"
+        if validated
+        else "",
         next((f"step {r['step']}: {r['nonfinite']}" for r in rows if r["nonfinite"]), "none"),
     ]
 
@@ -75,7 +77,8 @@ def _run_row(run: Path, clean: dict[tuple, float]) -> list[str]:
     task = (config["model"], DATA[Path(config["data_dir"]).name])
     if not (run / METRICS).exists():
         error = (run / ERROR).read_text().splitlines()[0] if (run / ERROR).exists() else ""
-        return [*task, config["method"], "", "", "failed: " + error, "", "", ""]
+        state = f"failed: {error}" if error else "not finished"
+        return [*task, config["method"], "", "", state, "", "", ""]
     metrics = read_json(run / METRICS)
     history = list(csv.DictReader((run / HISTORY).open()))
     acc = metrics["test_accuracy"]

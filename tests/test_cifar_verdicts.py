@@ -85,3 +85,16 @@ def test_growth_rule_is_a_third_of_the_papers_factor():
     growth = {"pgd": 10.0, "fgsm": 0.6, "deepfool": 200.0}
     verdict = verdicts.verdict_growth(growth, row("moment", 68.0, 60.0, 0.25))[2]
     assert verdict.startswith("partly: 2 of 3 attacks (PGD, DF2)")
+
+
+def test_the_recipes_conclusions_cite_only_numbers_of_the_generated_tables():
+    """The hand-written conclusions under the recipes' tables quote what the tables hold."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "cifar.md").read_text()
+    notes = (root / "experiments" / "cifar-recipes.md").read_text()
+    section = page[page.index("## The paper's recipes on a CPU") :]
+    tables = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    cited = re.findall(r"\d+\.\d+", notes)
+    assert cited and [n for n in cited if n not in tables] == []
