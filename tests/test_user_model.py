@@ -156,8 +156,10 @@ def test_evaluate_fine_tune_evaluate_compare_a_model_trained_elsewhere(tmp_path,
     assert main(["evaluate", "--model", model, "--weights", str(weights), "--dataset",
                  "mnist-sample", "--card", str(tmp_path / "before"), "--name", "before",
                  *card]) == 0  # fmt: skip
+    tune = ["--train-limit", "2000", "--epochs", "2", "--batch-size", "50", "--lr", "1e-3",
+            "--sigma-warmup", "0", "--gnr-limit", "20", "--quiet"]  # fmt: skip
     assert main(["train", "--model", model, "--weights", str(weights), "--method", "moment",
-                 "--sigma", "0.5", "--out", str(tmp_path / "tuned"), *QUICK]) == 0  # fmt: skip
+                 "--sigma", "1.0", "--out", str(tmp_path / "tuned"), *tune]) == 0  # fmt: skip
     config = json.loads((tmp_path / "tuned" / "config.json").read_text())
     from momentreg.external import sha256_of
 
@@ -170,8 +172,20 @@ def test_evaluate_fine_tune_evaluate_compare_a_model_trained_elsewhere(tmp_path,
     assert "| measure | before | after |" in table and "GNR" in table
     assert (tmp_path / "both" / "compare.png").stat().st_size > 0
     before = json.loads((tmp_path / "before" / "card.json").read_text())
+    after = json.loads((tmp_path / "after" / "card.json").read_text())
     assert before["images"] == 100 and set(before["corruptions"]) == {"gaussian_noise",
                                                                      "shot_noise"}  # fmt: skip
+    assert after["gnr"] > before["gnr"] + 10, (before["gnr"], after["gnr"])  # what it bought
+    import torch
+
+    from momentreg.data import load_dataset, to_float
+    from momentreg.models import build_model
+
+    model = build_model(f"{factory_file}:make", "mnist-sample")
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    x, y = load_dataset("mnist-sample", split="test")
+    direct = (model.eval()(to_float(x[:100])).argmax(1) == y[:100]).float().mean().item()
+    assert before["clean_accuracy"] == pytest.approx(100 * direct)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ analytic moment regularizer, and measure how robust they are."""
 
 __version__ = "0.1.0"  # first: modules that record it import it from here
 
+from momentreg.card import evaluate
 from momentreg.data import load_dataset
 from momentreg.models import Normalize, build_model
 from momentreg.moments import (
@@ -30,6 +31,7 @@ from momentreg.smoothing_losses import (
 from momentreg.training import TrainConfig, train
 
 __all__ = [
+    "evaluate",
     "load_dataset",
     "gaussian_robustness",
     "train",
