@@ -3,7 +3,6 @@ analytic moment regularizer, and measure how robust they are."""
 
 __version__ = "0.1.0"  # first: modules that record it import it from here
 
-from momentreg.card import evaluate
 from momentreg.data import load_dataset
 from momentreg.models import Normalize, build_model
 from momentreg.moments import (
@@ -55,3 +54,13 @@ __all__ = [
     "stability_loss",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """``momentreg.evaluate`` (the robustness card) is imported when first asked for: it draws
+    with matplotlib, which a training process need not load."""
+    if name == "evaluate":
+        from momentreg.card import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'momentreg' has no attribute {name!r}")

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from momentreg import __version__
-from momentreg.certify import certify_line
 from momentreg.data import DATASET_NAMES, IMAGEFOLDER, load_dataset
 from momentreg.errors import MomentregError, UsageError
 from momentreg.imagefolder import imagefolder_classes
@@ -313,6 +312,8 @@ def cmd_evaluate(args) -> None:
         )  # fmt: skip
         print(attack_table(results))
     if args.certify:
+        from momentreg.certify import certify_line  # scipy.stats: only when certifying
+
         summary = certify_run(
             folder, model, images, labels, sigma=args.sigma, n0=args.n0, n=args.n,
             alpha=args.alpha, batch=args.batch, seed=args.seed, stride=args.stride,
