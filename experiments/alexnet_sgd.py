@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -29,10 +30,10 @@ import torch.nn.functional as F
 
 from momentreg.data import to_float
 from momentreg.models import build_model, input_spec
-from momentreg.moments import relu_and_mean
+from momentreg.moments import _safe_std, relu_and_mean
 from momentreg.regularizer import head_moments, split_at_first_relu
 from momentreg.run import RunConfig, load_splits
-from momentreg.train_config import PROTOCOLS
+from momentreg.training import _optimizer
 
 VARIANTS = ("clean", "sum", "convex", "half-lr", "clean-double-lr")
 COLUMNS = ("step", "epoch", "clean", "moment", "loss", "grad_norm", "s_min", "s_max", "z_max",
@@ -70,7 +71,7 @@ def forward(model, split, x, y, sigma, moment: bool, probe: Probe):
     mu, var = head_moments(head, sigma, x)
     probe.check("head mean", mu)
     probe.check("head variance", var)
-    s = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+    s = _safe_std(var, var.dtype)  # the std the ReLU-mean kernel uses
     probe.check("square root", s)
     stacked = relu_and_mean(mu, var)
     probe.check("ReLU mean", stacked)
@@ -109,15 +110,13 @@ def run(args) -> int:
     spec = input_spec(torch.cat([images, val_images]), classes)
     model = build_model("alexnet", "imagefolder", spec)
     split = split_at_first_relu(model)
-    protocol = PROTOCOLS["alexnet"]
-    lr = protocol["lr"] * {"half-lr": 0.5, "clean-double-lr": 2.0}.get(args.variant, 1.0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=protocol["momentum"],
-                                nesterov=protocol["nesterov"],
-                                weight_decay=protocol["weight_decay"])  # fmt: skip
+    cfg = config.train  # the protocol's SGD, its learning rate scaled by the variant
+    lr = cfg.lr * {"half-lr": 0.5, "clean-double-lr": 2.0}.get(args.variant, 1.0)
+    optimizer = _optimizer(model, dataclasses.replace(cfg, lr=lr))
     moment = args.variant not in ("clean", "clean-double-lr")
     scale = 1 / (1 + args.alpha) if args.variant == "convex" else 1.0
     gen = torch.Generator().manual_seed(args.seed)
-    batch = protocol["batch_size"]
+    batch = cfg.batch_size
     steps_per_epoch = math.ceil(len(labels) / batch)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:

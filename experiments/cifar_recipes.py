@@ -9,7 +9,6 @@ with the hand-written conclusions of experiments/cifar-recipes.md below them.
 from __future__ import annotations
 
 import csv
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -83,7 +82,6 @@ def _run_row(run: Path, clean: dict[tuple, float]) -> list[str]:
     history = list(csv.DictReader((run / HISTORY).open()))
     acc = metrics["test_accuracy"]
     moment = config["method"] == "moment"
-    finite = all(math.isfinite(float(r["train_loss"])) for r in history)
     return [
         *task,
         config["method"],
@@ -93,7 +91,6 @@ def _run_row(run: Path, clean: dict[tuple, float]) -> list[str]:
         f"{100 * acc / clean[task]:.0f}%" if task in clean else "",
         f"{metrics['gnr']:.2f}",
         ", ".join(f"{float(r['val_accuracy']):.2f}" for r in history)
-        + ("" if finite else " (non-finite)")
         + (" (collapsed)" if any(r.get("collapsed") == "True" for r in history) else ""),
     ]
 

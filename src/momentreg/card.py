@@ -15,6 +15,7 @@ import torch
 from matplotlib.figure import Figure
 
 from momentreg.corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
+from momentreg.data import to_float
 from momentreg.errors import ConfigError
 from momentreg.robustness import gaussian_robustness, prediction_stats
 from momentreg.tables import markdown_table
@@ -78,15 +79,14 @@ def evaluate(
     if len(images) != len(labels) or len(labels) == 0:
         raise ConfigError(f"{len(images)} images and {len(labels)} labels: need as many, not 0")
     device = device or next(model.parameters()).device
-    x = images.float() / 255 if images.dtype == torch.uint8 else images
+    x = to_float(images)
     stats = prediction_stats(model, x, labels, batch_size, device)
     count = min(gnr_images or len(labels), len(labels))
     gnr, sigmas, consistency = gaussian_robustness(
         model, x[:count], seed=seed, batch_size=batch_size, device=device, progress=progress
     )
-    uint8 = images if images.dtype == torch.uint8 else (images * 255).round().to(torch.uint8)
     accs = corruption_accuracy(
-        model, uint8, labels, tuple(corruptions), seed=seed, batch_size=batch_size,
+        model, images, labels, tuple(corruptions), seed=seed, batch_size=batch_size,
         cifar_c=cifar_c, device=device, progress=progress,
     )  # fmt: skip
     return Card(

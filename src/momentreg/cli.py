@@ -270,9 +270,9 @@ def _external(args, device) -> tuple[dict, torch.nn.Module]:
 
     if not (args.weights and args.dataset):
         raise UsageError("evaluate needs a RUN, or --model, --weights and --dataset")
-    images, labels = load_dataset(args.dataset, args.data_dir, "test")
     spec = None
-    if args.dataset == IMAGEFOLDER:
+    if args.dataset == IMAGEFOLDER:  # the model is shaped by the folder's images
+        images = load_dataset(args.dataset, args.data_dir, "test")[0]
         spec = input_spec(images, len(imagefolder_classes(args.data_dir)))
     model = load_weights(build_model(args.model or "lenet", args.dataset, spec), args.weights)
     if args.normalize:
@@ -343,14 +343,7 @@ def _card(args, model, images, labels, device, progress) -> None:
 def _corruption_list(text: str) -> tuple[str, ...]:
     from momentreg.corruptions import CORRUPTIONS
 
-    names = list(CORRUPTIONS) if text == "all" else [t.strip() for t in text.split(",") if t]
-    unknown = [n for n in names if n not in CORRUPTIONS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown corruption {unknown[0] if unknown else text!r}; choose from "
-            f"{', '.join(CORRUPTIONS)} or all"
-        )
-    return tuple(names)
+    return tuple(_names(text, CORRUPTIONS, "corruption"))
 
 
 def _normalize(text: str) -> list[float]:
@@ -365,7 +358,7 @@ def cmd_compare(args) -> None:
 
     cards = []
     for path in args.cards:
-        if not (path / "card.json").exists() and not path.name == "card.json":
+        if not (path.is_file() or (path / "card.json").exists()):
             raise UsageError(f"{path} holds no card.json: make one with momentreg evaluate --card")
         cards.append(read_card(path))
     prepare_out_dir(args.out, resume=True, force=False)
@@ -377,12 +370,17 @@ def cmd_compare(args) -> None:
 def _attack_list(text: str) -> list[str]:
     from momentreg.attacks import ATTACKS
 
-    names = list(ATTACKS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in ATTACKS]
+    return _names(text, ATTACKS, "attack")
+
+
+def _names(text: str, known, kind: str) -> list[str]:
+    """``all`` or comma-separated names of ``known`` (an attack, a corruption), checked."""
+    names = list(known) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown attack {unknown[0] if unknown else text!r}; choose from "
-            f"{', '.join(ATTACKS)} or all"
+            f"unknown {kind} {unknown[0] if unknown else text!r}; choose from "
+            f"{', '.join(known)} or all"
         )
     return names
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from momentreg.data import to_float
 from momentreg.errors import ConfigError, DatasetError
 
 __all__ = [
@@ -96,7 +97,7 @@ def corrupt(
         torch.Size([2, 3, 4, 4])
     """
     c = _constant(name, severity)
-    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    x = to_float(images)
     return to_uint8(apply(name, x, c, _draws(name, x, c, generator)))
 
 
@@ -165,7 +166,6 @@ def corruption_accuracy(
                     x_all, y_all = load_cifar_c(cifar_c, name, severity)
                 else:
                     x_all, y_all = images, labels
-                    _constant(name, severity)
                 gen = torch.Generator(device=device).manual_seed(seed + 10 * k + severity)
                 hits = torch.zeros((), dtype=torch.long, device=device)
                 for start in range(0, len(y_all), batch_size):
@@ -173,7 +173,7 @@ def corruption_accuracy(
                     y = y_all[start : start + batch_size].to(device)
                     if cifar_c is None:
                         x = corrupt(x, name, severity, gen)
-                    hits += (model(x.float() / 255).argmax(1) == y).sum()
+                    hits += (model(to_float(x)).argmax(1) == y).sum()
                 result[name].append(100.0 * hits.item() / len(y_all))
     finally:
         model.train(was_training)

@@ -239,7 +239,11 @@ def _train_step(state: TrainState, x, y, noisy, cfg: TrainConfig, split) -> tupl
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad for p in state.model.parameters() if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss
+    norm = (
+        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if grads
+        else torch.zeros((), device=loss.device)
+    )
     value, grad_norm = torch.stack([loss.detach(), norm.detach().to(loss.dtype)]).tolist()
     if not math.isfinite(value):
         raise TrainingError(f"non-finite {_bad_term(state.model, x, y, cfg, split, value)}")
