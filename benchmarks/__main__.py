@@ -7,7 +7,8 @@
    clean and moment steps of ResNet-18 (CIFAR, batch 128), a model with its own forward;
 2. the floor of the regularizer: clean step + one forward/backward of the tail on the same batch
    (the backward down to the tail's input, which the moment term needs to train the first layer);
-3. GNR over 30 sigmas against its floor of 31 plain forward passes of the same images;
+3. GNR over 30 sigmas against its floor of 31 plain forward passes of the same images, and the
+   four CIFAR-10-C noise corruptions at five severities against their 20 forward passes;
 4. each attack's seconds per image and its ratio to its floor, all six on 400 images (Table 1's
    work for one model), batched L-BFGS against its scipy reference, and certification's noisy
    samples per second against plain forward passes (benchmarks/evaluation.py);
@@ -39,6 +40,7 @@ from benchmarks.evaluation import (
     attacks_markdown,
     bench_attacks,
     bench_certify,
+    bench_corruptions,
     certify_markdown,
     targets_markdown,
 )
@@ -311,7 +313,7 @@ def _scaling_table(scaling: dict) -> str:
     return markdown_table(header, rows, align="lrrrr")
 
 
-def _evaluation_table(g: dict, d: dict) -> str:
+def _evaluation_table(g: dict, d: dict, c: dict | None) -> str:
     rows = [
         [
             f"GNR, {g['images']} images x 30 sigmas / 31 forward passes",
@@ -319,6 +321,17 @@ def _evaluation_table(g: dict, d: dict) -> str:
             f"{g['floor_seconds']:.2f} s",
             f"{g['ratio']:.2f}",
         ],
+    ]
+    if c is not None:
+        rows.append(
+            [
+                f"noise corruptions, {c['images']} images x 4 x 5 severities / 20 forward passes",
+                f"{c['corruption_seconds']:.2f} s",
+                f"{c['floor_seconds']:.2f} s",
+                f"{c['ratio']:.2f}",
+            ]
+        )
+    rows += [
         [
             f"batch preparation, {d['images']} images at batch {d['batch']} / clean epoch",
             f"{d['load_seconds']:.3f} s",
@@ -347,8 +360,13 @@ def markdown(results: dict) -> str:
         out += ["", "### Scaling with batch size and input size (LeNet)", ""]
         out.append(_scaling_table(results["scaling"]))
     out += ["", "### Evaluation and data loading", ""]
-    out.append(_evaluation_table(results["gnr"], results["data_loading"]))
-    out += ["", *targets_markdown(results["attacks"], results["certify"])]
+    out.append(
+        _evaluation_table(results["gnr"], results["data_loading"], results.get("corruptions"))
+    )
+    out += [
+        "",
+        *targets_markdown(results["attacks"], results["certify"], results.get("corruptions")),
+    ]
     out += ["", *attacks_markdown(results["attacks"])]
     out += ["", *certify_markdown(results["certify"])]
     for name, m in results["memory"].items():
@@ -457,6 +475,9 @@ def run(device: torch.device, quick: bool, compiled: bool) -> dict:
         )
     results["kernels"] = section("kernels", lambda: bench_kernels(device, lenet_batch, repeats))
     results["gnr"] = section("gnr", lambda: bench_gnr(device, 200 if quick else 500, 1))
+    results["corruptions"] = section(
+        "corruptions", lambda: bench_corruptions(device, 100 if quick else 1000, 1 if quick else 3)
+    )
     results["data_loading"] = section(
         "data_loading",
         lambda: bench_data_loading(device, 2000 if quick else 10000, 128, repeats),

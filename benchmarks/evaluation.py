@@ -218,8 +218,38 @@ def certify_markdown(c: dict) -> list[str]:
     return ["### Certification throughput", "", markdown_table(header, [row], align="lrrr")]
 
 
-def targets_markdown(a: dict, c: dict) -> list[str]:
-    """Issue 18's targets, each checked against this run's numbers."""
+def bench_corruptions(device, images: int, repeats: int) -> dict:
+    """The four CIFAR-10-C noise corruptions at five severities on uint8 CIFAR-sized images
+    (LeNet), against their floor: 20 plain forward passes of the same images, batch by batch."""
+    from momentreg.corruptions import CORRUPTIONS, corruption_accuracy
+    from momentreg.data import to_float
+
+    torch.manual_seed(0)
+    model = build_model("lenet", "cifar10").to(device).eval()
+    x = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 10, (images,))
+    batch = 256
+
+    def floor():
+        with torch.inference_mode():
+            for _ in range(len(CORRUPTIONS) * 5):
+                for i in range(0, images, batch):
+                    model(to_float(x[i : i + batch].to(device))).argmax(1)
+
+    def corruptions():
+        corruption_accuracy(model, x, y, batch_size=batch, device=device)
+
+    t = median_times({"floor": floor, "corruptions": corruptions}, repeats, device, warmup=0)
+    return {
+        "images": images,
+        "corruption_seconds": t["corruptions"],
+        "floor_seconds": t["floor"],
+        "ratio": t["corruptions"] / t["floor"],
+    }
+
+
+def targets_markdown(a: dict, c: dict, corruptions: dict | None = None) -> list[str]:
+    """The evaluation targets, each checked against this run's numbers."""
     worst = max(a["attacks"], key=lambda k: a["attacks"][k]["ratio_to_floor"])
     worst_ratio = a["attacks"][worst]["ratio_to_floor"]
     ref = a["lbfgs_reference"]
@@ -236,6 +266,10 @@ def targets_markdown(a: dict, c: dict) -> list[str]:
         ("certification >= 0.8x the forward-pass floor", f"{c['ratio_to_floor']:.2f}",
          c["ratio_to_floor"] >= 0.8),
     ]  # fmt: skip
+    if corruptions is not None:
+        ratio = corruptions["ratio"]
+        checks.append(("noise corruptions <= 1.2x their 20 forward passes", f"{ratio:.2f}",
+                       ratio <= 1.2))  # fmt: skip
     rows = [[name, value, "met" if ok else "**not met**"] for name, value, ok in checks]
     return [
         "### Evaluation targets",

@@ -36,6 +36,7 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert {"moment", "augment6", "moment_over_floor"} <= set(lenet["ratio_to_clean"])
     assert lenet["ratio_to_clean"]["clean"] == 1.0
     assert {"gnr_seconds", "floor_seconds", "ratio"} <= set(data["gnr"])
+    assert data["corruptions"]["ratio"] > 0 and data["corruptions"]["images"] == 100
     assert 0 < data["data_loading"]["share"] < 1
     attacks = data["attacks"]
     assert set(attacks["attacks"]) == {"pgd", "lbfgs", "fgsm", "aga", "aua", "deepfool"}
@@ -51,6 +52,7 @@ def test_quick_benchmark_writes_every_section(tmp_path):
         "steps lenet-mnist",
         "kernels",
         "gnr",
+        "corruptions",
         "data_loading",
         "attacks",
         "certify",

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from momentreg import corruptions
-from momentreg.corruptions import CORRUPTIONS, SEVERITIES, apply, corrupt, load_cifar_c, to_uint8
+from momentreg.corruptions import (
+    CORRUPTIONS,
+    SEVERITIES,
+    apply,
+    corrupt,
+    load_cifar_c,
+    shot_distribution,
+    shot_table,
+    to_uint8,
+)
 from momentreg.errors import ConfigError, DatasetError
 
 RNG = np.random.default_rng(0)
@@ -51,6 +60,37 @@ def test_each_corruption_is_its_published_formula_on_fixed_draws(name, severity)
 def test_quantization_truncates_as_numpys_uint8():
     x = np.array([0.0, 0.5, 0.999, 1.0, 1 / 255, 0.99999 / 255, 254.9 / 255])
     np.testing.assert_array_equal(to_uint8(torch.from_numpy(x)).numpy(), np.uint8(x * 255))
+
+
+def _fits(samples: torch.Tensor, p: torch.Tensor) -> bool:
+    """Pearson's chi-square of the samples' 256 value counts against ``p``: below its degrees of
+    freedom plus 5 standard deviations, and no value drawn that ``p`` rules out."""
+    counts = torch.bincount(samples.long(), minlength=256).double()
+    expected = p * len(samples)
+    possible = expected > 0
+    chi2 = float(((counts - expected)[possible] ** 2 / expected[possible]).sum())
+    df = int(possible.sum()) - 1
+    return counts[~possible].sum() == 0 and chi2 < df + 5 * (2 * max(df, 1)) ** 0.5
+
+
+@pytest.mark.parametrize("c", [500, 75, 50])
+def test_shot_noise_on_uint8_images_is_drawn_from_the_formulas_distribution(c):
+    """The table is the law of the float pipeline (a Poisson draw, then the formula and
+    quantization), Vose's tables give exactly the table, and the draws follow it."""
+    table = shot_distribution(c)
+    prob, alias = shot_table(c)
+    implied = prob / 256
+    implied = implied.index_put((torch.arange(256)[:, None].expand(256, 256), alias),
+                                (1 - prob) / 256, accumulate=True)  # fmt: skip
+    torch.testing.assert_close(implied, table, rtol=0, atol=1e-12)
+    gen = torch.Generator().manual_seed(c)
+    for v in (0, 1, 37, 128, 254, 255):
+        x = torch.full((400_000,), v, dtype=torch.uint8)
+        direct = to_uint8(apply("shot_noise", x.float() / 255, c,
+                                (torch.poisson(x.float() / 255 * c, generator=gen),)))  # fmt: skip
+        severity = CORRUPTIONS["shot_noise"].index(c) + 1
+        drawn = corrupt(x, "shot_noise", severity, gen)
+        assert _fits(direct, table[v]) and _fits(drawn, table[v]), v
 
 
 def test_the_draws_have_their_distributions():

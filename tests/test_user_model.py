@@ -216,3 +216,24 @@ def test_bad_weights_are_one_line_and_exit_2(tmp_path, factory_file, capsys, wei
     code = main(["evaluate", "--model", f"{factory_file}:make", "--weights", str(path), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_the_card_of_a_user_model_holds_attacks_and_certificates(tmp_path, factory_file, capsys):
+    import torch
+
+    from momentreg.models import build_model
+
+    weights, model = tmp_path / "w.pt", f"{factory_file}:make"
+    torch.manual_seed(0)
+    torch.save(build_model(model, "mnist-sample").state_dict(), weights)
+    args = ["evaluate", "--model", model, "--weights", str(weights), "--dataset", "mnist-sample",
+            "--limit", "20", "--corruptions", "gaussian_noise", "--attacks", "fgsm,aga",
+            "--certify", "--n0", "10", "--n", "100", "--quiet"]  # fmt: skip
+    assert main([*args, "--alpha", "1.5", "--card", str(tmp_path / "bad")]) == 2
+    assert "--alpha must be below 1" in capsys.readouterr().err
+    assert main([*args, "--card", str(tmp_path / "card")]) == 0
+    card = json.loads((tmp_path / "card" / "card.json").read_text())
+    assert set(card["attacks"]) == {"fgsm", "aga"} and card["certified"]["images"] == 20
+    shown = capsys.readouterr().out
+    assert "fgsm: median minimal Linf perturbation" in shown and "ACR, sigma 0.25" in shown
+    assert not (tmp_path / "card" / "attacks.json").exists()  # the card holds them

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import foolbox as fb
 import numpy as np
 import torch
 from torch import nn
@@ -79,7 +78,19 @@ def _search_attack(name: str, model: nn.Module):
     return lambda x, y, eps: fixed_eps.additive_noise(model, x, y, eps, distribution=noise)
 
 
+def _foolbox():
+    """Foolbox, which DeepFool needs: an optional dependency (``momentreg[foolbox]``)."""
+    try:
+        import foolbox
+    except ImportError:
+        raise ConfigError(
+            "the deepfool attack needs Foolbox: pip install 'momentreg[foolbox]'"
+        ) from None
+    return foolbox
+
+
 def _deepfool(model: nn.Module, x: torch.Tensor, labels: torch.Tensor):
+    fb = _foolbox()
     fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=x.device)
     attack = fb.attacks.L2DeepFoolAttack(steps=50, candidates=10, overshoot=0.01)
     adv, _, _ = attack(fmodel, x, fb.criteria.Misclassification(labels), epsilons=None)
@@ -110,9 +121,42 @@ def minimal_perturbations(
     batch_size: int = 100,
     progress: bool = False,
 ) -> AttackResult:
-    """Run one attack on float ``images`` [N, C, H, W] in [0, 1] with true ``labels`` [N]."""
+    """The smallest perturbation ``attack`` finds, per image, that changes ``model``'s
+    prediction; every one is re-checked, images misclassified when clean are left out.
+
+    Args:
+        model: the classifier (put in eval mode).
+        images: float test images in [0, 1].
+        labels: their true classes.
+        attack: a key of ``ATTACKS`` (its norm and budget are there).
+        tol: the relative tolerance of the epsilon search.
+        seed: seeds torch's global generator (the noise attacks draw from it).
+        batch_size, progress: images per batched attack run, a progress bar.
+
+    Returns:
+        An :class:`AttackResult`: the perturbations, which succeeded, how many images were left
+        out, and attack runs per image; ``summarize`` gives its success rate and sizes.
+
+    Shape:
+        images: [N, C, H, W]; labels: [N]; result.perturbations: [M, C, H, W] for the M
+        correctly classified images.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        >>> x = torch.rand(8, 3, 2, 2)
+        >>> y = net(x).argmax(1)  # every image correctly classified
+        >>> result = minimal_perturbations(net, x, y, "fgsm")
+        >>> result.perturbations.shape, result.excluded
+        (torch.Size([8, 3, 2, 2]), 0)
+        >>> flipped = net(x + result.perturbations).argmax(1) != y
+        >>> bool((flipped == result.success).all())  # each success changes the prediction
+        True
+    """
     if attack not in ATTACKS:
         raise ConfigError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
+    if attack == "deepfool":
+        _foolbox()  # before any work
     model.eval()
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)

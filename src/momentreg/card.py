@@ -1,5 +1,6 @@
 """A robustness card for any classifier on images in [0, 1]: clean accuracy, GNR and its curve,
-and accuracy under CIFAR-10-C's noise corruptions, each number with its image count and seed.
+accuracy under CIFAR-10-C's noise corruptions, and where asked minimal adversarial perturbations
+and randomized-smoothing certificates, each number with its image count and seed.
 
     card = evaluate(model, images, labels, name="my model")   # a Card
     write_card(card, Path("cards/mine"))                        # card.json, card.md, card.png
@@ -14,13 +15,29 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+from momentreg.attacks import ATTACKS
 from momentreg.corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
 from momentreg.data import to_float
 from momentreg.errors import ConfigError
 from momentreg.robustness import gaussian_robustness, prediction_stats
 from momentreg.tables import markdown_table
 
-__all__ = ["Card", "evaluate", "write_card", "read_card", "compare_cards"]
+__all__ = ["Card", "Certification", "evaluate", "write_card", "read_card", "compare_cards"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Certification:
+    """Settings of Cohen et al.'s CERTIFY for a card (``momentreg.certify.certify_images``):
+    noise std ``sigma``, ``n0`` samples to pick the class, ``n`` to bound its probability, failure
+    probability ``alpha``, ``batch`` noisy copies per forward pass, on the first ``images``
+    test images (all by default)."""
+
+    sigma: float = 0.25
+    n0: int = 100
+    n: int = 100_000
+    alpha: float = 0.001
+    batch: int = 1000
+    images: int | None = None
 
 
 @dataclasses.dataclass
@@ -38,6 +55,8 @@ class Card:
     gnr_curve: dict
     corruptions: dict
     corruption_source: str
+    attacks: dict = dataclasses.field(default_factory=dict)
+    certified: dict | None = None
 
     def corruption_means(self) -> dict[str, float]:
         """Each corruption's accuracy, averaged over its five severities."""
@@ -58,6 +77,10 @@ def evaluate(
     corruptions: tuple[str, ...] = tuple(CORRUPTIONS),
     cifar_c: str | Path | None = None,
     gnr_images: int | None = None,
+    attacks: tuple[str, ...] = (),
+    attack_images: int | None = None,
+    tol: float = 0.01,
+    certify: Certification | None = None,
     seed: int = 0,
     batch_size: int = 256,
     device=None,
@@ -66,7 +89,10 @@ def evaluate(
     """Measure ``model`` on test images (uint8 or float in [0, 1], [N, C, H, W]) and labels [N].
 
     GNR runs on the first ``gnr_images`` (all by default), the corruptions on every image (or on
-    the published files in ``cifar_c``). The model is left in the mode it came in.
+    the published files in ``cifar_c``), each of ``attacks`` (``momentreg.attacks.ATTACKS``,
+    minimal perturbations found to relative tolerance ``tol``) on the first ``attack_images``,
+    and with ``certify`` the smoothed model is certified. The model is left in the mode it came
+    in.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -79,6 +105,7 @@ def evaluate(
     if len(images) != len(labels) or len(labels) == 0:
         raise ConfigError(f"{len(images)} images and {len(labels)} labels: need as many, not 0")
     device = device or next(model.parameters()).device
+    was_training = model.training
     x = to_float(images)
     stats = prediction_stats(model, x, labels, batch_size, device)
     count = min(gnr_images or len(labels), len(labels))
@@ -89,6 +116,12 @@ def evaluate(
         model, images, labels, tuple(corruptions), seed=seed, batch_size=batch_size,
         cifar_c=cifar_c, device=device, progress=progress,
     )  # fmt: skip
+    try:
+        found = _attacks(model, x[:attack_images], labels[:attack_images], attacks, tol, seed,
+                         progress)  # fmt: skip
+        certified = certify and _certified(model, x, labels, certify, seed, progress)
+    finally:
+        model.train(was_training)
     return Card(
         name=name,
         images=len(labels),
@@ -99,7 +132,41 @@ def evaluate(
         gnr_curve={"sigmas": sigmas.tolist(), "consistency": consistency.tolist()},
         corruptions=accs,
         corruption_source="generated" if cifar_c is None else str(cifar_c),
+        attacks=found,
+        certified=certified,
     )
+
+
+def _attacks(model, x, labels, names, tol, seed, progress) -> dict:
+    from momentreg.attacks import minimal_perturbations, summarize
+
+    return {
+        name: summarize(
+            minimal_perturbations(model, x, labels, name, tol=tol, seed=seed, progress=progress)
+        )
+        for name in names
+    }
+
+
+def _certified(model, x, labels, settings: Certification, seed, progress) -> dict:
+    from momentreg.certify import certified_accuracy, certify_images, summarize
+
+    count = min(settings.images or len(labels), len(labels))
+    rows = certify_images(
+        model, x[:count], labels[:count], settings.sigma, n0=settings.n0, n=settings.n,
+        alpha=settings.alpha, batch=settings.batch, seed=seed, progress=progress,
+    )  # fmt: skip
+    summary = summarize(rows)
+    largest = max([r["radius"] for r in rows if r["correct"]], default=0.0)
+    radii = [largest * i / 40 for i in range(41)] if largest > 0 else [0.0]
+    curve = certified_accuracy(rows, radii)
+    summary.pop("seconds_per_image")
+    return {
+        **dataclasses.asdict(settings),
+        **summary,
+        "seed": seed,
+        "curve": {"radii": list(curve), "accuracy": list(curve.values())},
+    }
 
 
 def _rows(card: Card) -> list[list[str]]:
@@ -113,31 +180,63 @@ def _rows(card: Card) -> list[list[str]]:
     overall = card.mean_corruption_accuracy()
     if overall is not None:
         rows.append(["all corruptions, mean (%)", f"{overall:.2f}", source, ""])
+    for name, a in card.attacks.items():
+        norm = "Linf" if ATTACKS[name][0] == "linf" else "L2"
+        count = f"{a['images']} of {a['images'] + a['excluded_misclassified']}"
+        rows.append([f"{name}: median minimal {norm} perturbation",
+                     f"{a[norm.lower() + '_median']:.4g}", count, str(card.seed)])  # fmt: skip
+        rows.append(
+            [f"{name}: success (%)", f"{100 * a['success_rate']:.1f}", count, str(card.seed)]
+        )
+    c = card.certified
+    if c is not None:
+        for radius, value in c["certified_accuracy"].items():
+            rows.append([f"certified accuracy at L2 radius {radius}, sigma {c['sigma']:g} (%)",
+                         f"{value:.2f}", str(c["images"]), str(c["seed"])])  # fmt: skip
+        rows.append(
+            [f"ACR, sigma {c['sigma']:g}", f"{c['acr']:.3f}", str(c["images"]), str(c["seed"])]
+        )
     return rows
 
 
 def _figure(card: Card, path: Path) -> None:
-    fig = Figure(figsize=(10, 4), dpi=110)
-    left, right = fig.subplots(1, 2)
-    curve = card.gnr_curve
-    left.plot(curve["sigmas"], [100 * c for c in curve["consistency"]], marker=".")
-    left.set(xlabel="test noise level sigma", ylabel="prediction unchanged (%)",
-             title=f"GNR {card.gnr:.2f}")  # fmt: skip
+    fig = Figure(figsize=(15 if card.certified else 10, 4), dpi=110)
+    axes = fig.subplots(1, 3 if card.certified else 2)
+    _gnr_panel(axes[0], [card])
     for name, accs in card.corruptions.items():
-        right.plot(SEVERITIES, accs, marker="o", label=name)
-    right.axhline(card.clean_accuracy, color="k", ls="--", label="clean")
-    right.set(xlabel="severity", ylabel="accuracy (%)", title="noise corruptions")
-    right.legend(fontsize=7)
-    for ax in (left, right):
+        axes[1].plot(SEVERITIES, accs, marker="o", label=name)
+    axes[1].axhline(card.clean_accuracy, color="k", ls="--", label="clean")
+    axes[1].set(xlabel="severity", ylabel="accuracy (%)", title="noise corruptions")
+    if card.certified:
+        _certified_panel(axes[2], [card])
+    for ax in axes:
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle(card.name)
     fig.tight_layout()
     fig.savefig(path)
 
 
+def _gnr_panel(ax, cards: list[Card]) -> None:
+    for card in cards:
+        curve = card.gnr_curve
+        ax.plot(curve["sigmas"], [100 * c for c in curve["consistency"]], marker=".",
+                label=f"{card.name}: GNR {card.gnr:.2f}")  # fmt: skip
+    ax.set(xlabel="test noise level sigma", ylabel="prediction unchanged (%)", title="GNR curve")
+
+
+def _certified_panel(ax, cards: list[Card]) -> None:
+    for card in cards:
+        if card.certified:
+            c = card.certified
+            ax.step(c["curve"]["radii"], c["curve"]["accuracy"], where="post",
+                    label=f"{card.name}: sigma {c['sigma']:g}, ACR {c['acr']:.3f}")  # fmt: skip
+    ax.set(xlabel="L2 radius", ylabel="certified accuracy (%)", title="randomized smoothing")
+
+
 def write_card(card: Card, folder: str | Path) -> list[Path]:
     """card.json (every number), card.md (one table) and card.png (the GNR curve; accuracy
-    against severity) in ``folder``."""
+    against severity; with a certification, certified accuracy against radius) in ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "card.json", folder / "card.md", folder / "card.png"]
@@ -156,30 +255,32 @@ def read_card(path: str | Path) -> Card:
 
 
 def compare_cards(cards: list[Card], folder: str | Path) -> tuple[Path, Path]:
-    """compare.md (one row per measure, one column per card) and compare.png (each card's
-    accuracy against severity, averaged over its corruptions, and its GNR curve) in
-    ``folder``: what a regularizer bought a model, side by side."""
+    """compare.md (one row per measure, one column per card) and compare.png (each card's GNR
+    curve, its accuracy against severity averaged over its corruptions, and its certified
+    accuracy against radius where it has one) in ``folder``: what a regularizer bought a model,
+    side by side."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    measures = [row[0] for row in _rows(cards[0])]
+    measures = list(dict.fromkeys(row[0] for card in cards for row in _rows(card)))
     values = [{row[0]: row[1] for row in _rows(card)} for card in cards]
     rows = [[m, *(v.get(m, "") for v in values)] for m in measures]
     rows.append(["images (GNR)", *(f"{c.images} ({c.gnr_images})" for c in cards)])
     table = folder / "compare.md"
     table.write_text(markdown_table(["measure", *(c.name for c in cards)], rows) + "\n")
-    fig = Figure(figsize=(10, 4), dpi=110)
-    left, right = fig.subplots(1, 2)
+    certified = any(card.certified for card in cards)
+    fig = Figure(figsize=(15 if certified else 10, 4), dpi=110)
+    axes = fig.subplots(1, 3 if certified else 2)
+    _gnr_panel(axes[0], cards)
     for card in cards:
-        curve = card.gnr_curve
-        left.plot(curve["sigmas"], [100 * c for c in curve["consistency"]], label=card.name)
         if card.corruptions:
             per_severity = [sum(a[i] for a in card.corruptions.values()) / len(card.corruptions)
                             for i in range(len(SEVERITIES))]  # fmt: skip
-            right.plot(SEVERITIES, per_severity, marker="o", label=card.name)
-    left.set(xlabel="test noise level sigma", ylabel="prediction unchanged (%)", title="GNR curve")
-    right.set(xlabel="severity", ylabel="accuracy (%), mean of the corruptions",
-              title="noise corruptions")  # fmt: skip
-    for ax in (left, right):
+            axes[1].plot(SEVERITIES, per_severity, marker="o", label=card.name)
+    axes[1].set(xlabel="severity", ylabel="accuracy (%), mean of the corruptions",
+                title="noise corruptions")  # fmt: skip
+    if certified:
+        _certified_panel(axes[2], cards)
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

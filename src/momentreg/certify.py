@@ -100,7 +100,39 @@ def _radius(c_a: int, n_a: int, sigma, n, alpha) -> tuple[int, float]:
 
 
 def certify(model, x, sigma, n0, n, alpha, batch, generator) -> tuple[int, float]:
-    """Cohen et al.'s CERTIFY: (class, certified L2 radius), or (ABSTAIN, 0.0)."""
+    """Cohen et al.'s CERTIFY for one image: with probability at least 1 - alpha over the noise,
+    the smoothed classifier g(x) = argmax_c P(model(x + n) = c), n ~ N(0, sigma^2 I), returns
+    the class found here at every point within the certified L2 radius of ``x``.
+
+    Args:
+        model: the base classifier (in eval mode).
+        x: one image.
+        sigma: the smoothing noise std.
+        n0: noise samples to choose the class.
+        n: noise samples to bound its probability from below.
+        alpha: the failure probability.
+        batch: noisy copies per forward pass.
+        generator: the noise's ``torch.Generator``, on the model's device.
+
+    Returns:
+        ``(class, radius)``, or ``(ABSTAIN, 0.0)`` where the bound on the top class's
+        probability is below 1/2.
+
+    Shape:
+        x: [C, H, W].
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+        >>> with torch.no_grad():
+        ...     _ = net[1].weight.copy_(torch.tensor([[1.0, 1, 1, 1], [-1, -1, -1, -1]]))
+        ...     _ = net[1].bias.zero_()
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> c, radius = certify(net, torch.full((1, 2, 2), 0.5), 0.25, 100, 1000, 0.001, 500, gen)
+        >>> c  # the margin, 4, is far beyond the noise: every sample votes for class 0
+        0
+        >>> bool(abs(radius - 0.25 * norm.ppf(0.001 ** (1 / 1000))) < 1e-9)  # Clopper-Pearson
+        True
+    """
     c_a, n_a = _selection_and_count(model, x, sigma, n0, n, batch, generator).tolist()
     return _radius(c_a, n_a, sigma, n, alpha)
 

@@ -294,10 +294,11 @@ def cmd_evaluate(args) -> None:
     else:
         config, model = load_run(args.run, device, args.model)
     images, labels = test_subset(config, args.data_dir, args.limit, args.stride)
-    progress, folder = not args.quiet, args.run or args.card
-    if args.card is not None:
+    progress, folder = not args.quiet, args.run
+    if args.card is not None:  # the card holds every measure asked for
         _card(args, model, images, labels, device, progress)
-    elif args.gnr or not (args.attacks or args.certify):
+        return
+    if args.gnr or not (args.attacks or args.certify):
         metrics = evaluate_accuracy(
             args.run, model, images, labels, gnr=args.gnr, noise_samples=args.noise_samples,
             seed=args.seed, device=device, progress=progress,
@@ -323,21 +324,22 @@ def cmd_evaluate(args) -> None:
 
 
 def _card(args, model, images, labels, device, progress) -> None:
-    from momentreg.card import evaluate, write_card
+    from momentreg.card import Certification, evaluate, write_card
 
+    if args.certify and not args.alpha < 1:
+        raise UsageError(f"--alpha must be below 1, got {args.alpha}")
+    certify = args.certify and Certification(
+        sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch
+    )
     prepare_out_dir(args.card, resume=True, force=False)
     card = evaluate(
         model, images, labels, name=args.name or str(args.run or args.weights),
-        corruptions=args.corruptions, cifar_c=args.cifar_c, seed=args.seed, device=device,
-        progress=progress,
+        corruptions=args.corruptions, cifar_c=args.cifar_c, attacks=tuple(args.attacks or ()),
+        tol=args.tol, certify=certify or None, seed=args.seed, device=device, progress=progress,
     )  # fmt: skip
     paths = write_card(card, args.card)
-    overall = card.mean_corruption_accuracy()
-    print(
-        f"test accuracy {card.clean_accuracy:.2f}%  GNR {card.gnr:.2f}"
-        + (f"  noise corruptions {overall:.2f}%" if overall is not None else "")
-        + f" on {card.images} images -> {', '.join(str(p) for p in paths)}"
-    )
+    print((args.card / "card.md").read_text().strip())
+    print(f"wrote {', '.join(str(p) for p in paths)}")
 
 
 def _corruption_list(text: str) -> tuple[str, ...]:
@@ -496,7 +498,8 @@ def _evaluate_parser(sub) -> None:
     g.add_argument("--normalize", nargs=2, type=_normalize, metavar=("MEAN", "STD"),
                    help="wrap a model that expects normalized inputs: comma-separated per "
                    "channel")  # fmt: skip
-    g.add_argument("--card", type=Path, help="write card.json, card.md and card.png here")
+    g.add_argument("--card", type=Path, help="write card.json, card.md and card.png here (the "
+                   "attacks and certificates asked for go into the card)")  # fmt: skip
     g.add_argument("--name", help="the card's title (default: the run or weights path)")
     g.add_argument("--corruptions", type=_corruption_list, default=_corruption_list("all"),
                    help="CIFAR-10-C noise corruptions for the card: all, or comma-separated "

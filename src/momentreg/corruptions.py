@@ -20,6 +20,8 @@ reads them, and the evaluation uses them instead.
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,8 @@ __all__ = [
     "SEVERITIES",
     "corrupt",
     "apply",
+    "shot_distribution",
+    "shot_table",
     "to_uint8",
     "load_cifar_c",
     "corruption_accuracy",
@@ -84,11 +88,65 @@ def apply(name: str, x: torch.Tensor, c: float, draws: tuple) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
+def shot_distribution(c: float) -> torch.Tensor:
+    """Row v: the exact distribution (float64 [256, 256]) of shot noise's uint8 output for the
+    uint8 input v, ``to_uint8(apply("shot_noise", v / 255, c, (Poisson(c * v / 255),)))``: the
+    Poisson law of the float32 rate that ``torch.poisson`` would see, each count mapped to its
+    output by the same float32 operations."""
+    levels = to_float(torch.arange(256, dtype=torch.uint8))
+    rates = (levels * c).double()[:, None]  # float32 products, as torch.poisson's input
+    top = math.ceil(c) + 1  # every count above maps to 255
+    counts = torch.arange(top + 1, dtype=torch.float64)
+    pmf = torch.exp(torch.xlogy(counts, rates) - rates - torch.lgamma(counts + 1))  # [256, top+1]
+    outputs = to_uint8((counts.float() / c).clamp(0, 1)).long()  # each count's output
+    table = torch.zeros(256, 256, dtype=torch.float64).index_add_(1, outputs, pmf)
+    table[:, 255] += (1 - pmf.sum(1)).clamp(min=0)  # counts above top
+    return table / table.sum(1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=16)
+def shot_table(c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walker's alias tables of :func:`shot_distribution`: (acceptance probabilities float64
+    [256, 256], aliases int64 [256, 256])."""
+    return _alias(shot_distribution(c).numpy())
+
+
+def _alias(table: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vose's alias method for each row of ``table`` [R, K] (rows sum to 1)."""
+    rows, k = table.shape
+    prob, alias = np.ones((rows, k)), np.tile(np.arange(k), (rows, 1))
+    for r in range(rows):
+        scaled = (table[r] * k).tolist()
+        small = [i for i in range(k) if scaled[i] < 1]
+        large = [i for i in range(k) if scaled[i] >= 1]
+        row_prob, row_alias = prob[r].tolist(), alias[r].tolist()
+        while small and large:
+            s, g = small.pop(), large.pop()
+            row_prob[s], row_alias[s] = scaled[s], g
+            scaled[g] -= 1 - scaled[s]
+            (small if scaled[g] < 1 else large).append(g)
+        prob[r], alias[r] = row_prob, row_alias
+    return torch.from_numpy(prob), torch.from_numpy(alias)
+
+
+def _shot_uint8(images: torch.Tensor, c: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Shot noise on uint8 ``images`` by the alias tables: one uniform draw per value, its
+    integer part (of 256 times it) the candidate output and its fraction the acceptance draw,
+    in place of a Poisson draw (the same distribution)."""
+    prob, alias = (t.to(images.device).flatten() for t in shot_table(float(c)))
+    u = torch.rand(images.shape, generator=gen, device=images.device, dtype=torch.float64) * 256
+    candidate = u.long()
+    index = images.long() * 256 + candidate
+    return torch.where(u - candidate < prob[index], candidate, alias[index]).to(torch.uint8)
+
+
 def corrupt(
     images: torch.Tensor, name: str, severity: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """``images`` (uint8 in [0, 255] or float in [0, 1], [N, C, H, W]) with corruption ``name`` at
-    ``severity``, as uint8 [N, C, H, W] on the images' device.
+    ``severity``, as uint8 [N, C, H, W] on the images' device. Shot noise on uint8 images is drawn
+    by :func:`shot_table`'s alias tables (the same distribution as a Poisson draw, at a fraction
+    of its cost on a CPU).
 
     Example:
         >>> images = torch.full((2, 3, 4, 4), 128, dtype=torch.uint8)
@@ -97,6 +155,8 @@ def corrupt(
         torch.Size([2, 3, 4, 4])
     """
     c = _constant(name, severity)
+    if name == "shot_noise" and images.dtype == torch.uint8:
+        return _shot_uint8(images, c, generator)
     x = to_float(images)
     return to_uint8(apply(name, x, c, _draws(name, x, c, generator)))
 

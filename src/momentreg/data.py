@@ -116,7 +116,27 @@ def train_val_split(
 def load_dataset(
     name: str, data_dir: str | Path | None = None, split: str = "train", download: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 [N, C, H, W], labels int64 [N]) of ``split`` ("train" or "test")."""
+    """A dataset's images and labels, as published (its official split).
+
+    Args:
+        name: one of ``DATASET_NAMES``: mnist, fashion-mnist, cifar10, cifar100 (their official
+            files), imagefolder (a folder of class folders, or train/ and test/ of them) or
+            mnist-sample (bundled: 1,000 training and 200 test digits per class).
+        data_dir: the folder holding the files (not needed for mnist-sample).
+        split: "train" or "test".
+        download: fetch the official files into ``data_dir`` where they are missing.
+
+    Returns:
+        ``(images, labels)``: uint8 images in [0, 255] and int64 labels.
+
+    Shape:
+        images: [N, C, H, W]; labels: [N].
+
+    Example:
+        >>> images, labels = load_dataset("mnist-sample", split="test")
+        >>> images.shape, images.dtype, labels.shape
+        (torch.Size([2000, 1, 28, 28]), torch.uint8, torch.Size([2000]))
+    """
     if split not in ("train", "test"):
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     if name == SAMPLE:

@@ -261,13 +261,29 @@ def load_factory(name: str) -> Callable[[int, int, int], nn.Module]:
 
 
 def build_model(name: str, dataset: str, spec: Sequence | None = None) -> nn.Module:
-    """Registry: ``build_model("lenet", "mnist")`` picks channels, size, classes, normalization.
-    For a dataset outside ``DATASETS`` (an image folder) pass ``spec``, from ``input_spec``.
+    """A model of the zoo, shaped for ``dataset``: channels, size, classes and the dataset's
+    normalization (a :class:`Normalize` first layer), or a user's factory.
 
-    ``name`` may also be a user factory (``path/to/file.py:function`` or
-    ``package.module:function``): it is called as ``function(channels, size, classes)`` and must
-    return an ``nn.Module`` that takes images in [0, 1] [B, channels, size, size] (momentreg adds
-    no normalization to it) and returns logits [B, classes]."""
+    Args:
+        name: a key of ``MODELS`` (lenet, alexnet, resnet18, ...), or a user factory
+            (``path/to/file.py:function`` or ``package.module:function``), called as
+            ``function(channels, size, classes)``; it must return an ``nn.Module`` taking images
+            in [0, 1] (momentreg adds no normalization to it) and returning logits.
+        dataset: a key of ``DATASETS``.
+        spec: ``(channels, size, classes, mean, std)`` for a dataset outside ``DATASETS`` (an
+            image folder; see ``input_spec``).
+
+    Returns:
+        The model, freshly initialized.
+
+    Shape:
+        input: [B, channels, size, size] in [0, 1]; output: [B, classes].
+
+    Example:
+        >>> model = build_model("lenet", "mnist")
+        >>> model(torch.rand(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
     if not is_factory(name) and name not in MODELS:
         raise ConfigError(
             f"unknown model {name!r}; choose from {sorted(MODELS)} or FILE.py:FUNCTION"

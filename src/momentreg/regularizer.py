@@ -172,10 +172,31 @@ def expected_logits(
 
     depth="first" (the paper): tail(relu_mean(head(x), head variance)), exact up to the first ReLU.
     depth="all": the mean of :func:`output_moments`, moments pushed through every layer.
-    x: [B, *input_shape]; sigma: a float or a tensor broadcastable to input_shape (per-pixel
-    levels); returns [B, classes]. ``split=(head, tail)`` for non-Sequential models (depth="first"
-    only): ``head`` an affine module (or Sequential of them) as accepted by
-    :func:`split_at_first_relu`, ``tail`` any callable.
+
+    Args:
+        model: an ``nn.Sequential``, or any module with ``split`` given (or found by
+            :func:`split_at_first_relu`).
+        x: clean inputs in the model's input units.
+        sigma: the noise std, a float or a tensor broadcastable to the input shape (per pixel).
+        split: ``(head, tail)`` for non-Sequential models (depth="first" only): ``head`` an affine
+            module (or Sequential of them) as accepted by :func:`split_at_first_relu`, ``tail``
+            any callable.
+        depth: "first" or "all".
+
+    Returns:
+        The expected logits.
+
+    Shape:
+        x: [B, *input_shape]; returns [B, classes].
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x = torch.rand(2, 1, 2, 2)
+        >>> expected_logits(net, x, sigma=0.5).shape
+        torch.Size([2, 3])
+        >>> torch.allclose(expected_logits(net, x, sigma=0.0), net(x))  # no noise: f(x)
+        True
     """
     if depth == "all":
         return output_moments(model, x, sigma)[0]
@@ -227,11 +248,34 @@ def moment_loss(
     depth="first" (the paper): the head runs once; the clean and expected activations go through
     the tail in one batched call of size 2B (a BatchNorm in train mode inside the tail sees both
     halves as one batch). depth="all": the expected logits come from moments through every layer
-    (:func:`output_moments`, about one more pass of the network). loss="expected-ce" (needs
-    depth="all") replaces the second term by the expected cross-entropy under the output
-    variance (:func:`expected_cross_entropy`). ``noisy`` [B, C, H, W] (a hybrid with noise
-    training): the first term sees ``x + noisy`` instead of x. Returns (total, {"clean": ...,
-    "moment": ..., "logits": first-term logits [B, K]}).
+    (:func:`output_moments`, about one more pass of the network).
+
+    Args:
+        model, x, sigma, split, depth: as for :func:`expected_logits`.
+        y: class indices.
+        alpha: the weight of the moment term (>= 0).
+        loss: "mean" (the paper), or "expected-ce" (needs depth="all"): the second term becomes
+            the expected cross-entropy under the output variance (:func:`expected_cross_entropy`).
+        noisy: noise added to the first term's input (a hybrid with noise training): it sees
+            ``x + noisy`` instead of x.
+        weighting: "sum" (the paper's Eq. 2) or "convex" (divided by 1 + alpha).
+
+    Returns:
+        ``(total, parts)``: the scalar loss, and ``{"clean": ..., "moment": ..., "logits": ...}``,
+        the two cross-entropies and the first term's logits.
+
+    Shape:
+        x: [B, *input_shape]; y: [B]; noisy: like x; parts["logits"]: [B, classes].
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x, y = torch.rand(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+        >>> total, parts = moment_loss(net, x, y, sigma=0.5, alpha=2.0)
+        >>> bool(torch.isclose(total, parts["clean"] + 2.0 * parts["moment"]))
+        True
+        >>> parts["logits"].shape
+        torch.Size([5, 3])
     """
     if alpha < 0:
         raise ConfigError("alpha must be >= 0")
@@ -291,6 +335,29 @@ class MomentRegularizer(nn.Module):
     loss: under ``torch.compile``, under autocast (the ReLU-mean kernels compute in float32), and
     with DistributedDataParallel by wrapping the regularizer itself,
     ``DDP(MomentRegularizer(model, ...))``, so that its forward is the one DDP synchronizes.
+
+    Args:
+        model: the network to train.
+        sigma: the noise std (a float, or a tensor broadcastable to the input shape).
+        alpha: the moment term's weight.
+        split, depth, loss, weighting: as for :func:`moment_loss`.
+
+    Returns:
+        Called as ``reg(x, y)``: ``(loss, parts)`` as :func:`moment_loss` returns them.
+
+    Shape:
+        x: [B, *input_shape]; y: [B].
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> reg = MomentRegularizer(net, sigma=0.5, alpha=1.0)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> x, y = torch.rand(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+        >>> loss, parts = reg(x, y)
+        >>> loss.backward(); opt.step()
+        >>> sorted(parts)
+        ['clean', 'logits', 'moment']
     """
 
     def __init__(

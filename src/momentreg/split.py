@@ -164,7 +164,30 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def trace_split(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
     """(head, tail) of ``model`` around its first ReLU (see the module docstring); cached per
-    model, so calling it at every training step costs a dictionary look-up."""
+    model, so calling it at every training step costs a dictionary look-up.
+
+    Args:
+        model: any module whose forward torch.fx can trace, with one input and an affine head
+            (convolutions, linear maps, normalizations, reshapes) before its first ReLU.
+
+    Returns:
+        ``(head, tail)`` graph modules: ``model(x) == tail(relu(head(x)))``.
+
+    Shape:
+        head: [B, *input_shape] -> the first ReLU's input; tail: that -> the model's output.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.conv, self.fc = nn.Conv2d(1, 2, 3), nn.Linear(8, 3)
+        ...     def forward(self, x):
+        ...         return self.fc(torch.relu(self.conv(x)).flatten(1))
+        >>> net, x = Net(), torch.rand(4, 1, 4, 4)
+        >>> head, tail = trace_split(net)
+        >>> torch.allclose(tail(torch.relu(head(x))), net(x))
+        True
+    """
     if model in _CACHE:
         return _CACHE[model]
     try:

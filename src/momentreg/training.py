@@ -373,6 +373,32 @@ def train(
     in that many clean epochs of the training set: every method the same FLOPs, on any machine
     (``passes``: the step's passes per image where the caller has counted them, as
     momentreg.cost.passes_per_image on a first batch; else the trainer counts them).
+
+    Args:
+        model: the network, trained in place (on ``device``).
+        train_set, val_set: ``(images, labels)``, uint8 or float images in [0, 1].
+        config: a :class:`TrainConfig` (default: its defaults), changed by ``overrides``.
+        out_dir, resume, identity: where checkpoints and history go; continue from them; what
+            must match to resume.
+        device, progress, tensorboard: where to train; progress bars; TensorBoard logs in
+            ``out_dir``.
+        split: ``(head, tail)`` for a model torch.fx cannot split.
+        passes: the step's passes per image, for ``pass_budget``.
+
+    Returns:
+        The history: one dict per epoch (loss, accuracies, time, ...), as in history.csv.
+
+    Shape:
+        images: [N, C, H, W]; labels: [N].
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> x, y = torch.rand(64, 1, 2, 2), torch.arange(64) % 2
+        >>> history = train(net, (x, y), (x, y), epochs=2, batch_size=16, lr=1e-2,
+        ...                 method="moment", sigma=0.5, alpha=1.0, progress=False)
+        >>> [row["epoch"] for row in history], "val_accuracy" in history[0]
+        ([1, 2], True)
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     cfg.validate()
