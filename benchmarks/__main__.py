@@ -19,7 +19,7 @@
 7. data loading: one epoch's batch preparation as a share of a clean epoch;
 8. the ReLU mean alone, fused and unfused, against one elementwise multiply of its size;
 9. on CPU: the LeNet clean and moment steps with glibc's malloc defaults, before the process
-   keeps its freed memory as the ``momentreg`` command does (momentreg/malloc.py).
+   keeps its freed memory as the ``momentreg`` command does (momentreg/training/malloc.py).
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ from benchmarks.evaluation import (
     targets_markdown,
 )
 from benchmarks.timing import median_times, sync
-from momentreg import moments
-from momentreg.malloc import keep_freed_memory
-from momentreg.methods import step_loss
-from momentreg.models import DATASETS, build_model
-from momentreg.regularizer import split_at_first_relu
-from momentreg.robustness import gaussian_robustness
+from momentreg.core import moments
+from momentreg.core.regularizer import split_at_first_relu
+from momentreg.evaluation.robustness import gaussian_robustness
+from momentreg.models.zoo import DATASETS, build_model
 from momentreg.tables import markdown_table
-from momentreg.training import TrainConfig
+from momentreg.training.loop import TrainConfig
+from momentreg.training.malloc import keep_freed_memory
+from momentreg.training.methods import step_loss
 
 METHODS = ["clean", "moment", "augment2", "augment6", "augment11", "augment21", "noise"]
 
@@ -70,7 +70,7 @@ def make_step(model_name, dataset, batch, method, device, size=None):
     channels, default_size, classes, _, _ = DATASETS[dataset]
     size = size or default_size
     if size != default_size:  # LeNet at another input size: rebuild the registry's recipe
-        from momentreg.models import MODELS
+        from momentreg.models.zoo import MODELS
 
         model = MODELS[model_name](channels, size, classes, model[0]).to(device)
     x = torch.rand(batch, channels, size, size, device=device)
@@ -172,7 +172,7 @@ def bench_data_loading(device, images: int, batch: int, repeats: int) -> dict:
     """One clean epoch's batch preparation as training does it (a permutation, then per step an
     index-select of uint8 images and the conversion to float on the device), against the epoch's
     clean steps on the same batches: the share of the epoch spent loading data."""
-    from momentreg.data import to_float
+    from momentreg.data.datasets import to_float
 
     torch.manual_seed(0)
     data = torch.randint(0, 256, (images, 1, 28, 28), dtype=torch.uint8).to(device)

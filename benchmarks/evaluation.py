@@ -14,15 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.timing import median_times, timed
-from momentreg.models import build_model
+from momentreg.models.zoo import build_model
 from momentreg.tables import markdown_table
 
 ATTACK_BATCH = 100  # minimal_perturbations' default
 
 
 def _trained_lenet(device, train_images: int):
-    from momentreg.data import load_dataset, train_val_split
-    from momentreg.training import train
+    from momentreg.data.datasets import load_dataset, train_val_split
+    from momentreg.training.loop import train
 
     torch.manual_seed(0)
     tr_x, tr_y = load_dataset("mnist-sample", split="train")
@@ -76,8 +76,8 @@ class _RowCounter:
 def bench_attacks(device, images: int, reference_images: int, train_images: int) -> dict:
     """Every attack on the same ``images`` sample test images (Table 1's work for one model),
     then the scipy L-BFGS reference against the batched L-BFGS on ``reference_images``."""
-    from momentreg.attacks import ATTACKS, minimal_perturbations, summarize
-    from momentreg.data import load_dataset, to_float
+    from momentreg.data.datasets import load_dataset, to_float
+    from momentreg.evaluation.attacks import ATTACKS, minimal_perturbations, summarize
 
     model = _trained_lenet(device, train_images)
     for p in model.parameters():
@@ -110,8 +110,8 @@ def bench_attacks(device, images: int, reference_images: int, train_images: int)
 
 def _lbfgs_against_scipy(model, x, y, images: int) -> dict:
     """Both L-BFGS versions on the first ``images`` correctly classified test images."""
-    from momentreg.fixed_eps import misclassified
-    from momentreg.lbfgs import lbfgs_attack
+    from momentreg.evaluation.fixed_eps import misclassified
+    from momentreg.evaluation.lbfgs import lbfgs_attack
     from tests.lbfgs_scipy import lbfgs_scipy
 
     keep = ~misclassified(model, x, y)
@@ -133,7 +133,7 @@ def _lbfgs_against_scipy(model, x, y, images: int) -> dict:
 def bench_certify(device, images: int, n: int, batch: int = 1000) -> dict:
     """CERTIFY's noisy samples per second on LeNet against plain forward passes of noisy batches
     of the same size (the floor: sampling, counting and the bound are the overhead)."""
-    from momentreg.certify import certify_images
+    from momentreg.evaluation.certify import certify_images
 
     torch.manual_seed(0)
     model = build_model("lenet", "mnist").to(device).eval()
@@ -221,8 +221,8 @@ def certify_markdown(c: dict) -> list[str]:
 def bench_corruptions(device, images: int, repeats: int) -> dict:
     """The four CIFAR-10-C noise corruptions at five severities on uint8 CIFAR-sized images
     (LeNet), against their floor: 20 plain forward passes of the same images, batch by batch."""
-    from momentreg.corruptions import CORRUPTIONS, corruption_accuracy
-    from momentreg.data import to_float
+    from momentreg.data.datasets import to_float
+    from momentreg.evaluation.corruptions import CORRUPTIONS, corruption_accuracy
 
     torch.manual_seed(0)
     model = build_model("lenet", "cifar10").to(device).eval()

@@ -4,8 +4,8 @@
                               [--json benchmarks/heap.json]
 
 Runs the same LeNet training steps in two fresh processes, one with glibc's malloc defaults and
-one after ``momentreg.malloc.keep_freed_memory()``, and records each one's resident set after
-every 10 steps and its peak (VmHWM), in MiB.
+one after ``momentreg.training.malloc.keep_freed_memory()``, and records each one's resident
+set after every 10 steps and its peak (VmHWM), in MiB.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from benchmarks.__main__ import make_step, status_kib
 
 def trace(method: str, batch: int, steps: int) -> dict:
     """In this process: the resident set after every 10 steps and at its peak, in MiB."""
-    from momentreg.malloc import keep_freed_memory
+    from momentreg.training.malloc import keep_freed_memory
 
     kept = keep_freed_memory()  # honours MOMENTREG_KEEP_FREED_MEMORY, set by the parent
     step, _ = make_step("lenet", "mnist", batch, method, torch.device("cpu"))

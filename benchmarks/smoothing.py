@@ -8,7 +8,7 @@ Every method of docs/certified.md at sigma 0.5 with the study's weights, on the 
 (``smoothing-lenet``, MNIST's shape) and recipe (SGD, batch 256), through the trainer's own step
 (``training._train_step``: the loss, its one read back, backward, optimizer step). Per method:
 the median seconds of a step over interleaved rounds after a warm-up round (which compiles the
-ReLU-mean kernels), its passes per image (``momentreg.cost``: the step's FLOPs over a clean
+ReLU-mean kernels), its passes per image (``momentreg.training.cost``: the step's FLOPs over a clean
 step's) and the ratio of its seconds to passes x a clean step's seconds, the floor a step that
 costs only its FLOPs would reach. Above 1: time the FLOPs do not explain (kernel launches, small
 ops, waits); below 1: a larger batch's better use of the device (MACER's 16 copies).
@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.timing import median_times
-from momentreg.cost import passes_per_image
-from momentreg.malloc import keep_freed_memory
-from momentreg.methods import ANALYTIC
-from momentreg.models import build_model
-from momentreg.regularizer import check_regularizable
+from momentreg.core.regularizer import check_regularizable
+from momentreg.models.zoo import build_model
 from momentreg.tables import markdown_table
-from momentreg.train_config import PROTOCOLS, TrainConfig
-from momentreg.training import TrainState, _train_step
+from momentreg.training.config import PROTOCOLS, TrainConfig
+from momentreg.training.cost import passes_per_image
+from momentreg.training.loop import TrainState, _train_step
+from momentreg.training.malloc import keep_freed_memory
+from momentreg.training.methods import ANALYTIC
 
 SIGMA = 0.5
 # label -> the TrainConfig settings of the method's runs in experiments/certified.toml at sigma 0.5

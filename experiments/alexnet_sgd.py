@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from momentreg.data import to_float
-from momentreg.models import build_model, input_spec
-from momentreg.moments import _safe_std, relu_and_mean
-from momentreg.regularizer import head_moments, split_at_first_relu
-from momentreg.run import RunConfig, load_splits
-from momentreg.training import _optimizer
+from momentreg.core.moments import _safe_std, relu_and_mean
+from momentreg.core.regularizer import head_moments, split_at_first_relu
+from momentreg.data.datasets import to_float
+from momentreg.models.zoo import build_model, input_spec
+from momentreg.runs.run import RunConfig, load_splits
+from momentreg.training.loop import _optimizer
 
 VARIANTS = ("clean", "sum", "convex", "half-lr", "clean-double-lr")
 COLUMNS = ("step", "epoch", "clean", "moment", "loss", "grad_norm", "s_min", "s_max", "z_max",

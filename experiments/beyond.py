@@ -42,10 +42,10 @@ from study import (  # noqa: E402
     study_parser,
 )
 
-from momentreg import report  # noqa: E402
-from momentreg.attacks import ATTACK_LABELS, ATTACKS  # noqa: E402
-from momentreg.rundir import ATTACKS_FILE, read_json  # noqa: E402
-from momentreg.sweep import load_spec, sweep  # noqa: E402
+from momentreg.evaluation.attacks import ATTACK_LABELS, ATTACKS  # noqa: E402
+from momentreg.runs import report  # noqa: E402
+from momentreg.runs.rundir import ATTACKS_FILE, read_json  # noqa: E402
+from momentreg.runs.sweep import load_spec, sweep  # noqa: E402
 from momentreg.tables import markdown_table
 
 SPEC = ROOT / "experiments" / "beyond.toml"

@@ -53,8 +53,8 @@ from certified_study import (
 )
 from study import certify_command, data_dirs, export, parse_stages, study_parser, tightness_command
 
-from momentreg.rundir import CERTIFY_FILE, CONFIG, METRICS, TIGHTNESS_FILE, read_json
-from momentreg.sweep import child_env, load_spec, sweep
+from momentreg.runs.rundir import CERTIFY_FILE, CONFIG, METRICS, TIGHTNESS_FILE, read_json
+from momentreg.runs.sweep import child_env, load_spec, sweep
 
 STAGES = ("train", "evaluate", "export", "doc")
 POLL = 5  # seconds between looks for newly trained runs

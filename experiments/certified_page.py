@@ -38,9 +38,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from study import fmt, provenance
 
-from momentreg.rundir import CERTIFY_FILE, TIGHTNESS_FILE, read_json
-from momentreg.smoothing_losses import MACER_BETA, MACER_GAMMA
-from momentreg.sweep import load_spec
+from momentreg.core.smoothing_losses import MACER_BETA, MACER_GAMMA
+from momentreg.runs.rundir import CERTIFY_FILE, TIGHTNESS_FILE, read_json
+from momentreg.runs.sweep import load_spec
 from momentreg.tables import markdown_table
 
 

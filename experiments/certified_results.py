@@ -12,9 +12,9 @@ from pathlib import Path
 from certified_study import CLEAN_EPOCHS, RADII, SAMPLED, Study
 from study import cell
 
-from momentreg.certify import certified_accuracy
-from momentreg.rundir import CONFIG, HISTORY, METRICS, certify_tsv, read_json
-from momentreg.sweep import expand, load_spec, run_dir_name
+from momentreg.evaluation.certify import certified_accuracy
+from momentreg.runs.rundir import CONFIG, HISTORY, METRICS, certify_tsv, read_json
+from momentreg.runs.sweep import expand, load_spec, run_dir_name
 
 
 def read_tsv(path: Path) -> list[dict]:

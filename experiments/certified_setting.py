@@ -8,7 +8,7 @@ from pathlib import Path
 from certified_results import batches, methods_option
 from certified_study import CLEAN_EPOCHS, TASK
 
-from momentreg.rundir import CONFIG, METRICS, read_json
+from momentreg.runs.rundir import CONFIG, METRICS, read_json
 
 
 def later_batches(rows: list[dict], trained: list[dict], made: dict[str, str]) -> list[str]:
@@ -155,12 +155,13 @@ def setting(study, results: Path, rows: list[dict], sigmas: list[float], images:
         "abstention counted as wrong). Every ACR below is computed from the committed per-image "
         "TSVs.",
         "- Cost, two ways. *Passes per image*: the FLOPs of one training step (forward and "
-        "backward, counted by `torch.utils.flop_counter` in `momentreg.cost`) over those of a "
+        "backward, counted by `torch.utils.flop_counter` in `momentreg.training.cost`) over those "
+        "of a "
         "clean step on the same batch; noise training is 1, sampled consistency 2, MACER 16. "
         f"{seconds} The compute column is steps x batch x passes per image, in "
         f"millions of clean image-passes. {kept}",
         "- Methods and their weights (lambda) are the authors' MNIST settings "
-        f"(src/momentreg/smoothing_losses.py); MACER and its analytic variants train {delay} "
+        f"(src/momentreg/core/smoothing_losses.py); MACER and its analytic variants train {delay} "
         "with the regularizer off (the authors defer it for 31 of 90 epochs). The "
         "analytic variants replace the Monte Carlo mean by the analytic expectation (first-layer "
         "moments, or all layers with a pairwise-probit E[softmax]); consistency-analytic keeps one "

@@ -43,12 +43,12 @@ from study import (
     study_parser,
 )
 
-from momentreg import report
-from momentreg.attacks import ATTACKS
-from momentreg.data import load_dataset
-from momentreg.imagefolder import load_imagefolder
-from momentreg.rundir import CERTIFY_FILE, CONFIG, read_json
-from momentreg.sweep import expand, load_spec, sweep
+from momentreg.data.datasets import load_dataset
+from momentreg.data.imagefolder import load_imagefolder
+from momentreg.evaluation.attacks import ATTACKS
+from momentreg.runs import report
+from momentreg.runs.rundir import CERTIFY_FILE, CONFIG, read_json
+from momentreg.runs.sweep import expand, load_spec, sweep
 
 STAGES = ("train", "evaluate", "export", "doc")
 

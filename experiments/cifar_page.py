@@ -36,10 +36,10 @@ from study import (
     task_figures,
 )
 
-from momentreg import report
-from momentreg.attacks import ATTACK_LABELS
-from momentreg.rundir import ATTACKS_FILE, CONFIG, ERROR, read_json
-from momentreg.sweep import expand, load_spec
+from momentreg.evaluation.attacks import ATTACK_LABELS
+from momentreg.runs import report
+from momentreg.runs.rundir import ATTACKS_FILE, CONFIG, ERROR, read_json
+from momentreg.runs.sweep import expand, load_spec
 from momentreg.tables import markdown_table
 
 

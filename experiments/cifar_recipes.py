@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from momentreg.rundir import CONFIG, ERROR, HISTORY, METRICS, read_json
+from momentreg.runs.rundir import CONFIG, ERROR, HISTORY, METRICS, read_json
 from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent

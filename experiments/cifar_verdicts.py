@@ -9,9 +9,9 @@ from pathlib import Path
 from cifar_study import TASKS, TOLERANCE
 from study import fmt
 
-from momentreg import report
-from momentreg.attacks import ATTACK_LABELS
-from momentreg.rundir import CONFIG, METRICS, read_json
+from momentreg.evaluation.attacks import ATTACK_LABELS
+from momentreg.runs import report
+from momentreg.runs.rundir import CONFIG, METRICS, read_json
 
 # The paper's Table 4, CIFAR-10 rows: (GNR, accuracy) of the clean baseline and of the regularizer
 # (alpha 1) at each sigma.

@@ -36,10 +36,10 @@ from study import (
     task_figures,
 )
 
-from momentreg import report
-from momentreg.attacks import ATTACK_LABELS, ATTACKS
-from momentreg.rundir import ATTACKS_FILE, read_json
-from momentreg.sweep import load_spec, sweep
+from momentreg.evaluation.attacks import ATTACK_LABELS, ATTACKS
+from momentreg.runs import report
+from momentreg.runs.rundir import ATTACKS_FILE, read_json
+from momentreg.runs.sweep import load_spec, sweep
 from momentreg.tables import markdown_table
 
 TASKS = {  # name -> (spec, dataset label)

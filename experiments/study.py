@@ -16,11 +16,12 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from momentreg import report, tables
-from momentreg.attacks import ATTACK_LABELS
-from momentreg.plots import plot_consistency
-from momentreg.run import environment
-from momentreg.rundir import (
+from momentreg import tables
+from momentreg.evaluation.attacks import ATTACK_LABELS
+from momentreg.runs import report
+from momentreg.runs.plots import plot_consistency
+from momentreg.runs.run import environment
+from momentreg.runs.rundir import (
     ATTACKS_FILE,
     CERTIFY_FILE,
     CERTIFY_TSVS,
@@ -32,7 +33,7 @@ from momentreg.rundir import (
     read_json,
     write_json,
 )
-from momentreg.sweep import child_env, parse_setting
+from momentreg.runs.sweep import child_env, parse_setting
 from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +97,7 @@ def certify_command(
     return (
         [sys.executable, "-m", "momentreg", "evaluate", str(run), "--quiet", "--device", device]
         + ["--certify", "--batch", str(batch), "--sigma", str(s["sigma"]), "--n0", str(s["n0"])]
-        + ["--n", str(n), "--alpha", str(s["alpha"])]
+        + ["--n", str(n), "--failure-probability", str(s["alpha"])]
         + ["--limit", str(images), "--stride", str(max(1, test_size // images))]
     )
 
@@ -113,7 +114,7 @@ def tightness_command(run: Path, device: str, sigma: float, images: int, samples
         "--quiet",
         "--device",
         device,
-    ] + ["--sigmas", f"{sigma:g}", "--limit", str(images), "--samples", str(samples)]
+    ] + ["--sigmas", f"{sigma:g}", "--limit", str(images), "--mc-samples", str(samples)]
 
 
 def run_jobs(jobs: list[list[list[str]]], workers: int) -> None:

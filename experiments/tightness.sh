@@ -7,4 +7,4 @@ data=${1:?usage: $0 MNIST_DIR [RUNS_DIR]}
 runs=${2:-runs/attack-table}
 "$(dirname "$0")/lenet-mnist-runs.sh" "$data" "$runs"
 momentreg tightness "$runs/clean" "$runs/moment" --sigmas 0.1,0.25,0.5,1.0 --limit 50 \
-  --samples 1000 --report docs/tightness.md --quiet
+  --mc-samples 1000 --report docs/tightness.md --quiet

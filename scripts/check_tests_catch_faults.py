@@ -29,51 +29,51 @@ TORN_WRITE = (
 LOAD = "    train_set, val_set, test_set = load_splits(config)\n"
 KILLS = RELIABILITY + "test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_result"
 MUTATIONS = {
-    "non-atomic write": ("src/momentreg/rundir.py", SAFE_WRITE, TORN_WRITE, KILLS),
+    "non-atomic write": ("src/momentreg/runs/rundir.py", SAFE_WRITE, TORN_WRITE, KILLS),
     "no tmp cleanup": (
-        "src/momentreg/rundir.py",
+        "src/momentreg/runs/rundir.py",
         "        tmp.unlink(missing_ok=True)  # e.g.",
         "        pass  # e.g.",
         RELIABILITY + "test_full_disk_during_a_checkpoint_write_keeps_the_old_checkpoint",
     ),
     "no history rewrite": (
-        "src/momentreg/training.py",
+        "src/momentreg/training/loop.py",
         "            _write_history(out / HISTORY, state.history)  # a kill",
         "            pass  # a kill",
         KILLS,
     ),
     "no free-space check": (
-        "src/momentreg/run.py",
+        "src/momentreg/runs/run.py",
         "    if free < need:",
         "    if False:",
         RELIABILITY + "test_too_little_free_space_is_refused_before_anything_is_written",
     ),
     "no zero-variance guard": (
-        "src/momentreg/moments.py",
+        "src/momentreg/core/moments.py",
         "    z = (mu / s).clamp(-1e3, 1e3)",
         "    z = mu / s",
         "tests/test_moments.py::test_relu_moments_never_nan_for_any_finite_input",
     ),
     "out dir before data": (
-        "src/momentreg/run.py",
+        "src/momentreg/runs/run.py",
         LOAD,
         "    out.mkdir(parents=True, exist_ok=True)\n" + LOAD,
         RELIABILITY + "test_random_train_command_lines_exit_0_or_2_and_leave_no_partial_run",
     ),
     "certification not continued": (
-        "src/momentreg/certify.py",
+        "src/momentreg/evaluation/certify.py",
         "        generator.set_state(state)",
         "        pass",
         "tests/test_certify.py::test_a_certification_killed_halfway_continues_to_the_uninterrupted_rows",
     ),
     "partial of other weights continued": (
-        "src/momentreg/run.py",
+        "src/momentreg/runs/run.py",
         'kept.get("fingerprint") != fingerprint:',
         "False:",
         "tests/test_certify.py::test_an_interrupted_certification_of_other_weights_starts_over",
     ),
     "ValueError not caught": (
-        "src/momentreg/cli.py",
+        "src/momentreg/cli/main.py",
         "    except (MomentregError, ValueError) as e:",
         "    except MomentregError as e:",
         RELIABILITY + "test_random_evaluate_sweep_report_command_lines_exit_0_or_2",

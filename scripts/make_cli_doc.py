@@ -17,7 +17,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 def cli_reference() -> str:
     """The Markdown page: the top-level help, then each command's, at a width of 100 columns."""
     os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal; the page must not depend on it
-    from momentreg.cli import build_parser
+    from momentreg.cli.main import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

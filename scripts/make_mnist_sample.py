@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from momentreg.data import load_dataset
+from momentreg.data.datasets import load_dataset
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "momentreg" / "data_files" / "mnist_sample.npz"
 

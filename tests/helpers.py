@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from momentreg.models import Normalize
+from momentreg.models.zoo import Normalize
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
 needs_mnist = pytest.mark.skipif(
@@ -65,7 +65,7 @@ class MomentLossOf(nn.Module):
         self.net, self.y, self.sigma, self.alpha = net, y, sigma, alpha
 
     def forward(self, x):
-        from momentreg.regularizer import moment_loss
+        from momentreg.core.regularizer import moment_loss
 
         return moment_loss(self.net, x, self.y, sigma=self.sigma, alpha=self.alpha)[0]
 
@@ -187,7 +187,7 @@ def tiny_net() -> nn.Sequential:
 def step_cases() -> list[tuple[str, str, int]]:
     """(method, moment depth, samples): every training method at the paper's depth, the methods
     with an analytic expectation at depth "all" too, and macer-analytic with a noisy copy."""
-    from momentreg.methods import ANALYTIC, LOSSES
+    from momentreg.training.methods import ANALYTIC, METHODS
 
-    cases = [(m, "first") for m in LOSSES] + [(m, "all") for m in ANALYTIC]
+    cases = [(m, "first") for m in METHODS] + [(m, "all") for m in ANALYTIC]
     return [(m, depth, 0) for m, depth in cases] + [("macer-analytic", "first", 1)]

@@ -1,5 +1,6 @@
 """Szegedy et al.'s L-BFGS attack image by image on scipy's L-BFGS-B: the reference that the
-batched ``momentreg.lbfgs.lbfgs_attack`` is checked against (tests/test_attacks.py, benchmarks).
+batched ``momentreg.evaluation.lbfgs.lbfgs_attack`` is checked against (tests/test_attacks.py,
+benchmarks).
 
 Foolbox 3 has no L-BFGS attack, so this direct transcription of the method (c * ||d||^2 +
 CE(x + d, runner-up class) in the box, the same search over c) is the reference. It returns
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from scipy.optimize import minimize
 from tqdm.auto import tqdm
 
-from momentreg.fixed_eps import misclassified
+from momentreg.evaluation.fixed_eps import misclassified
 
 __all__ = ["lbfgs_scipy"]
 

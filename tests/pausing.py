@@ -6,7 +6,7 @@ MOMENTREG_TEST_PAUSE_FILE, so the test can SIGKILL it exactly there. The points:
 
 - ``mid-epoch``: after a training step; place ``<out>/epoch<E>/step<S>/``;
 - ``after-epoch``: once an epoch's checkpoint and history are written; place ``<out>/epoch<E>``;
-- ``in-write``: inside ``rundir.atomic_write``, the temporary file complete and about to replace
+- ``in-write``: inside ``files.atomic_write``, the temporary file complete and about to replace
   the old one; place: the file's path.
 
 The library holds no hook for this: the points are wrapped around its functions here.
@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from momentreg import rundir, training
-from momentreg.cli import main
+from momentreg import files
+from momentreg.cli.main import main
+from momentreg.training import loop as training
 
 _hits = 0
 
@@ -55,7 +56,7 @@ def _install(out: str) -> None:
         replace(src, dst)
 
     training._train_step, training._write_history = train_step, history
-    rundir.os.replace = atomic_replace  # the os module: every os.replace of this process
+    files.os.replace = atomic_replace  # the os module: every os.replace of this process
 
 
 if __name__ == "__main__":

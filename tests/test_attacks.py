@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from momentreg import fixed_eps
-from momentreg.attacks import ATTACKS, minimal_perturbations, summarize
-from momentreg.data import load_dataset, to_float, train_val_split
-from momentreg.eps_search import linear_estimate, minimal_epsilon
-from momentreg.lbfgs import box_lbfgs, lbfgs_attack
-from momentreg.models import Normalize
-from momentreg.training import train
+from momentreg.data.datasets import load_dataset, to_float, train_val_split
+from momentreg.evaluation import fixed_eps
+from momentreg.evaluation.attacks import ATTACKS, minimal_perturbations, summarize
+from momentreg.evaluation.eps_search import linear_estimate, minimal_epsilon
+from momentreg.evaluation.lbfgs import box_lbfgs, lbfgs_attack
+from momentreg.models.zoo import Normalize
+from momentreg.training.loop import train
 from tests.lbfgs_scipy import lbfgs_scipy
 
 

@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from momentreg import card as card_module
-from momentreg.attacks import minimal_perturbations, summarize
-from momentreg.card import Certification, compare_cards, evaluate, read_card, write_card
-from momentreg.certify import certify_images
-from momentreg.certify import summarize as certify_summary
-from momentreg.corruptions import corruption_accuracy
 from momentreg.errors import ConfigError
-from momentreg.robustness import accuracy, gaussian_robustness
+from momentreg.evaluation import card as card_module
+from momentreg.evaluation.attacks import minimal_perturbations, summarize
+from momentreg.evaluation.card import Certification, compare_cards, evaluate, read_card, write_card
+from momentreg.evaluation.certify import certify_images
+from momentreg.evaluation.certify import summarize as certify_summary
+from momentreg.evaluation.corruptions import corruption_accuracy
+from momentreg.evaluation.robustness import accuracy, gaussian_robustness
 from tests.helpers import tiny_net
 
 

@@ -37,7 +37,7 @@ from certified_verdict import (  # noqa: E402
 )
 from study import export  # noqa: E402
 
-from momentreg.sweep import expand, load_spec, run_dir_name  # noqa: E402
+from momentreg.runs.sweep import expand, load_spec, run_dir_name  # noqa: E402
 
 
 def row(method, sigma, acr, se=0.02, budget=90, compute=1.0, label=None, copies=0, passes=1.0):

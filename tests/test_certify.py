@@ -7,8 +7,8 @@ import torch
 from scipy.stats import binom, norm
 from torch import nn
 
-from momentreg import certify as certify_module
-from momentreg.certify import (
+from momentreg.evaluation import certify as certify_module
+from momentreg.evaluation.certify import (
     ABSTAIN,
     certify,
     certify_images,
@@ -18,8 +18,8 @@ from momentreg.certify import (
     sample_counts,
     summarize,
 )
-from momentreg.run import certify_run
-from momentreg.rundir import certify_partial, certify_tsv, clear_run
+from momentreg.runs.run import certify_run
+from momentreg.runs.rundir import certify_partial, certify_tsv, clear_run
 from tests.helpers import HostReads
 
 SIGMA = 0.25

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from momentreg.cli import main
+from momentreg.cli.main import main
 from tests.helpers import QUICK, cli
 
 
@@ -191,7 +191,7 @@ def test_force_clears_every_evaluation_of_the_old_model(tmp_path):
     assert main(["train", *QUICK, "--out", str(out)]) == 0
     certify = ["--certify", "--n0", "10", "--n", "20", "--batch", "20", "--limit", "3"]
     assert main(["evaluate", str(out), "--quiet", *certify]) == 0
-    tightness = ["--limit", "2", "--samples", "20", "--sigmas", "0.5", "--quiet"]
+    tightness = ["--limit", "2", "--mc-samples", "20", "--sigmas", "0.5", "--quiet"]
     assert main(["tightness", str(out), *tightness]) == 0
     stale = ["certify.json", "certify-sigma0.25.tsv", "tightness.json"]
     assert all((out / name).exists() for name in stale)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from momentreg import corruptions
-from momentreg.corruptions import (
+from momentreg.errors import ConfigError, DatasetError
+from momentreg.evaluation import corruptions
+from momentreg.evaluation.corruptions import (
     CORRUPTIONS,
     SEVERITIES,
     apply,
@@ -18,7 +19,6 @@ from momentreg.corruptions import (
     shot_table,
     to_uint8,
 )
-from momentreg.errors import ConfigError, DatasetError
 
 RNG = np.random.default_rng(0)
 X = RNG.uniform(0, 1, (4, 3, 8, 8))
@@ -169,7 +169,7 @@ def _brightness_model() -> torch.nn.Module:
 
 
 def test_corruption_accuracy_is_the_accuracy_on_the_corrupted_images():
-    from momentreg.corruptions import corruption_accuracy
+    from momentreg.evaluation.corruptions import corruption_accuracy
 
     images = torch.from_numpy(RNG.integers(0, 256, (40, 3, 8, 8), dtype=np.uint8))
     labels = (images.float().mean((1, 2, 3)) > 127.5).long()
@@ -186,7 +186,7 @@ def test_corruption_accuracy_is_the_accuracy_on_the_corrupted_images():
 
 
 def test_corruption_accuracy_reads_the_published_files_where_given(tmp_path):
-    from momentreg.corruptions import corruption_accuracy
+    from momentreg.evaluation.corruptions import corruption_accuracy
 
     images = RNG.integers(0, 256, (5 * 6, 8, 8, 3), dtype=np.uint8)
     labels = RNG.integers(0, 2, 5 * 6, dtype=np.uint8)

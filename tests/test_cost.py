@@ -1,4 +1,5 @@
-"""Passes per image (momentreg.cost) against FLOPs counted by hand on a linear-ReLU-linear net."""
+"""Passes per image (momentreg.training.cost) against FLOPs counted by hand on a
+linear-ReLU-linear net."""
 
 import os
 import shutil
@@ -9,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from momentreg.cost import passes_per_image, step_flops
-from momentreg.training import TrainConfig
+from momentreg.training.cost import passes_per_image, step_flops
+from momentreg.training.loop import TrainConfig
 
 B, D, H, K = 8, 12, 7, 5
 
@@ -95,9 +96,9 @@ def test_a_split_is_counted_on_the_copy_with_its_model():
 
 COMPILED_AFTER_COUNTING = """
 import torch, torch._dynamo
-from momentreg import moments
-from momentreg.cost import passes_per_image
-from momentreg.training import TrainConfig
+from momentreg.core import moments
+from momentreg.training.cost import passes_per_image
+from momentreg.training.loop import TrainConfig
 from torch import nn
 net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
 x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10

@@ -9,11 +9,11 @@ import warnings
 import pytest
 import torch
 
-from momentreg.certify import certify_images
-from momentreg.methods import ANALYTIC
-from momentreg.regularizer import check_regularizable
-from momentreg.robustness import gaussian_robustness
-from momentreg.training import TrainConfig, TrainState, _train_step, _validate
+from momentreg.core.regularizer import check_regularizable
+from momentreg.evaluation.certify import certify_images
+from momentreg.evaluation.robustness import gaussian_robustness
+from momentreg.training.loop import TrainConfig, TrainState, _train_step, _validate
+from momentreg.training.methods import ANALYTIC
 from tests.helpers import step_cases, tiny_net
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from momentreg import data
-from momentreg.data import DatasetError, load_dataset, parse_idx, to_float, train_val_split
+from momentreg.data import datasets as data
+from momentreg.data.datasets import DatasetError, load_dataset, parse_idx, to_float, train_val_split
 from tests.helpers import SHARED_MNIST, cifar_batch, idx_bytes, needs_mnist, write_gz
 
 

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from momentreg import expected_logits
-from momentreg.data import load_dataset, to_float, train_val_split
-from momentreg.models import build_model
-from momentreg.moments import max_moments, maxpool_moments, network_moments
-from momentreg.regularizer import output_moments
-from momentreg.training import train
+from momentreg.core.moments import max_moments, maxpool_moments, network_moments
+from momentreg.core.regularizer import output_moments
+from momentreg.data.datasets import load_dataset, to_float, train_val_split
+from momentreg.models.zoo import build_model
+from momentreg.training.loop import train
 
 
 def _draws(mean, var, n, gen):
@@ -105,7 +105,7 @@ def test_max_moments_and_output_moments_pass_gradcheck_in_float64():
 
 
 def test_expected_cross_entropy_matches_monte_carlo_for_small_variance():
-    from momentreg.regularizer import expected_cross_entropy
+    from momentreg.core.regularizer import expected_cross_entropy
 
     gen = torch.Generator().manual_seed(3)
     mean = torch.randn(4, 5, generator=gen, dtype=torch.float64)

@@ -5,14 +5,14 @@ import doctest
 
 import pytest
 
-from momentreg.attacks import minimal_perturbations
-from momentreg.certify import certify
-from momentreg.data import load_dataset
-from momentreg.models import build_model
-from momentreg.regularizer import MomentRegularizer, expected_logits, moment_loss
-from momentreg.robustness import gaussian_robustness
-from momentreg.split import trace_split
-from momentreg.training import train
+from momentreg.core.regularizer import MomentRegularizer, expected_logits, moment_loss
+from momentreg.core.split import trace_split
+from momentreg.data.datasets import load_dataset
+from momentreg.evaluation.attacks import minimal_perturbations
+from momentreg.evaluation.certify import certify
+from momentreg.evaluation.robustness import gaussian_robustness
+from momentreg.models.zoo import build_model
+from momentreg.training.loop import train
 
 ENTRY_POINTS = [
     MomentRegularizer,

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from momentreg.cli import main
-from momentreg.data import load_dataset
-from momentreg.imagefolder import cache_dir, load_imagefolder
-from momentreg.models import build_model, input_spec
-from momentreg.run import RunConfig, load_splits
+from momentreg.cli.main import main
+from momentreg.data.datasets import load_dataset
+from momentreg.data.imagefolder import cache_dir, load_imagefolder
+from momentreg.models.zoo import build_model, input_spec
+from momentreg.runs.run import RunConfig, load_splits
 
 CLASSES = ("cat", "ant", "bee")  # written unsorted: labels must follow the sorted names
 
@@ -191,7 +191,17 @@ def test_evaluate_stride_takes_a_class_balanced_subset(tmp_path):
     common = ["--dataset", "imagefolder", "--data-dir", str(root), "--quiet"]
     train = ["train", *common, "--epochs", "1", "--batch-size", "10", "--gnr-limit", "3"]
     assert main([*train, "--out", str(out)]) == 0
-    certify = ["--certify", "--n0", "10", "--n", "20", "--batch", "20", "--alpha", "0.1"]
+    certify = [
+        "--certify",
+        "--n0",
+        "10",
+        "--n",
+        "20",
+        "--batch",
+        "20",
+        "--failure-probability",
+        "0.1",
+    ]
     assert main(["evaluate", str(out), "--quiet", *certify, "--limit", "6", "--stride", "10"]) == 0
     rows = (out / "certify-sigma0.25.tsv").read_text().splitlines()[1:]
     assert [int(r.split("\t")[1]) for r in rows] == [0, 0, 1, 1, 2, 2]  # test images 0, 10, ..., 50

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from momentreg.malloc import keep_freed_memory
+from momentreg.training.malloc import keep_freed_memory
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -15,7 +15,7 @@ THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # a block freed by an aligned allocation is a little too small for the next one of its size.)
 PROGRAM = """
 import resource, sys, torch
-from momentreg.malloc import keep_freed_memory
+from momentreg.training.malloc import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def step():

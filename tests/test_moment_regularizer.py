@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from momentreg import MomentRegularizer, expected_logits, moments
+from momentreg import MomentRegularizer, expected_logits
+from momentreg.core import moments
 from tests.helpers import TinyResNet
 
 

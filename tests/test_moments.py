@@ -11,8 +11,13 @@ from hypothesis import strategies as st
 from scipy import integrate, stats
 from torch import nn
 
-from momentreg import moments
-from momentreg.moments import affine_moments, affine_relu_affine_moments, relu_mean, relu_moments
+from momentreg.core import moments
+from momentreg.core.moments import (
+    affine_moments,
+    affine_relu_affine_moments,
+    relu_mean,
+    relu_moments,
+)
 
 mpmath.mp.dps = 50
 

@@ -12,8 +12,8 @@ from momentreg import (
     moment_loss,
     split_at_first_relu,
 )
-from momentreg.models import Normalize, build_model, lenet
-from momentreg.moments import relu_mean
+from momentreg.core.moments import relu_mean
+from momentreg.models.zoo import Normalize, build_model, lenet
 from tests.helpers import HostReads, MomentLossOf, theorem1_mean, two_layer
 
 
@@ -276,7 +276,7 @@ def test_batchnorm_stem_in_train_mode_uses_the_batch_statistics_as_its_affine_ma
 
 
 def test_resnet20_learns_with_the_regularizer_on_cifar_shaped_data():
-    from momentreg.training import train
+    from momentreg.training.loop import train
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

@@ -19,9 +19,9 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from momentreg.cli import main
+from momentreg.cli.main import main
 from momentreg.errors import CheckpointError
-from momentreg.training import load_checkpoint
+from momentreg.training.loop import load_checkpoint
 
 pytestmark = pytest.mark.slow  # subprocesses: pytest -m "not slow" skips them
 
@@ -136,7 +136,7 @@ def test_too_little_free_space_is_refused_before_anything_is_written(tmp_path, m
     class Usage:
         free = 1024
 
-    monkeypatch.setattr("momentreg.run.shutil.disk_usage", lambda path: Usage)
+    monkeypatch.setattr("momentreg.runs.run.shutil.disk_usage", lambda path: Usage)
     out = tmp_path / "run"
     args = ["train", "--train-limit", "60", "--epochs", "1", "--quiet", "--out", str(out)]
     assert main(args) == 2

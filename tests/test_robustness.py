@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from momentreg.robustness import default_sigmas, gaussian_robustness, sphere_noise
+from momentreg.evaluation.robustness import default_sigmas, gaussian_robustness, sphere_noise
 from tests.helpers import HostReads
 
 

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momentreg.core.regularizer import MomentRegularizer, expected_logits, moment_loss
 from momentreg.errors import TrainingError
-from momentreg.models import build_model
-from momentreg.regularizer import MomentRegularizer, expected_logits, moment_loss
-from momentreg.run import RunConfig
-from momentreg.training import (
+from momentreg.models.zoo import build_model
+from momentreg.runs.run import RunConfig
+from momentreg.training.loop import (
     CollapseWarning,
     TrainConfig,
     TrainState,

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from momentreg import smoothing_losses as sl
-from momentreg.regularizer import expected_logits, output_moments
-from momentreg.training import TrainConfig, train
+from momentreg.core import smoothing_losses as sl
+from momentreg.core.regularizer import expected_logits, output_moments
+from momentreg.training.loop import TrainConfig, train
 from tests.helpers import QUICK, cli
 
 

@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from momentreg.models import build_model
-from momentreg.regularizer import (
+from momentreg.core.regularizer import (
     expected_logits,
     head_moments,
     moment_loss,
     split_at_first_relu,
 )
-from momentreg.split import trace_split
+from momentreg.core.split import trace_split
+from momentreg.models.zoo import build_model
 from tests.helpers import MomentLossOf, TinyResNet
 
 

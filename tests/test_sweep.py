@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from momentreg.cli import main
-from momentreg.report import fair_comparison, group_of, write_report
-from momentreg.sweep import (
+from momentreg.cli.main import main
+from momentreg.runs.report import fair_comparison, group_of, write_report
+from momentreg.runs.sweep import (
     PRESETS,
     SpecError,
     child_env,

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from momentreg.cli import main
-from momentreg.models import Normalize
-from momentreg.tightness import estimates, hinge_share, monte_carlo, tightness
+from momentreg.cli.main import main
+from momentreg.evaluation.tightness import estimates, hinge_share, monte_carlo, tightness
+from momentreg.models.zoo import Normalize
 from tests.helpers import QUICK, cli, theorem1_mean, two_layer
 
 
@@ -96,7 +96,7 @@ def test_tightness_command_writes_json_table_and_report(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli("train", *QUICK, "--out", str(run)).returncode == 0
     report = tmp_path / "doc" / "tightness.md"
-    args = ["tightness", str(run), "--sigmas", "0.1,0.5", "--limit", "4", "--samples", "40"]
+    args = ["tightness", str(run), "--sigmas", "0.1,0.5", "--limit", "4", "--mc-samples", "40"]
     assert main([*args, "--report", str(report), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "| run | sigma |" in out and (run / "tightness.json").exists()

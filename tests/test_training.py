@@ -5,13 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from momentreg.data import load_dataset, to_float, train_val_split
+from momentreg.core.regularizer import check_regularizable
+from momentreg.data.datasets import load_dataset, to_float, train_val_split
 from momentreg.errors import CheckpointError, TrainingError
-from momentreg.methods import ANALYTIC
-from momentreg.models import build_model
-from momentreg.regularizer import check_regularizable
-from momentreg.robustness import accuracy
-from momentreg.training import (
+from momentreg.evaluation.robustness import accuracy
+from momentreg.models.zoo import build_model
+from momentreg.training.loop import (
     TrainConfig,
     TrainState,
     _budget_lr,
@@ -24,6 +23,7 @@ from momentreg.training import (
     train,
     train_one_epoch,
 )
+from momentreg.training.methods import ANALYTIC
 from tests.helpers import SHARED_MNIST, HostReads, needs_mnist, step_cases, tiny_net
 
 
@@ -325,7 +325,7 @@ def test_noise_training_at_sigma_half_seed_0_learns_with_the_noise_warmup(tmp_pa
     default warm-up (noise ramped over 100 steps) the same run learns."""
     import json
 
-    from momentreg.report import write_report
+    from momentreg.runs.report import write_report
     from tests.helpers import cli
 
     args = ["train", "--dataset", "mnist", "--data-dir", str(SHARED_MNIST), "--method", "noise"]

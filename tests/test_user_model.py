@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from momentreg.cli import main
+from momentreg.cli.main import main
 
 FACTORY = """
 import torch
@@ -131,7 +131,7 @@ def _plain_loop_weights(factory_file, path):
     import torch
     import torch.nn.functional as F
 
-    from momentreg.data import load_dataset, to_float
+    from momentreg.data.datasets import load_dataset, to_float
 
     unit = importlib.util.spec_from_file_location("users_model", factory_file)
     module = importlib.util.module_from_spec(unit)
@@ -161,7 +161,7 @@ def test_evaluate_fine_tune_evaluate_compare_a_model_trained_elsewhere(tmp_path,
     assert main(["train", "--model", model, "--weights", str(weights), "--method", "moment",
                  "--sigma", "1.0", "--out", str(tmp_path / "tuned"), *tune]) == 0  # fmt: skip
     config = json.loads((tmp_path / "tuned" / "config.json").read_text())
-    from momentreg.external import sha256_of
+    from momentreg.models.weights import sha256_of
 
     assert config["weights_sha256"] == sha256_of(weights)
     assert main(["evaluate", str(tmp_path / "tuned"), "--model", model, "--card",
@@ -178,8 +178,8 @@ def test_evaluate_fine_tune_evaluate_compare_a_model_trained_elsewhere(tmp_path,
     assert after["gnr"] > before["gnr"] + 10, (before["gnr"], after["gnr"])  # what it bought
     import torch
 
-    from momentreg.data import load_dataset, to_float
-    from momentreg.models import build_model
+    from momentreg.data.datasets import load_dataset, to_float
+    from momentreg.models.zoo import build_model
 
     model = build_model(f"{factory_file}:make", "mnist-sample")
     model.load_state_dict(torch.load(weights, weights_only=True))
@@ -207,7 +207,7 @@ def test_bad_weights_are_one_line_and_exit_2(tmp_path, factory_file, capsys, wei
     elif weights == "other":
         torch.save(nn.Linear(2, 2).state_dict(), path)
     elif weights == "shape":
-        from momentreg.models import build_model
+        from momentreg.models.zoo import build_model
 
         state = build_model(f"{factory_file}:make", "mnist-sample").state_dict()
         state["fc.weight"] = torch.zeros(3, 3)
@@ -221,7 +221,7 @@ def test_bad_weights_are_one_line_and_exit_2(tmp_path, factory_file, capsys, wei
 def test_the_card_of_a_user_model_holds_attacks_and_certificates(tmp_path, factory_file, capsys):
     import torch
 
-    from momentreg.models import build_model
+    from momentreg.models.zoo import build_model
 
     weights, model = tmp_path / "w.pt", f"{factory_file}:make"
     torch.manual_seed(0)
@@ -229,8 +229,13 @@ def test_the_card_of_a_user_model_holds_attacks_and_certificates(tmp_path, facto
     args = ["evaluate", "--model", model, "--weights", str(weights), "--dataset", "mnist-sample",
             "--limit", "20", "--corruptions", "gaussian_noise", "--attacks", "fgsm,aga",
             "--certify", "--n0", "10", "--n", "100", "--quiet"]  # fmt: skip
-    assert main([*args, "--alpha", "1.5", "--card", str(tmp_path / "bad")]) == 2
-    assert "--alpha must be below 1" in capsys.readouterr().err
+    assert main([*args, "--alpha", "1.5", "--card", str(tmp_path / "bad")]) == 2  # old spelling
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "momentreg: warning: --alpha is deprecated here and will be removed; use "
+        "--failure-probability",
+        "momentreg: error: --failure-probability must be below 1, got 1.5",
+    ]
     assert main([*args, "--card", str(tmp_path / "card")]) == 0
     card = json.loads((tmp_path / "card" / "card.json").read_text())
     assert set(card["attacks"]) == {"fgsm", "aga"} and card["certified"]["images"] == 20

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from momentreg.run import RunConfig, environment
-from momentreg.training import TrainState, _train_step
+from momentreg.runs.run import RunConfig, environment
+from momentreg.training.loop import TrainState, _train_step
 
 BATCHES = {"lenet": 1000, "alexnet": 128}  # the protocols'; --smoke: 8 each
 METHODS = {
@@ -50,7 +50,7 @@ def make_step(model: str, method: str, device: torch.device, precision: str):
         {"model": model, "dataset": "cifar10", "sigma_warmup": 0, **METHODS[method]}
     )
     torch.manual_seed(0)
-    from momentreg.models import build_model
+    from momentreg.models.zoo import build_model
 
     net = build_model(model, "cifar10").to(device)
     state = TrainState.start(net, config.train, device)

@@ -3,15 +3,13 @@ analytic moment regularizer, and measure how robust they are."""
 
 __version__ = "0.1.0"  # first: modules that record it import it from here
 
-from momentreg.data import load_dataset
-from momentreg.models import Normalize, build_model
-from momentreg.moments import (
+from momentreg.core.moments import (
     affine_moments,
     affine_relu_affine_moments,
     relu_mean,
     relu_moments,
 )
-from momentreg.regularizer import (
+from momentreg.core.regularizer import (
     MomentRegularizer,
     expected_logits,
     head_moments,
@@ -19,15 +17,17 @@ from momentreg.regularizer import (
     moment_loss,
     split_at_first_relu,
 )
-from momentreg.robustness import gaussian_robustness
-from momentreg.smoothing_losses import (
+from momentreg.core.smoothing_losses import (
     analytic_probs,
     consistency_loss,
     expected_softmax,
     macer_loss,
     stability_loss,
 )
-from momentreg.training import TrainConfig, train
+from momentreg.data.datasets import load_dataset
+from momentreg.evaluation.robustness import gaussian_robustness
+from momentreg.models.zoo import Normalize, build_model
+from momentreg.training.loop import TrainConfig, train
 
 __all__ = [
     "evaluate",
@@ -60,7 +60,7 @@ def __getattr__(name: str):
     """``momentreg.evaluate`` (the robustness card) is imported when first asked for: it draws
     with matplotlib, which a training process need not load."""
     if name == "evaluate":
-        from momentreg.card import evaluate
+        from momentreg.evaluation.card import evaluate
 
         return evaluate
     raise AttributeError(f"module 'momentreg' has no attribute {name!r}")

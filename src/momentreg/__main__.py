@@ -1,5 +1,5 @@
 import sys
 
-from momentreg.cli import main
+from momentreg.cli.main import main
 
 sys.exit(main())

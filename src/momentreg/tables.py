@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 
 from momentreg.errors import ConfigError
-from momentreg.rundir import atomic_write
+from momentreg.files import atomic_write
 
 __all__ = ["fmt", "markdown_table", "csv_text", "write_table", "attack_table"]
 

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from momentreg.core.moments import affine_moments, network_moments, relu_and_mean, relu_mean
+from momentreg.core.normalize import Normalize
+from momentreg.core.split import graph_moments, trace_split
 from momentreg.errors import ConfigError
-from momentreg.models import Normalize
-from momentreg.moments import affine_moments, network_moments, relu_and_mean, relu_mean
-from momentreg.split import graph_moments, trace_split
 
 __all__ = [
     "MomentRegularizer",
@@ -54,10 +54,10 @@ def split_at_first_relu(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Split ``model`` into (affine head, tail) around its first ReLU: model = tail(relu(head)).
 
     An ``nn.Sequential`` (nested ones too) is split between its layers; any other module is traced
-    with torch.fx (:func:`momentreg.split.trace_split`: ReLU as module, function or method, heads
-    of affine layers, shape operations and constant arithmetic). The two halves share the model's
-    modules (and so its parameters). Raises ``ValueError`` naming the first operation before the
-    ReLU that is not affine, a skip connection over the ReLU, or the lack of a ReLU.
+    with torch.fx (:func:`momentreg.core.split.trace_split`: ReLU as module, function or method,
+    heads of affine layers, shape operations and constant arithmetic). The two halves share the
+    model's modules (and so its parameters). Raises ``ValueError`` naming the first operation
+    before the ReLU that is not affine, a skip connection over the ReLU, or the lack of a ReLU.
     """
     if not isinstance(model, nn.Sequential):
         return trace_split(model)
@@ -210,7 +210,7 @@ def output_moments(
     model: nn.Module, x: torch.Tensor, sigma: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance [B, classes] of model(x + n) by assumed density filtering through every
-    layer of an ``nn.Sequential`` (see :func:`momentreg.moments.network_moments`)."""
+    layer of an ``nn.Sequential`` (see :func:`momentreg.core.moments.network_moments`)."""
     if not isinstance(model, nn.Sequential):
         raise ConfigError("moments through every layer need an nn.Sequential model")
     var = _input_variance(sigma, x.shape[1:], x)

@@ -207,13 +207,13 @@ def affine_moments(
 
     mean -> layer(mean); var -> the same op with squared weights and no bias. Supported layers:
     ``nn.Linear``, ``nn.Conv2d`` (any stride, padding, dilation, groups, zero padding),
-    ``nn.BatchNorm2d``, ``nn.Flatten``, ``nn.Identity`` and :class:`momentreg.models.Normalize`.
+    ``nn.BatchNorm2d``, ``nn.Flatten``, ``nn.Identity`` and :class:`momentreg.models.zoo.Normalize`.
     ``mean`` may be None to propagate only the variance (the variance does not depend on the mean),
     except through a BatchNorm in training mode: there the affine map is the normalization by the
     statistics of the batch ``mean`` [B, C, H, W] (what the layer applies to that batch), so the
     batch is needed.
     """
-    from momentreg.models import Normalize  # local: models imports nothing from here
+    from momentreg.core.normalize import Normalize
 
     m = None if mean is None else layer(mean)  # BatchNorm below reads the input ``mean``
     if isinstance(layer, nn.Linear):

@@ -15,14 +15,12 @@ from pathlib import Path
 import torch
 
 from momentreg import __version__
-from momentreg.data import DATASET_NAMES, IMAGEFOLDER, load_dataset
+from momentreg.core.regularizer import DEPTHS, MOMENT_LOSSES, WEIGHTINGS
+from momentreg.data.datasets import DATASET_NAMES, IMAGEFOLDER, load_dataset
+from momentreg.data.imagefolder import imagefolder_classes
 from momentreg.errors import MomentregError, UsageError
-from momentreg.imagefolder import imagefolder_classes
-from momentreg.malloc import keep_freed_memory
-from momentreg.methods import METHODS
-from momentreg.models import MODELS, build_model, input_spec, is_factory
-from momentreg.regularizer import DEPTHS, MOMENT_LOSSES, WEIGHTINGS
-from momentreg.run import (
+from momentreg.models.zoo import MODELS, build_model, input_spec, is_factory
+from momentreg.runs.run import (
     TRAIN_FIELDS,
     RunConfig,
     attack_run,
@@ -34,10 +32,12 @@ from momentreg.run import (
     test_subset,
     train_run,
 )
-from momentreg.rundir import read_json
+from momentreg.runs.rundir import read_json
 from momentreg.tables import attack_table, markdown_table, write_table
-from momentreg.train_config import KEEP, LR_SCHEDULES
-from momentreg.training import CollapseWarning
+from momentreg.training.config import KEEP, LR_SCHEDULES
+from momentreg.training.loop import CollapseWarning
+from momentreg.training.malloc import keep_freed_memory
+from momentreg.training.methods import METHODS
 
 USAGE_ERROR = 2
 USER_MODEL_HELP = "the FILE.py:FUNCTION the run was trained with, to allow running it again"
@@ -73,7 +73,7 @@ nonneg_int, pos_int = _number(int, 0), _number(int, 0, strict=True)
 
 
 def _setting(text: str) -> tuple[str, object]:
-    from momentreg.sweep import parse_setting
+    from momentreg.runs.sweep import parse_setting
 
     try:
         return parse_setting(text)
@@ -202,7 +202,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--pass-budget",
         type=pos_float,
         help="stop once the steps' counted compute (steps x batch x a step's passes per image, "
-        "momentreg.cost) reaches this many clean epochs: every method the same FLOPs",
+        "momentreg.training.cost) reaches this many clean epochs: every method the same FLOPs",
     )
     p.add_argument(
         "--weights",
@@ -266,7 +266,7 @@ def cmd_train(args) -> None:
 
 def _external(args, device) -> tuple[dict, torch.nn.Module]:
     """(a run-like config, the model) of ``evaluate --model ... --weights W.pt --dataset D``."""
-    from momentreg.external import load_weights, with_normalization
+    from momentreg.models.weights import load_weights, with_normalization
 
     if not (args.weights and args.dataset):
         raise UsageError("evaluate needs a RUN, or --model, --weights and --dataset")
@@ -313,23 +313,23 @@ def cmd_evaluate(args) -> None:
         )  # fmt: skip
         print(attack_table(results))
     if args.certify:
-        from momentreg.certify import certify_line  # scipy.stats: only when certifying
+        from momentreg.evaluation.certify import certify_line  # scipy.stats: only when certifying
 
         summary = certify_run(
             folder, model, images, labels, sigma=args.sigma, n0=args.n0, n=args.n,
-            alpha=args.alpha, batch=args.batch, seed=args.seed, stride=args.stride,
+            alpha=args.failure_probability, batch=args.batch, seed=args.seed, stride=args.stride,
             progress=progress,
         )  # fmt: skip
         print(certify_line(summary))
 
 
 def _card(args, model, images, labels, device, progress) -> None:
-    from momentreg.card import Certification, evaluate, write_card
+    from momentreg.evaluation.card import Certification, evaluate, write_card
 
-    if args.certify and not args.alpha < 1:
-        raise UsageError(f"--alpha must be below 1, got {args.alpha}")
+    if args.certify and not args.failure_probability < 1:
+        raise UsageError(f"--failure-probability must be below 1, got {args.failure_probability}")
     certify = args.certify and Certification(
-        sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch
+        sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.failure_probability, batch=args.batch
     )
     prepare_out_dir(args.card, resume=True, force=False)
     card = evaluate(
@@ -343,7 +343,7 @@ def _card(args, model, images, labels, device, progress) -> None:
 
 
 def _corruption_list(text: str) -> tuple[str, ...]:
-    from momentreg.corruptions import CORRUPTIONS
+    from momentreg.evaluation.corruptions import CORRUPTIONS
 
     return tuple(_names(text, CORRUPTIONS, "corruption"))
 
@@ -356,7 +356,7 @@ def _normalize(text: str) -> list[float]:
 
 
 def cmd_compare(args) -> None:
-    from momentreg.card import compare_cards, read_card
+    from momentreg.evaluation.card import compare_cards, read_card
 
     cards = []
     for path in args.cards:
@@ -370,7 +370,7 @@ def cmd_compare(args) -> None:
 
 
 def _attack_list(text: str) -> list[str]:
-    from momentreg.attacks import ATTACKS
+    from momentreg.evaluation.attacks import ATTACKS
 
     return _names(text, ATTACKS, "attack")
 
@@ -388,7 +388,7 @@ def _names(text: str, known, kind: str) -> list[str]:
 
 
 def cmd_table(args) -> None:
-    from momentreg.report import TABLE1_HEADER, run_row, table1_row
+    from momentreg.runs.report import TABLE1_HEADER, run_row, table1_row
 
     rows = [table1_row(run_row(run)) for run in args.runs]
     print(markdown_table(TABLE1_HEADER, rows))
@@ -406,27 +406,27 @@ def _float_list(text: str) -> list[float]:
 
 def cmd_tightness(args) -> None:
     """Analytic and linearized expected logits against Monte Carlo, per run and sigma."""
-    from momentreg.tightness import tightness_of_runs, tightness_table, write_report
+    from momentreg.runs.tightness import tightness_of_runs, tightness_table, write_report
 
-    options = ("sigmas", "limit", "samples", "batch", "seed", "data_dir", "model")
+    options = ("sigmas", "limit", "batch", "seed", "data_dir", "model")
     table = tightness_of_runs(
         args.runs, device_of(args.device), **{k: getattr(args, k) for k in options},
-        progress=not args.quiet,
+        samples=args.mc_samples, progress=not args.quiet,
     )  # fmt: skip
     print(tightness_table(table))
     if args.report:
         prepare_out_dir(args.report.parent, resume=True, force=False)
         command = (
             f"momentreg tightness {' '.join(str(r) for r in args.runs)} --sigmas "
-            f"{','.join(f'{x:g}' for x in args.sigmas)} --limit {args.limit} --samples "
-            f"{args.samples} --seed {args.seed} --report {args.report}"
+            f"{','.join(f'{x:g}' for x in args.sigmas)} --limit {args.limit} --mc-samples "
+            f"{args.mc_samples} --seed {args.seed} --report {args.report}"
         )
-        figure = write_report(table, args.report, command, args.limit, args.samples)
+        figure = write_report(table, args.report, command, args.limit, args.mc_samples)
         print(f"wrote {args.report} and {figure}")
 
 
 def cmd_demo(args) -> None:
-    from momentreg.demo import demo
+    from momentreg.cli.demo import demo
 
     settings = ("epochs", "folds", "augment_sigma", "moment_sigma", "alpha", "train_limit")
     settings += ("gnr_limit", "seed", "device")
@@ -436,7 +436,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from momentreg import sweep
+    from momentreg.runs import sweep
 
     if args.spec == "status":
         if args.dir is None:
@@ -465,7 +465,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from momentreg.report import write_report
+    from momentreg.runs.report import write_report
 
     if not args.dir.is_dir():
         raise UsageError(f"{args.dir} is not a directory")
@@ -475,9 +475,9 @@ def cmd_report(args) -> None:
 
 
 def _evaluate_parser(sub) -> None:
-    from momentreg.attacks import ATTACKS
+    from momentreg.evaluation.attacks import ATTACKS
 
-    attack_help = "; ".join(f"{k}: {v[1]}" for k, v in ATTACKS.items())
+    attack_help = "; ".join(f"{k}: {a.description}" for k, a in ATTACKS.items())
     p = sub.add_parser(
         "evaluate", help="recompute a run's metrics, or measure any model (--model, --weights)"
     )
@@ -512,7 +512,8 @@ def _evaluate_parser(sub) -> None:
     g.add_argument("--sigma", type=pos_float, default=0.25, help="smoothing noise std (pixels)")
     g.add_argument("--n0", type=pos_int, default=100, help="noise samples to pick the class")
     g.add_argument("--n", type=pos_int, default=100_000, help="samples to bound its probability")
-    g.add_argument("--alpha", type=pos_float, default=0.001, help="failure probability")
+    _renamed(g, "--failure-probability", "--alpha", type=pos_float, default=0.001,
+             help="the probability that a certificate is wrong")  # fmt: skip
     g.add_argument("--batch", type=pos_int, default=1000, help="noisy copies per forward pass")
     p.set_defaults(func=cmd_evaluate)
 
@@ -579,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--sigmas", type=_float_list, default=[0.1, 0.25, 0.5, 1.0])
     p.add_argument("--limit", type=pos_int, default=50, help="the first N test images")
-    p.add_argument("--samples", type=pos_int, default=2000, help="Monte Carlo draws per image")
+    _renamed(p, "--mc-samples", "--samples", type=pos_int, default=2000,
+             help="Monte Carlo draws per image")  # fmt: skip
     p.add_argument("--batch", type=pos_int, default=20, help="draws per image per forward pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=Path, help="override the runs' data directory")
@@ -608,6 +610,26 @@ def build_parser() -> argparse.ArgumentParser:
 _PYTHON_SHOW_WARNING = warnings.showwarning
 
 
+class _OldSpelling(argparse.Action):
+    """A flag's old spelling, kept for one release: it sets the new flag's value and says so."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"momentreg: warning: {option_string} is deprecated here and will be removed; use "
+              f"{self.new}", file=sys.stderr)  # fmt: skip
+        setattr(namespace, self.dest, values)
+
+
+def _renamed(group, new: str, old: str, **kwargs) -> None:
+    """Add option ``new``, and ``old`` as its deprecated spelling (hidden from --help)."""
+    action = group.add_argument(new, **kwargs)
+    group.add_argument(old, dest=action.dest, type=kwargs.get("type"), action=_OldSpelling,
+                       new=new)  # fmt: skip
+
+
 def _show_warning(message, category, *args, **kwargs) -> None:
     """momentreg's own warnings as one line on stderr; others as Python shows them."""
     if issubclass(category, CollapseWarning):
@@ -620,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.showwarning = _show_warning
-    keep_freed_memory()  # CPU steps reuse their activations' pages (momentreg/malloc.py)
+    keep_freed_memory()  # CPU steps reuse their activations' pages (momentreg/training/malloc.py)
     try:
         args.func(args)
     except MomentregError as e:

@@ -34,15 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from momentreg.errors import ConfigError
-from momentreg.moments import relu_and_mean, relu_mean
-from momentreg.regularizer import (
+from momentreg.core.moments import relu_and_mean, relu_mean
+from momentreg.core.regularizer import (
     Split,
     checked_sigma,
     head_moments,
     output_moments,
     split_at_first_relu,
 )
+from momentreg.errors import ConfigError
 
 __all__ = [
     "analytic_probs",

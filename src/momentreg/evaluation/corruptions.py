@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from momentreg.data import to_float
+from momentreg.data.datasets import to_float
 from momentreg.errors import ConfigError, DatasetError
 
 __all__ = [

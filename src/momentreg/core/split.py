@@ -7,9 +7,9 @@
 - the first ReLU in graph order counts in any form: a module (``nn.ReLU``), a function
   (``F.relu``, ``torch.relu`` and their in-place variants) or a method (``x.relu()``);
 - the head is everything that ReLU depends on. It must be affine in the input: the layers
-  ``momentreg.moments.affine_moments`` supports (Conv2d, Linear, BatchNorm2d in eval and training
-  mode, Normalize, Flatten, Identity), shape operations (view, reshape, flatten, permute, ...) and
-  adding, subtracting, multiplying or dividing by a constant;
+  ``momentreg.core.moments.affine_moments`` supports (Conv2d, Linear, BatchNorm2d in eval and
+  training mode, Normalize, Flatten, Identity), shape operations (view, reshape, flatten,
+  permute, ...) and adding, subtracting, multiplying or dividing by a constant;
 - the tail is the rest of the graph, fed by the ReLU's output. It may not read anything computed
   before the ReLU (a skip connection over it), since the regularizer feeds the tail the ReLU's
   expected output only.
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from momentreg.core.moments import affine_moments
+from momentreg.core.normalize import Normalize
 from momentreg.errors import ConfigError
-from momentreg.models import Normalize
-from momentreg.moments import affine_moments
 
 __all__ = ["trace_split", "graph_moments", "HEAD_LAYERS"]
 

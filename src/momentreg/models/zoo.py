@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momentreg.core.normalize import Normalize
 from momentreg.errors import ConfigError
 
 __all__ = [
@@ -29,21 +30,6 @@ __all__ = [
     "DATASETS",
     "MODELS",
 ]
-
-
-class Normalize(nn.Module):
-    """Per-channel affine map (x - mean) / std on [B, C, H, W]."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-    def extra_repr(self) -> str:
-        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
 # name -> (channels, size, classes, per-channel mean, per-channel std) of the training images.
@@ -171,7 +157,8 @@ class ResNet18(nn.Module):
     """ResNet-18 for 32x32 images in torchvision's style: its own ``forward`` with ``F.relu``,
     a 3x3 conv-BN stem (no max-pooling), 4 stages of 2 basic blocks with 64-512 channels, global
     average pooling, FC; 11.2M parameters for CIFAR-10. Not an ``nn.Sequential``: the regularizer
-    splits it with torch.fx (momentreg.split), its head being Normalize, the stem conv and BN."""
+    splits it with torch.fx (momentreg.core.split), its head being Normalize, the stem conv and
+    BN."""
 
     def __init__(self, channels: int, classes: int, normalize: Normalize):
         super().__init__()

@@ -7,7 +7,7 @@ it back, and evaluating it. The CLI, the sweeps, the demo and the study scripts 
     config_dict, model = load_run(Path("runs/x"), "cpu")  # the best weights
     certify_run(Path("runs/x"), model, *test_subset(config_dict, limit=500, stride=20), sigma=0.25)
 
-A run directory's files are named in ``momentreg.rundir``.
+A run directory's files are named in ``momentreg.runs.rundir``.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 
 from momentreg import __version__
-from momentreg.cost import passes_per_image
-from momentreg.data import DATASET_NAMES, IMAGEFOLDER, load_dataset, to_float, train_val_split
+from momentreg.training.cost import passes_per_image
+from momentreg.data.datasets import DATASET_NAMES, IMAGEFOLDER, load_dataset, to_float, train_val_split
 from momentreg.errors import ConfigError, MomentregError, UsageError
-from momentreg.external import load_weights, sha256_of
-from momentreg.imagefolder import imagefolder_classes
-from momentreg.methods import ANALYTIC
-from momentreg.models import MODELS, build_model, input_spec, is_factory
-from momentreg.regularizer import check_regularizable
-from momentreg.robustness import gaussian_robustness, prediction_stats
-from momentreg.rundir import (
+from momentreg.models.weights import load_weights, sha256_of
+from momentreg.data.imagefolder import imagefolder_classes
+from momentreg.training.methods import ANALYTIC
+from momentreg.models.zoo import MODELS, build_model, input_spec, is_factory
+from momentreg.core.regularizer import check_regularizable
+from momentreg.evaluation.robustness import gaussian_robustness, prediction_stats
+from momentreg.runs.rundir import (
     ATTACKS_FILE,
     CERTIFY_FILE,
     CHECKPOINT,
@@ -48,8 +48,8 @@ from momentreg.rundir import (
     read_json,
     write_json,
 )
-from momentreg.train_config import PROTOCOLS, TrainConfig
-from momentreg.training import load_checkpoint, model_weights, train
+from momentreg.training.config import PROTOCOLS, TrainConfig
+from momentreg.training.loop import load_checkpoint, model_weights, train
 
 __all__ = [
     "RunConfig",
@@ -289,7 +289,7 @@ def train_run(
         steps=history[-1].get("steps"),  # absent in checkpoints older than the budget
         step_seconds=history[-1].get("step_seconds"),
         seconds_per_epoch=history[-1]["train_seconds"] / len(history),
-        passes_per_image=passes,  # a step's FLOPs over a clean step's (momentreg.cost)
+        passes_per_image=passes,  # a step's FLOPs over a clean step's (momentreg.training.cost)
         wall_seconds=time.perf_counter() - t0,
         environment=environment(device),  # where it was made: a study may mix runs of two days
     )
@@ -348,7 +348,7 @@ def attack_run(run: Path, model, images, labels, attacks: list[str], *, tol: flo
                seed: int = 0, stride: int = 1, progress: bool = True) -> dict:  # fmt: skip
     """Minimal perturbations of each attack into the run's attacks.json, written after every
     attack so that a crash keeps the finished ones; returns all of the run's attack results."""
-    from momentreg.attacks import minimal_perturbations
+    from momentreg.evaluation.attacks import minimal_perturbations
 
     path = run / ATTACKS_FILE
     results = read_json(path) if path.exists() else {}
@@ -379,7 +379,7 @@ def certify_run(run: Path, model, images, labels, *, sigma: float, n0: int = 100
     continued by the next one with the same model weights, images, settings, kind of device and
     torch version, to the rows an uninterrupted call gives (certify.certify_images); anything
     else starts over."""
-    from momentreg.certify import certify_images, format_tsv, summarize
+    from momentreg.evaluation.certify import certify_images, format_tsv, summarize
 
     if not alpha < 1:
         raise UsageError(f"--alpha must be below 1, got {alpha}")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from momentreg.core.regularizer import DEPTHS, MOMENT_LOSSES, WEIGHTINGS
+from momentreg.core.smoothing_losses import MACER_BETA, MACER_GAMMA
 from momentreg.errors import ConfigError
-from momentreg.methods import COPIES, METHODS
-from momentreg.regularizer import DEPTHS, MOMENT_LOSSES, WEIGHTINGS
-from momentreg.smoothing_losses import MACER_BETA, MACER_GAMMA
+from momentreg.training.methods import COPIES, METHODS
 
 __all__ = ["TrainConfig", "PROTOCOLS", "LR_SCHEDULES", "KEEP"]
 
@@ -125,8 +125,8 @@ class TrainConfig:
 
     def pass_budget_steps(self, passes: float, images: int) -> int:
         """The steps ``pass_budget`` allows: as many steps of ``batch_size`` images, each image
-        costing ``passes`` clean passes (momentreg.cost), as fit in ``pass_budget`` clean epochs
-        of ``images`` training images, rounded down (at least one)."""
+        costing ``passes`` clean passes (momentreg.training.cost), as fit in ``pass_budget`` clean
+        epochs of ``images`` training images, rounded down (at least one)."""
         return max(1, math.floor(self.pass_budget * images / (self.batch_size * passes) + 1e-9))
 
     def budget_share(self, steps: int, seconds: float) -> float:

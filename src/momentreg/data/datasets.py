@@ -4,7 +4,7 @@
 MNIST and Fashion-MNIST: the IDX gzip files. CIFAR-10/100: the official "python version"
 ``cifar-*-python.tar.gz`` or its extracted ``cifar-*-batches-py`` / ``cifar-100-python``
 folder, read with a restricted unpickler. ``imagefolder``: ``DIR/{train,test}/<class>/<image>``
-(momentreg.imagefolder). ``mnist-sample``: a class-balanced subset of real MNIST shipped inside
+(momentreg.data.imagefolder). ``mnist-sample``: a class-balanced subset of real MNIST shipped inside
 the package (built by ``scripts/make_mnist_sample.py``).
 """
 
@@ -151,7 +151,7 @@ def load_dataset(
     if name == IMAGEFOLDER:
         if download:
             raise DatasetError("--download does not apply to imagefolder: it reads your folder")
-        from momentreg.imagefolder import load_imagefolder
+        from momentreg.data.imagefolder import load_imagefolder
 
         images, labels, _ = load_imagefolder(data_dir, split)
         return images, labels

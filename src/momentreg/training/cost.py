@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from momentreg.methods import step_loss
+from momentreg.training.methods import step_loss
 
 __all__ = ["step_flops", "passes_per_image"]
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from momentreg.attacks import ATTACKS
-from momentreg.corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
-from momentreg.data import to_float
+from momentreg.data.datasets import to_float
 from momentreg.errors import ConfigError
-from momentreg.robustness import gaussian_robustness, prediction_stats
+from momentreg.evaluation.attacks import ATTACKS
+from momentreg.evaluation.corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
+from momentreg.evaluation.robustness import gaussian_robustness, prediction_stats
 from momentreg.tables import markdown_table
 
 __all__ = ["Card", "Certification", "evaluate", "write_card", "read_card", "compare_cards"]
@@ -27,10 +27,10 @@ __all__ = ["Card", "Certification", "evaluate", "write_card", "read_card", "comp
 
 @dataclasses.dataclass(frozen=True)
 class Certification:
-    """Settings of Cohen et al.'s CERTIFY for a card (``momentreg.certify.certify_images``):
-    noise std ``sigma``, ``n0`` samples to pick the class, ``n`` to bound its probability, failure
-    probability ``alpha``, ``batch`` noisy copies per forward pass, on the first ``images``
-    test images (all by default)."""
+    """Settings of Cohen et al.'s CERTIFY for a card
+    (``momentreg.evaluation.certify.certify_images``): noise std ``sigma``, ``n0`` samples to pick
+    the class, ``n`` to bound its probability, failure probability ``alpha``, ``batch`` noisy
+    copies per forward pass, on the first ``images`` test images (all by default)."""
 
     sigma: float = 0.25
     n0: int = 100
@@ -89,10 +89,10 @@ def evaluate(
     """Measure ``model`` on test images (uint8 or float in [0, 1], [N, C, H, W]) and labels [N].
 
     GNR runs on the first ``gnr_images`` (all by default), the corruptions on every image (or on
-    the published files in ``cifar_c``), each of ``attacks`` (``momentreg.attacks.ATTACKS``,
-    minimal perturbations found to relative tolerance ``tol``) on the first ``attack_images``,
-    and with ``certify`` the smoothed model is certified. The model is left in the mode it came
-    in.
+    the published files in ``cifar_c``), each of ``attacks`` (a key of
+    ``momentreg.evaluation.attacks.ATTACKS``: minimal perturbations found to relative tolerance
+    ``tol``) on the first ``attack_images``, and with ``certify`` the smoothed model is certified.
+    The model is left in the mode it came in.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -138,7 +138,7 @@ def evaluate(
 
 
 def _attacks(model, x, labels, names, tol, seed, progress) -> dict:
-    from momentreg.attacks import minimal_perturbations, summarize
+    from momentreg.evaluation.attacks import minimal_perturbations, summarize
 
     return {
         name: summarize(
@@ -149,7 +149,7 @@ def _attacks(model, x, labels, names, tol, seed, progress) -> dict:
 
 
 def _certified(model, x, labels, settings: Certification, seed, progress) -> dict:
-    from momentreg.certify import certified_accuracy, certify_images, summarize
+    from momentreg.evaluation.certify import certified_accuracy, certify_images, summarize
 
     count = min(settings.images or len(labels), len(labels))
     rows = certify_images(
@@ -181,7 +181,7 @@ def _rows(card: Card) -> list[list[str]]:
     if overall is not None:
         rows.append(["all corruptions, mean (%)", f"{overall:.2f}", source, ""])
     for name, a in card.attacks.items():
-        norm = "Linf" if ATTACKS[name][0] == "linf" else "L2"
+        norm = "Linf" if ATTACKS[name].norm == "linf" else "L2"
         count = f"{a['images']} of {a['images'] + a['excluded_misclassified']}"
         rows.append([f"{name}: median minimal {norm} perturbation",
                      f"{a[norm.lower() + '_median']:.4g}", count, str(card.seed)])  # fmt: skip

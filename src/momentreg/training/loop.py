@@ -1,6 +1,6 @@
-"""The training loop of every method (``momentreg.methods``) under a ``TrainConfig``: epochs of
-index-selected batches, validation, the learning-rate schedule, early stopping, time budgets,
-atomic per-epoch checkpoints and exact resume.
+"""The training loop of every method (``momentreg.training.methods``) under a ``TrainConfig``:
+epochs of index-selected batches, validation, the learning-rate schedule, early stopping, time
+budgets, atomic per-epoch checkpoints and exact resume.
 
 Data are (images uint8 or float [N, C, H, W], labels int64 [N]) tensors held in memory; batches are
 index-selected from them (no loader processes). Early stopping and the learning-rate schedule follow
@@ -23,16 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from momentreg.cost import passes_per_image
-from momentreg.data import to_float
+from momentreg.core.regularizer import Split, moment_loss
+from momentreg.data.datasets import to_float
 from momentreg.errors import CheckpointError, ConfigError, TrainingError
-from momentreg.methods import step_loss
-from momentreg.regularizer import Split, moment_loss
-from momentreg.rundir import CHECKPOINT, HISTORY, atomic_save, atomic_write
-from momentreg.train_config import TrainConfig
+from momentreg.files import atomic_save, atomic_write
+from momentreg.training.config import TrainConfig
+from momentreg.training.cost import passes_per_image
+from momentreg.training.methods import step_loss
 
 __all__ = [
-    "TrainConfig",  # train()'s settings, from momentreg.train_config
+    "TrainConfig",  # train()'s settings, from momentreg.training.config
     "TrainState",
     "CollapseWarning",
     "train",
@@ -40,6 +40,9 @@ __all__ = [
     "load_checkpoint",
     "model_weights",
 ]
+
+CHECKPOINT = "checkpoint.pt"  # what train writes into its out_dir
+HISTORY = "history.csv"
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -328,7 +331,8 @@ def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
 
 def _pass_budget_as_steps(model, images, labels, cfg: TrainConfig, split, passes) -> TrainConfig:
     """``cfg`` with its pass budget turned into the step budget it allows: a step's cost in clean
-    passes per image (``passes``, or counted by momentreg.cost on the first batch of ``images``),
+    passes per image (``passes``, or counted by momentreg.training.cost on the first batch of
+    ``images``),
     and ``pass_budget`` clean epochs of them hold ``cfg.pass_budget_steps`` such steps. The count
     is the same on every call, so a resumed run ends where an uninterrupted one does."""
     if not cfg.pass_budget:
@@ -372,7 +376,7 @@ def train(
     ``pass_budget`` after the steps whose counted compute (steps x batch x passes per image) fits
     in that many clean epochs of the training set: every method the same FLOPs, on any machine
     (``passes``: the step's passes per image where the caller has counted them, as
-    momentreg.cost.passes_per_image on a first batch; else the trainer counts them).
+    momentreg.training.cost.passes_per_image on a first batch; else the trainer counts them).
 
     Args:
         model: the network, trained in place (on ``device``).

@@ -3,17 +3,20 @@ L-BFGS (Szegedy et al. 2014) and DeepFool-L2.
 
 Each attack returns, per test image, the smallest perturbation it finds that changes the model's
 prediction (model in eval mode, images in [0, 1]). The fixed-epsilon attacks (PGD, FGSM, AGA, AUA;
-``momentreg.fixed_eps``, batched with one epsilon per image and checked against Foolbox 3) are
-turned into minimal-perturbation measurements by ``momentreg.eps_search``: each image's threshold
-is bracketed from a linearized estimate and bisected to a relative tolerance, every round one
-batched attack run. PGD runs without random start, so its search is deterministic and comparable
-with FGSM. L-BFGS is batched too (``momentreg.lbfgs``); DeepFool is Foolbox's. Every reported
-perturbation is re-checked; images misclassified when clean are excluded and counted.
+``momentreg.evaluation.fixed_eps``, batched with one epsilon per image and checked against
+Foolbox 3) are turned into minimal-perturbation measurements by
+``momentreg.evaluation.eps_search``: each image's threshold is bracketed from a linearized estimate
+and bisected to a relative tolerance, every round one batched attack run. PGD runs without random
+start, so its search is deterministic and comparable with FGSM. L-BFGS is batched too
+(``momentreg.evaluation.lbfgs``); DeepFool is Foolbox's (``pip install "momentreg[foolbox]"``).
+Every reported perturbation is re-checked; images misclassified when clean are excluded and counted.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,35 +24,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from momentreg import fixed_eps
-from momentreg.eps_search import linear_estimate, minimal_epsilon
 from momentreg.errors import ConfigError
-from momentreg.fixed_eps import misclassified
-from momentreg.lbfgs import lbfgs_attack
+from momentreg.evaluation import fixed_eps
+from momentreg.evaluation.eps_search import linear_estimate, minimal_epsilon
+from momentreg.evaluation.fixed_eps import misclassified
+from momentreg.evaluation.lbfgs import lbfgs_attack
 
-__all__ = ["ATTACKS", "ATTACK_LABELS", "AttackResult", "minimal_perturbations", "summarize"]
-
-# name -> (norm searched over, description with the per-image budget)
-ATTACKS = {
-    "pgd": ("linf", "Linf PGD, 40 steps of 0.033*eps, no random start; eps search"),
-    "lbfgs": (
-        "l2",
-        "box-projected L-BFGS on c*||d||^2 + CE(x+d, runner-up class), 8 values of c x 20 "
-        "iterations per image, batched",
-    ),
-    "fgsm": ("linf", "FGSM (one Linf gradient-sign step); eps search"),
-    "aga": ("l2", "additive Gaussian noise of L2 norm eps, 20 draws per eps; eps search"),
-    "aua": ("l2", "additive uniform noise of L2 norm eps, 20 draws per eps; eps search"),
-    "deepfool": ("l2", "DeepFool L2, <= 50 steps, 10 candidate classes, overshoot 0.01"),
-}
-ATTACK_LABELS = {
-    "pgd": "PGD",
-    "lbfgs": "LBF",
-    "fgsm": "GSM",
-    "aga": "AGA",
-    "aua": "AUA",
-    "deepfool": "DF2",
-}
+__all__ = [
+    "Attack",
+    "ATTACKS",
+    "ATTACK_LABELS",
+    "AttackResult",
+    "minimal_perturbations",
+    "summarize",
+]
 
 
 @dataclass
@@ -68,14 +56,30 @@ class AttackResult:
         return summarize(self)
 
 
-def _search_attack(name: str, model: nn.Module):
-    """The fixed-epsilon attack behind ``name`` as ``(x, labels, eps [M]) -> (adv, success)``."""
-    if name == "pgd":
-        return lambda x, y, eps: fixed_eps.pgd(model, x, y, eps)
-    if name == "fgsm":
-        return lambda x, y, eps: fixed_eps.fgsm(model, x, y, eps)
-    noise = {"aga": "gaussian", "aua": "uniform"}[name]
-    return lambda x, y, eps: fixed_eps.additive_noise(model, x, y, eps, distribution=noise)
+@dataclass(frozen=True)
+class Attack:
+    """One attack: the ``norm`` its perturbations are measured in ("linf" or "l2"), its ``label``
+    in the paper's Table 1, a ``description`` with its per-image budget, and how it runs: a
+    fixed-epsilon attack ``fixed(model, x, y, eps [M]) -> (adv, success)`` that the epsilon search
+    makes minimal, or an attack minimal by itself ``direct(model, x, y) -> (delta, success)``.
+    ``check`` (if any) runs before any work: a missing dependency fails at once."""
+
+    name: str
+    norm: str
+    label: str
+    description: str
+    fixed: Callable | None = None
+    direct: Callable | None = None
+    check: Callable | None = None
+
+    def one_batch(self, model, x, y, tol: float, max_eps: float):
+        """(delta, success, runs) for one batch: ``runs`` counts attack runs per image (1 for an
+        attack that needs no epsilon search)."""
+        if self.direct is not None:
+            return (*self.direct(model, x, y), torch.ones(len(x), dtype=torch.long))
+        start = linear_estimate(model, x, y, "linf" if self.norm == "linf" else "noise")
+        search = functools.partial(self.fixed, model)
+        return minimal_epsilon(search, x, y, start, tol=tol, max_eps=max_eps)
 
 
 def _foolbox():
@@ -97,17 +101,56 @@ def _deepfool(model: nn.Module, x: torch.Tensor, labels: torch.Tensor):
     return adv - x, torch.ones(len(x), dtype=torch.bool)
 
 
-def _one_batch(model, attack, x, y, tol, max_eps):
-    """(delta, success, runs) for one batch: ``runs`` counts attack runs per image (1 for the
-    attacks that need no epsilon search)."""
-    ones = torch.ones(len(x), dtype=torch.long)
-    if attack == "lbfgs":
-        return (*lbfgs_attack(model, x, y), ones)
-    if attack == "deepfool":
-        return (*_deepfool(model, x, y), ones)
-    norm = ATTACKS[attack][0]
-    start = linear_estimate(model, x, y, "linf" if norm == "linf" else "noise")
-    return minimal_epsilon(_search_attack(attack, model), x, y, start, tol=tol, max_eps=max_eps)
+ATTACKS = {
+    a.name: a
+    for a in (
+        Attack(
+            "pgd",
+            "linf",
+            "PGD",
+            "Linf PGD, 40 steps of 0.033*eps, no random start; eps search",
+            fixed=fixed_eps.pgd,
+        ),  # fmt: skip
+        Attack(
+            "lbfgs",
+            "l2",
+            "LBF",
+            "box-projected L-BFGS on c*||d||^2 + CE(x+d, runner-up "
+            "class), 8 values of c x 20 iterations per image, batched",
+            direct=lbfgs_attack,
+        ),  # fmt: skip
+        Attack(
+            "fgsm",
+            "linf",
+            "GSM",
+            "FGSM (one Linf gradient-sign step); eps search",
+            fixed=fixed_eps.fgsm,
+        ),  # fmt: skip
+        Attack(
+            "aga",
+            "l2",
+            "AGA",
+            "additive Gaussian noise of L2 norm eps, 20 draws per eps; eps search",
+            fixed=functools.partial(fixed_eps.additive_noise, distribution="gaussian"),
+        ),  # fmt: skip
+        Attack(
+            "aua",
+            "l2",
+            "AUA",
+            "additive uniform noise of L2 norm eps, 20 draws per eps; eps search",
+            fixed=functools.partial(fixed_eps.additive_noise, distribution="uniform"),
+        ),  # fmt: skip
+        Attack(
+            "deepfool",
+            "l2",
+            "DF2",
+            "DeepFool L2, <= 50 steps, 10 candidate classes, overshoot 0.01",
+            direct=_deepfool,
+            check=_foolbox,
+        ),  # fmt: skip
+    )
+}
+ATTACK_LABELS = {name: a.label for name, a in ATTACKS.items()}  # a view, for tables
 
 
 def minimal_perturbations(
@@ -155,19 +198,20 @@ def minimal_perturbations(
     """
     if attack not in ATTACKS:
         raise ConfigError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
-    if attack == "deepfool":
-        _foolbox()  # before any work
+    spec = ATTACKS[attack]
+    if spec.check is not None:
+        spec.check()  # before any work
     model.eval()
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
     correct = ~misclassified(model, images, labels)
     x, y = images[correct], labels[correct]
     torch.manual_seed(seed)
-    max_eps = 1.0 if ATTACKS[attack][0] == "linf" else math.sqrt(images[0].numel())
+    max_eps = 1.0 if spec.norm == "linf" else math.sqrt(images[0].numel())
     deltas, success, runs = [], [], []
     for start in tqdm(range(0, len(x), batch_size), desc=attack, disable=not progress):
         bx, by = x[start : start + batch_size], y[start : start + batch_size]
-        d, ok, r = _one_batch(model, attack, bx, by, tol, max_eps)
+        d, ok, r = spec.one_batch(model, bx, by, tol, max_eps)
         adv = bx + d
         valid = (adv >= -1e-6).flatten(1).all(1) & (adv <= 1 + 1e-6).flatten(1).all(1)
         ok = ok.to(device) & valid & misclassified(model, adv, by)  # re-check every result

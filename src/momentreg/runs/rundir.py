@@ -9,15 +9,11 @@ them, so nothing of an old model outlives ``train --force``.
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import shutil
 from pathlib import Path
 
-import torch
-
-from momentreg.errors import MomentregError
+from momentreg.files import atomic_save, atomic_write, read_json, write_json
+from momentreg.training.loop import CHECKPOINT, HISTORY  # the files training writes
 
 __all__ = [
     "atomic_write",
@@ -33,8 +29,6 @@ __all__ = [
 
 # The files of a run directory: training writes the first four, evaluations the others.
 CONFIG = "config.json"
-CHECKPOINT = "checkpoint.pt"
-HISTORY = "history.csv"
 METRICS = "metrics.json"
 ATTACKS_FILE = "attacks.json"
 CERTIFY_FILE = "certify.json"
@@ -65,45 +59,6 @@ def clear_run(run: Path) -> None:
     for path in [*run.glob(CERTIFY_TSVS), *run.glob(CERTIFY_PARTS)]:
         path.unlink()
     shutil.rmtree(run / "tensorboard", ignore_errors=True)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError:
-        tmp.unlink(missing_ok=True)  # e.g. disk full: drop the partial copy, keep the old file
-        raise
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
-
-
-def atomic_save(path: Path, obj) -> None:
-    """``torch.save`` of ``obj`` to ``path`` through ``atomic_write``: old file or new, whole."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write(path, buf.getvalue())
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MomentregError(f"{path} does not exist: is {path.parent} a momentreg run?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MomentregError(f"{path} is corrupted ({e})") from None
 
 
 def read_run(run: Path) -> tuple[dict, dict, dict]:

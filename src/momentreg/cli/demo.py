@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from momentreg.run import RunConfig, prepare_out_dir, train_run
+from momentreg.runs.run import RunConfig, prepare_out_dir, train_run
 from momentreg.tables import fmt, markdown_table
 
 __all__ = ["demo"]
@@ -17,7 +17,7 @@ def demo(out: Path, *, epochs: int = 3, folds: int = 6, augment_sigma: float = 0
          progress: bool = True) -> str:  # fmt: skip
     """Train the three runs into ``out/<i>-<method>/`` (resuming finished ones), write
     ``out/table.md`` and ``out/consistency.png``; returns the table (Markdown)."""
-    from momentreg.plots import plot_consistency
+    from momentreg.runs.plots import plot_consistency
 
     runs = {
         "clean": dict(method="clean"),

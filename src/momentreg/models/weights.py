@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from momentreg.errors import UsageError
-from momentreg.models import Normalize
+from momentreg.models.zoo import Normalize
 
 __all__ = ["load_weights", "sha256_of", "with_normalization"]
 

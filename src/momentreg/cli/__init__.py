@@ -1,0 +1,1 @@
+"""The ``momentreg`` command line."""
