@@ -104,6 +104,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mnist-sample", choices=DATASET_NAMES)
     p.add_argument("--data-dir", type=Path, help="folder with the official dataset files")
     p.add_argument("--download", action="store_true", help="fetch missing files (checksummed)")
+    _method_args(p)
+    _optimization_args(p)
+    _run_args(p)
+
+
+def _method_args(p: argparse.ArgumentParser) -> None:
+    """The method and its own settings."""
     p.add_argument("--method", default="clean", choices=METHODS)
     p.add_argument("--sigma", type=nonneg_float, default=0.0, help="training noise std (pixels)")
     p.add_argument(
@@ -158,6 +165,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         type=nonneg_int,
         help="raise the training noise linearly from 0 to --sigma over this many steps",
     )
+
+
+def _optimization_args(p: argparse.ArgumentParser) -> None:
+    """The optimizer, its schedule and the run's budget (defaults: the model's protocol)."""
     protocol = "defaults: the paper's protocol for --model (LeNet: Adam 1e-4, batch 1000)"
     g = p.add_argument_group("optimization", protocol)
     g.add_argument("--optimizer", choices=("adam", "sgd"))
@@ -204,6 +215,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="stop once the steps' counted compute (steps x batch x a step's passes per image, "
         "momentreg.training.cost) reaches this many clean epochs: every method the same FLOPs",
     )
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """Where the run starts from, its data limits, GNR, device and output."""
     p.add_argument(
         "--weights",
         type=Path,

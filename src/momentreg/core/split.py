@@ -190,6 +190,26 @@ def trace_split(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
     """
     if model in _CACHE:
         return _CACHE[model]
+    nodes, relu, pre = _first_relu(model)
+    head_nodes = _ancestors(relu)
+    varying = _depends_on_input(head_nodes)
+    for node in nodes:
+        if node in head_nodes:
+            _check_head_node(node, model, varying)
+    head_graph, env = fx.Graph(), {}
+    for node in nodes:
+        if node in head_nodes:
+            env[node] = head_graph.node_copy(node, env.__getitem__)
+    head_graph.output(env[pre])
+    tail_graph = _tail_graph(model, nodes, relu, head_nodes)
+    split = _graph_module(model, head_graph), _graph_module(model, tail_graph)
+    _CACHE[model] = split
+    return split
+
+
+def _first_relu(model: nn.Module) -> tuple[list, fx.Node, fx.Node]:
+    """(the traced graph's nodes, its first ReLU, that ReLU's input), or a ConfigError saying
+    why ``model`` cannot be split."""
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # control flow on values, unsupported Python: fx says which
@@ -211,18 +231,12 @@ def trace_split(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
         raise ConfigError(
             f"{_where(relu, model)} is the first ReLU, and there is no affine head before it"
         )
-    head_nodes = _ancestors(relu)
-    varying = _depends_on_input(head_nodes)
-    for node in nodes:
-        if node in head_nodes:
-            _check_head_node(node, model, varying)
+    return nodes, relu, pre
 
-    head_graph, env = fx.Graph(), {}
-    for node in nodes:
-        if node in head_nodes:
-            env[node] = head_graph.node_copy(node, env.__getitem__)
-    head_graph.output(env[pre])
 
+def _tail_graph(model: nn.Module, nodes: list, relu: fx.Node, head_nodes) -> fx.Graph:
+    """The graph after ``relu``, fed by its output; a ConfigError where it reads a value
+    computed before the ReLU (a skip connection over it)."""
     tail_graph, env = fx.Graph(), {}
     env[relu] = tail_graph.placeholder("relu_out")
     for node in nodes:
@@ -247,9 +261,7 @@ def trace_split(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
                     "split=(head, tail) yourself"
                 )
         env[node] = tail_graph.node_copy(node, env.__getitem__)
-    split = _graph_module(model, head_graph), _graph_module(model, tail_graph)
-    _CACHE[model] = split
-    return split
+    return tail_graph
 
 
 class _Pair(NamedTuple):

@@ -20,7 +20,16 @@ BUDGETS = ("time_budget", "step_budget", "pass_budget")  # a run has at most one
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every training setting. ``folds`` is N of N-fold augmentation (N = 1 is clean)."""
+    """Every training setting. ``folds`` is N of N-fold augmentation (N = 1 is clean).
+
+    A run has at most one budget. With ``time_budget`` it ends inside the epoch in which its
+    training steps (timed on the host, the step's loss read back) have taken that many seconds
+    (the first step of the call, which compiles, is not counted); that partial epoch is validated
+    and checkpointed like any other. Where it stops depends on the clock, so such a run is not
+    bit-for-bit repeatable; with ``step_budget`` it ends after that many steps on any machine
+    (and on the CPU, with the same threads, repeats bit for bit); with ``pass_budget`` after the
+    steps whose counted compute (steps x batch x passes per image) fits in that many clean epochs
+    of the training set: every method the same FLOPs, on any machine."""
 
     method: str = "clean"
     sigma: float = 0.0

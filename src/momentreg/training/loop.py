@@ -363,20 +363,11 @@ def train(
     """Train ``model`` in place and leave it with its best-validation weights (``keep="last"``:
     its last epoch's); return the history.
 
-    ``overrides`` set TrainConfig fields (``method="moment", sigma=1.0, alpha=1.0``, ...). With
-    ``out_dir`` a checkpoint and ``history.csv`` are written atomically after every epoch;
-    ``resume=True`` continues from that checkpoint and ends with the same weights as an
-    uninterrupted run. ``identity`` (e.g. model and dataset names) is stored in the checkpoint and
-    must match on resume, as must every config field but ``epochs``. With ``time_budget`` the run
-    ends inside the epoch in which its training steps (timed on the host, the step's loss read back)
-    have taken that many seconds (the first step of the call, which compiles, is not counted); that
-    partial epoch is validated and checkpointed like any other. Where it stops depends on the clock,
-    so such a run is not bit-for-bit repeatable; with ``step_budget`` it ends after that many
-    steps on any machine (and on the CPU, with the same threads, repeats bit for bit); with
-    ``pass_budget`` after the steps whose counted compute (steps x batch x passes per image) fits
-    in that many clean epochs of the training set: every method the same FLOPs, on any machine
-    (``passes``: the step's passes per image where the caller has counted them, as
-    momentreg.training.cost.passes_per_image on a first batch; else the trainer counts them).
+    ``overrides`` set TrainConfig fields (``method="moment", sigma=1.0, alpha=1.0``, ...; its
+    budgets are described there). With ``out_dir`` a checkpoint and ``history.csv`` are written
+    atomically after every epoch; ``resume=True`` continues from that checkpoint and ends with the
+    same weights as an uninterrupted run. ``identity`` (e.g. model and dataset names) is stored in
+    the checkpoint and must match on resume, as must every config field but ``epochs``.
 
     Args:
         model: the network, trained in place (on ``device``).
@@ -387,7 +378,9 @@ def train(
         device, progress, tensorboard: where to train; progress bars; TensorBoard logs in
             ``out_dir``.
         split: ``(head, tail)`` for a model torch.fx cannot split.
-        passes: the step's passes per image, for ``pass_budget``.
+        passes: the step's passes per image where the caller has counted them (as
+            momentreg.training.cost.passes_per_image on a first batch), for ``pass_budget``;
+            else the trainer counts them.
 
     Returns:
         The history: one dict per epoch (loss, accuracies, time, ...), as in history.csv.
@@ -417,16 +410,37 @@ def train(
         **(identity or {}),
     }
     out = Path(out_dir) if out_dir is not None else None
-    if resume and out is not None and (out / CHECKPOINT).exists():
-        ckpt = load_checkpoint(out / CHECKPOINT)
-        _check_identity(ckpt.get("identity", {}), identity, out / CHECKPOINT)
-        state.restore(ckpt)
-        if state.stopped or state.epoch >= cfg.epochs:
-            _write_history(out / HISTORY, state.history)  # a kill may have left the previous one
-            _end_weights(model, state, cfg)
-            return state.history
+    if resume and out is not None and _restored_and_finished(state, out, identity, cfg):
+        _end_weights(model, state, cfg)
+        return state.history
     writer = _tensorboard_writer(out) if tensorboard else None
     cfg = _pass_budget_as_steps(model, images, labels, cfg, split, passes)
+    try:
+        _run_epochs(state, cfg, (images, labels), (val_images, val_labels), out=out,
+                    identity=identity, writer=writer, split=split, progress=progress)  # fmt: skip
+    finally:
+        if writer is not None:
+            writer.close()
+    _end_weights(model, state, cfg)
+    return state.history
+
+
+def _restored_and_finished(state: TrainState, out: Path, identity: dict, cfg) -> bool:
+    """Restore ``state`` from ``out``'s checkpoint, if there is one and it is this run's; True
+    if that run has already ended (its history.csv rewritten: a kill may have left an old one)."""
+    if not (out / CHECKPOINT).exists():
+        return False
+    ckpt = load_checkpoint(out / CHECKPOINT)
+    _check_identity(ckpt.get("identity", {}), identity, out / CHECKPOINT)
+    state.restore(ckpt)
+    if state.stopped or state.epoch >= cfg.epochs:
+        _write_history(out / HISTORY, state.history)
+        return True
+    return False
+
+
+def _run_epochs(state, cfg, train_set, val_set, *, out, identity, writer, split, progress):
+    """The epochs from ``state``'s to ``cfg.epochs`` or a stop: train, validate, record, save."""
     clock = _StepClock(state.last("steps"), state.last("step_seconds", 0.0))
     epochs = tqdm(
         range(state.epoch, cfg.epochs), desc="epochs", disable=not progress, initial=state.epoch,
@@ -435,7 +449,7 @@ def train(
     for _ in epochs:
         t0 = time.perf_counter()
         try:
-            row = train_one_epoch(state, images, labels, cfg, clock, split, progress)
+            row = train_one_epoch(state, *train_set, cfg, clock, split, progress)
         except TrainingError as e:
             kept = (
                 f"the last good checkpoint (epoch {state.epoch}) and history are kept in {out}"
@@ -444,7 +458,7 @@ def train(
             )
             raise TrainingError(f"{e}; {kept}") from None
         row["val_loss"], row["val_accuracy"], row["collapsed"] = _validate(
-            model, val_images, val_labels, cfg.batch_size, device
+            state.model, *val_set, cfg.batch_size, val_set[0].device
         )
         if row["collapsed"] and not any(r.get("collapsed") for r in state.history):
             warnings.warn(
@@ -452,7 +466,7 @@ def train(
                 f"{COLLAPSE_SHARE:.0%} of the validation images (accuracy "
                 f"{row['val_accuracy']:.2f}%): training has collapsed (flagged in the history)",
                 CollapseWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         state.end_epoch(_history_row(row, state, clock, time.perf_counter() - t0))
         state.stopped = state.bad_epochs >= cfg.early_stop or clock.spent(cfg)
@@ -463,10 +477,6 @@ def train(
             _save_epoch(out, state, identity, finished=state.stopped or state.epoch == cfg.epochs)
         if state.stopped:
             break
-    if writer is not None:
-        writer.close()
-    _end_weights(model, state, cfg)
-    return state.history
 
 
 def _end_weights(model: nn.Module, state: TrainState, cfg: TrainConfig) -> None:
