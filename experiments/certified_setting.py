@@ -121,7 +121,7 @@ def setting(study, results: Path, rows: list[dict], sigmas: list[float], images:
             s for s in sigmas if {r["method"] for r in rows if r["sigma"] == s} == {"noise"}
         ]
         trained = [
-            f"- Issue 19's study on a GPU: MNIST, sigma {sig}, {lenet} for its 90 epochs, the "
+            f"- The certified study on a GPU: MNIST, sigma {sig}, {lenet} for its 90 epochs, the "
             "learning rate / 10 at epochs 30 and 60 (experiments/certified-gpu.toml). Every "
             "method trains the same epochs, so its cost is its passes per image."
             + (

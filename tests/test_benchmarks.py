@@ -135,6 +135,7 @@ def test_the_guide_quotes_the_committed_benchmark_runs():
         f"({resnet['ratio_to_clean']['moment_over_floor']:.2f}x the floor)",
         f"({lenet['ratio_to_clean']['augment21']:.1f}x for N = 21)",
         f"{r['gnr']['ratio']:.2f}x the floor of 31",
+        f"{r['corruptions']['ratio']:.2f}x their 20 forward passes",
         f"{100 * r['data_loading']['share']:.2f}% of a clean",
         f"took {r['malloc_default']['seconds']['moment']:.3f} s instead of "
         f"{lenet['seconds']['moment']:.3f} s, for "
