@@ -85,7 +85,7 @@ fi
     left=$(( deadline - ($(date +%s) - start) ))
     if [ "$set_name" = cifar10 ] && { [ "$left" -gt 120 ] || [ "$smoke" = 1 ]; }; then
         limit=(--attack-images 400 --certify-images 500)
-        [ "$smoke" = 1 ] && limit=(--attack-images 10 --lbfgs-images 2 --certify-images 4 \
+        [ "$smoke" = 1 ] && limit=(--attack-images 4 --lbfgs-images 2 --certify-images 2 \
             --certify-n 100)
         timeout "$left" "$python" experiments/cifar.py --stages evaluate --runs "$runs_root" \
             --device "$device" "${limit[@]}" || echo "evaluate: stopped or failed ($?)"

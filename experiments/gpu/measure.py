@@ -173,7 +173,7 @@ def main() -> None:
     if args.smoke:
         os.environ["MOMENTREG_COMPILE"] = "0"  # children too: no kernel compile per process
         os.environ["MOMENTREG_MEASURE_BATCH"] = "8"
-    seconds = 0.5 if args.smoke else args.seconds
+    seconds = 0.2 if args.smoke else args.seconds
     precisions = ("fp32", "bf16") if device.type == "cpu" else ("fp32", "tf32", "bf16")
     warmup = 1 if args.smoke else 3
     result = {

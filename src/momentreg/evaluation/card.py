@@ -170,16 +170,17 @@ def _certified(model, x, labels, settings: Certification, seed, progress) -> dic
 
 
 def _rows(card: Card) -> list[list[str]]:
-    source = "generated" if card.corruption_source == "generated" else "published files"
+    generated = card.corruption_source == "generated"  # else the published files, as they are
+    source = [f"{card.images} x 5", str(card.seed)] if generated else ["published files", "-"]
     rows = [
         ["clean accuracy (%)", f"{card.clean_accuracy:.2f}", str(card.images), str(card.seed)],
         ["GNR", f"{card.gnr:.2f}", str(card.gnr_images), str(card.seed)],
     ]
     for name, mean in card.corruption_means().items():
-        rows.append([f"{name}, mean of severities 1-5 (%)", f"{mean:.2f}", source, ""])
+        rows.append([f"{name}, mean of severities 1-5 (%)", f"{mean:.2f}", *source])
     overall = card.mean_corruption_accuracy()
     if overall is not None:
-        rows.append(["all corruptions, mean (%)", f"{overall:.2f}", source, ""])
+        rows.append(["all corruptions, mean (%)", f"{overall:.2f}", *source])
     for name, a in card.attacks.items():
         norm = "Linf" if ATTACKS[name].norm == "linf" else "L2"
         count = f"{a['images']} of {a['images'] + a['excluded_misclassified']}"
