@@ -5,39 +5,27 @@ have no such row (one class predicted, not certified, not trained)."""
 from __future__ import annotations
 
 import csv
-import math
 import sys
 from pathlib import Path
 
 from certified_study import CLEAN_EPOCHS, RADII, SAMPLED, Study
 from study import cell
 
-from momentreg.evaluation.certify import certified_accuracy
+from momentreg.evaluation.certify import (
+    certified_accuracy,
+    certified_radii,
+    mean_and_se,
+    read_tsv,
+)
 from momentreg.runs.rundir import CONFIG, HISTORY, METRICS, certify_tsv, read_json
 from momentreg.runs.sweep import expand, load_spec, run_dir_name
-
-
-def read_tsv(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [
-            {"idx": int(r["idx"]), "radius": float(r["radius"]), "correct": int(r["correct"])}
-            for r in csv.DictReader(f, delimiter="\t")
-        ]
-
-
-def mean_and_se(values: list[float]) -> tuple[float, float]:
-    """The mean of ``values`` and its standard error (nan for fewer than two)."""
-    n = len(values)
-    mean = sum(values) / n
-    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
-    return mean, se
 
 
 def certified(tsv: list[dict]) -> dict:
     """ACR (radius of correct predictions, 0 elsewhere), its standard error, certified accuracy
     (%) at RADII, and each image's radius by test index (``radii``, for comparisons paired over
     the images), from a per-image certification table."""
-    radii = {r["idx"]: r["radius"] * r["correct"] for r in tsv}
+    radii = certified_radii(tsv)
     acr, se = mean_and_se(list(radii.values()))
     return {
         "images": len(radii),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from certified_results import mean_and_se, row_order
+from certified_results import row_order
 from certified_study import (
     ANCHOR_TOLERANCE,
     ANCHORS,
@@ -18,6 +18,8 @@ from certified_study import (
     unit_name,
 )
 
+from momentreg.evaluation import certify
+
 
 def acr_gap(a: dict, b: dict) -> tuple[float, float]:
     """a's ACR minus b's, and two standard errors of that difference over the test images. Where
@@ -25,8 +27,9 @@ def acr_gap(a: dict, b: dict) -> tuple[float, float]:
     that of the per-image differences, so what the two share (an image easy or hard for both)
     cancels; otherwise the two runs' own standard errors add in quadrature."""
     ra, rb = a.get("radii"), b.get("radii")
-    if ra and rb and ra.keys() == rb.keys():
-        return a["acr"] - b["acr"], 2 * mean_and_se([ra[i] - rb[i] for i in ra])[1]
+    if ra and rb:
+        gap, se = certify.acr_gap(ra, rb)
+        return gap, 2 * se
     return a["acr"] - b["acr"], 2 * math.hypot(a["se"], b["se"])
 
 

@@ -2,19 +2,25 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import binom, norm
 from torch import nn
 
+from momentreg.errors import ConfigError
 from momentreg.evaluation import certify as certify_module
 from momentreg.evaluation.certify import (
     ABSTAIN,
+    acr_gap,
+    certified_radii,
     certify,
     certify_images,
     format_tsv,
     lower_confidence_bound,
+    mean_and_se,
     predict,
+    read_tsv,
     sample_counts,
     summarize,
 )
@@ -204,3 +210,45 @@ def test_an_interrupted_certification_of_other_weights_starts_over(tmp_path, mon
     (run / certify_partial(SIGMA)).write_bytes(b"torn")
     clear_run(run)
     assert not list(run.iterdir())  # train --force leaves nothing of the old certification
+
+
+def _table_rows(gen: np.random.Generator, n: int, shift: float = 0.0) -> list[dict]:
+    correct = gen.uniform(size=n) < 0.8
+    return [
+        {"idx": 3 * i, "label": i % 10, "predict": i % 10 if c else -1, "correct": int(c),
+         "radius": float(f"{gen.uniform(0.1, 1.0) + shift:.3}") if c else 0.0, "time": 0.5}
+        for i, c in enumerate(correct)
+    ]  # fmt: skip
+
+
+def test_a_certification_table_reads_back_into_its_acr_and_radii(tmp_path):
+    rows = _table_rows(np.random.default_rng(0), 50)
+    path = tmp_path / "certify-sigma0.25.tsv"
+    path.write_text(format_tsv(rows))
+    read = read_tsv(path)
+    assert rows == read  # every column, the radii as written (3 significant digits)
+    radii = certified_radii(read)
+    assert list(radii) == [r["idx"] for r in rows]
+    direct = np.array([r["radius"] * r["correct"] for r in rows])
+    acr, se = mean_and_se(list(radii.values()))
+    assert acr == pytest.approx(summarize(read)["acr"]) == pytest.approx(direct.mean())
+    assert se == pytest.approx(direct.std(ddof=1) / np.sqrt(len(direct)))
+    (tmp_path / "other.tsv").write_text("a\tb\n1\t2\n")
+    with pytest.raises(ConfigError, match="not a certification table"):
+        read_tsv(tmp_path / "other.tsv")
+
+
+def test_the_gap_between_two_runs_is_paired_over_shared_images():
+    gen = np.random.default_rng(1)
+    a = certified_radii(_table_rows(gen, 200))
+    b = {i: max(0.0, r - 0.05 + gen.normal(0, 0.01)) for i, r in a.items()}  # a's, a little less
+    gap, se = acr_gap(a, b)
+    diffs = np.array([a[i] - b[i] for i in a])
+    assert gap == pytest.approx(diffs.mean())
+    assert se == pytest.approx(diffs.std(ddof=1) / np.sqrt(len(diffs)))
+    unpaired = {i + 1: r for i, r in b.items()}  # other images: the standard errors add
+    gap2, se2 = acr_gap(a, unpaired)
+    assert gap2 == pytest.approx(gap)
+    assert se2 == pytest.approx(np.hypot(mean_and_se(list(a.values()))[1],
+                                         mean_and_se(list(b.values()))[1]))  # fmt: skip
+    assert se < se2 / 5  # what the runs share cancels

@@ -9,9 +9,12 @@ g is constant within that radius. Images are in [0, 1]; the noise is not clipped
 
 from __future__ import annotations
 
+import csv
 import datetime
+import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from scipy.stats import beta, binomtest, norm
@@ -32,6 +35,10 @@ __all__ = [
     "certify_images",
     "summarize",
     "format_tsv",
+    "read_tsv",
+    "certified_radii",
+    "mean_and_se",
+    "acr_gap",
 ]
 
 ABSTAIN = -1
@@ -256,3 +263,61 @@ def format_tsv(rows: list[dict]) -> str:
             f"{r['idx']}\t{r['label']}\t{r['predict']}\t{r['radius']:.3}\t{r['correct']}\t{elapsed}"
         )
     return "\n".join(lines) + "\n"
+
+
+def read_tsv(path: str | Path) -> list[dict]:
+    """The rows of a per-image certification table (:func:`format_tsv`'s layout, which is
+    locuslab/smoothing's): idx, label, predict, radius, correct and time (seconds; nan where the
+    table has none) of each image."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if rows and not {"idx", "label", "predict", "radius", "correct"} <= set(rows[0]):
+        raise ConfigError(f"{path} is not a certification table: its columns are {list(rows[0])}")
+    return [
+        {"idx": int(r["idx"]), "label": int(r["label"]), "predict": int(r["predict"]),
+         "radius": float(r["radius"]), "correct": int(r["correct"]),
+         "time": _seconds(r.get("time"))}
+        for r in rows
+    ]  # fmt: skip
+
+
+def _seconds(elapsed: str | None) -> float:
+    """H:MM:SS.ffffff (the table's time) in seconds; nan for a table without times."""
+    if not elapsed:
+        return math.nan
+    hours, minutes, seconds = elapsed.split(":")
+    return 3600 * int(hours) + 60 * int(minutes) + float(seconds)
+
+
+def certified_radii(rows: list[dict]) -> dict[int, float]:
+    """Each image's certified radius by its index (``idx``): the radius of a correct
+    prediction, 0 for a wrong one or an abstention. Their mean is the ACR."""
+    return {r["idx"]: r["radius"] if r["correct"] else 0.0 for r in rows}
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error (nan for fewer than two)."""
+    n = len(values)
+    if n == 0:
+        raise ConfigError("no values to average")
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
+    return mean, se
+
+
+def acr_gap(a: dict[int, float], b: dict[int, float]) -> tuple[float, float]:
+    """Run a's ACR minus run b's, from their :func:`certified_radii`, and the standard error of
+    that difference. Where both certified the same images, it is the standard error of the
+    per-image differences, so what the runs share (an image easy or hard for both) cancels;
+    otherwise the two runs' own standard errors add in quadrature.
+
+    Example:
+        >>> a, b = {0: 1.0, 1: 0.5, 2: 0.0}, {0: 0.8, 1: 0.4, 2: 0.0}
+        >>> gap, se = acr_gap(a, b)
+        >>> round(gap, 3), round(se, 3)
+        (0.1, 0.058)
+    """
+    (mean_a, se_a), (mean_b, se_b) = mean_and_se(list(a.values())), mean_and_se(list(b.values()))
+    if a.keys() == b.keys():
+        return mean_a - mean_b, mean_and_se([a[i] - b[i] for i in a])[1]
+    return mean_a - mean_b, math.hypot(se_a, se_b)
