@@ -207,7 +207,8 @@ def _figure(card: Card, path: Path) -> None:
     for name, accs in card.corruptions.items():
         axes[1].plot(SEVERITIES, accs, marker="o", label=name)
     axes[1].axhline(card.clean_accuracy, color="k", ls="--", label="clean")
-    axes[1].set(xlabel="severity", ylabel="accuracy (%)", title="noise corruptions")
+    axes[1].set(xlabel="severity", ylabel="accuracy (%)", title="noise corruptions",
+                xticks=SEVERITIES)  # fmt: skip
     if card.certified:
         _certified_panel(axes[2], [card])
     for ax in axes:
@@ -230,7 +231,8 @@ def _certified_panel(ax, cards: list[Card]) -> None:
     for card in cards:
         if card.certified:
             c = card.certified
-            ax.step(c["curve"]["radii"], c["curve"]["accuracy"], where="post",
+            radii, accuracy = c["curve"]["radii"], c["curve"]["accuracy"]
+            ax.step([*radii, radii[-1]], [*accuracy, 0.0], where="post",  # none beyond the last
                     label=f"{card.name}: sigma {c['sigma']:g}, ACR {c['acr']:.3f}")  # fmt: skip
     ax.set(xlabel="L2 radius", ylabel="certified accuracy (%)", title="randomized smoothing")
 
@@ -278,7 +280,7 @@ def compare_cards(cards: list[Card], folder: str | Path) -> tuple[Path, Path]:
                             for i in range(len(SEVERITIES))]  # fmt: skip
             axes[1].plot(SEVERITIES, per_severity, marker="o", label=card.name)
     axes[1].set(xlabel="severity", ylabel="accuracy (%), mean of the corruptions",
-                title="noise corruptions")  # fmt: skip
+                title="noise corruptions", xticks=SEVERITIES)  # fmt: skip
     if certified:
         _certified_panel(axes[2], cards)
     for ax in axes:

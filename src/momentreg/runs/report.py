@@ -14,13 +14,13 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from momentreg.evaluation.attacks import ATTACK_LABELS  # noqa: E402
 from momentreg.errors import ConfigError
-from momentreg.training.methods import ANALYTIC, WEIGHTED  # noqa: E402
+from momentreg.evaluation.attacks import ATTACK_LABELS  # noqa: E402
 from momentreg.runs.plots import plot_certified, plot_consistency  # noqa: E402
 from momentreg.runs.rundir import CERTIFY_FILE, METRICS, read_json, read_run  # noqa: E402
 from momentreg.runs.sweep import MOMENT_VARIANTS, moment_variants  # noqa: E402
 from momentreg.tables import fmt, markdown_table  # noqa: E402
+from momentreg.training.methods import ANALYTIC, WEIGHTED  # noqa: E402
 
 __all__ = [
     "TOLERANCE",

@@ -25,15 +25,19 @@ from pathlib import Path
 import torch
 
 from momentreg import __version__
-from momentreg.training.cost import passes_per_image
-from momentreg.data.datasets import DATASET_NAMES, IMAGEFOLDER, load_dataset, to_float, train_val_split
-from momentreg.errors import ConfigError, MomentregError, UsageError
-from momentreg.models.weights import load_weights, sha256_of
-from momentreg.data.imagefolder import imagefolder_classes
-from momentreg.training.methods import ANALYTIC
-from momentreg.models.zoo import MODELS, build_model, input_spec, is_factory
 from momentreg.core.regularizer import check_regularizable
+from momentreg.data.datasets import (
+    DATASET_NAMES,
+    IMAGEFOLDER,
+    load_dataset,
+    to_float,
+    train_val_split,
+)
+from momentreg.data.imagefolder import imagefolder_classes
+from momentreg.errors import ConfigError, MomentregError, UsageError
 from momentreg.evaluation.robustness import gaussian_robustness, prediction_stats
+from momentreg.models.weights import load_weights, sha256_of
+from momentreg.models.zoo import MODELS, build_model, input_spec, is_factory
 from momentreg.runs.rundir import (
     ATTACKS_FILE,
     CERTIFY_FILE,
@@ -49,7 +53,9 @@ from momentreg.runs.rundir import (
     write_json,
 )
 from momentreg.training.config import PROTOCOLS, TrainConfig
+from momentreg.training.cost import passes_per_image
 from momentreg.training.loop import load_checkpoint, model_weights, train
+from momentreg.training.methods import ANALYTIC
 
 __all__ = [
     "RunConfig",

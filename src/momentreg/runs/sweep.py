@@ -35,9 +35,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from momentreg.errors import ConfigError, MomentregError
-from momentreg.training.methods import ANALYTIC, WEIGHTED
 from momentreg.runs.run import RunConfig
 from momentreg.runs.rundir import CONFIG, ERROR, LOCK, METRICS, read_json, write_json
+from momentreg.training.methods import ANALYTIC, WEIGHTED
 
 try:
     import tomllib

@@ -17,7 +17,8 @@ __all__ = ["TIGHTNESS_INTRO", "tightness_of_runs", "tightness_table", "write_rep
 
 TIGHTNESS_INTRO = """# How faithful is the regularizer's surrogate?
 
-Made by `{command}` (see `momentreg.evaluation.tightness`). For the first {limit} test images and each input
+Made by `{command}` (see `momentreg.evaluation.tightness`).
+For the first {limit} test images and each input
 noise level sigma, the expected logits E[f(x + n)] are estimated by Monte Carlo ({samples} draws per
 image) and compared with
 
