@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from momentreg.errors import ConfigError, MomentregError
 from momentreg.runs.run import RunConfig
 from momentreg.runs.rundir import CONFIG, ERROR, LOCK, METRICS, read_json, write_json
-from momentreg.training.methods import ANALYTIC, WEIGHTED
+from momentreg.training.methods import ANALYTIC, METHODS, WEIGHTED
 
 try:
     import tomllib
@@ -321,12 +321,13 @@ def _cost(config: dict) -> float:
     budget = config.get("time_budget") or config.get("pass_budget")
     if budget:
         return budget
-    method = config.get("method")
-    per_pass = {
-        "augment": config.get("folds", 1),
-        "consistency": config.get("samples") or 2,
-        "macer": config.get("samples") or 16,
-    }.get(method, 2 if method in WEIGHTED else 1)
+    method = METHODS.get(config.get("method"))
+    if method is not None and method.name == "augment":
+        per_pass = config.get("folds", 1)
+    elif method is not None and method.copies:  # sampled noisy copies per image
+        per_pass = config.get("samples") or method.copies
+    else:
+        per_pass = 2 if method is not None and method.weighted else 1
     return (config.get("step_budget") or config.get("epochs", 100)) * per_pass
 
 
