@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import shutil
 import signal
@@ -230,3 +231,53 @@ def test_a_run_beside_others_gets_its_share_of_threads_for_ops_and_the_compiler(
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "8")
     assert child_env(1)["TORCHINDUCTOR_COMPILE_THREADS"] == "8"
     assert child_env(None) == dict(os.environ)  # a run alone: the environment as it is
+
+
+THEN_SPEC = """
+train_limit = 200
+epochs = 1
+batch_size = 50
+lr = 1e-3
+gnr_limit = 20
+[[methods]]
+method = "clean"
+[[methods]]
+method = "noise"
+sigma = 0.5
+"""
+
+
+@pytest.mark.slow
+def test_a_sweep_stops_at_its_deadline_then_trains_and_certifies_each_run(tmp_path):
+    spec, out = tmp_path / "spec.toml", tmp_path / "sweep"
+    spec.write_text(THEN_SPEC)
+    cmd = [sys.executable, "-m", "momentreg", "sweep", str(spec), "--out", str(out), "--quiet"]
+    cut = subprocess.run([*cmd, "--deadline", "1"], capture_output=True, text=True, timeout=120)
+    assert cut.returncode == 0, cut.stderr
+    assert "left by the deadline 2" in cut.stdout and "failed 0" in cut.stdout
+    assert status(out)["pending"] and not list(out.glob("runs/*/.lock"))  # resumable, unlocked
+    certify = ["--then", "certify", "--certify-limit", "4", "--certify-n0", "10", "--certify-n",
+               "50", "--certify-batch", "50", "--workers", "2"]  # fmt: skip
+    done = subprocess.run([*cmd, *certify], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "finished 2" in done.stdout and "certified 1" in done.stdout, done.stdout
+    noise, clean = (next(out.glob(f"runs/{m}*")) for m in ("noise", "clean"))
+    made = json.loads((noise / "certify.json").read_text())
+    assert list(made) == ["0.5"] and made["0.5"]["images"] == 4 and made["0.5"]["n"] == 50
+    assert not (clean / "certify.json").exists()  # trained without noise: no sigma of its own
+    again = subprocess.run([*cmd, *certify, "--certify-sigma", "0.25"], capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0 and "ran 2" in again.stdout and "certified 2" in again.stdout
+    assert set(json.loads((noise / "certify.json").read_text())) == {"0.5", "0.25"}
+    assert list(json.loads((clean / "certify.json").read_text())) == ["0.25"]
+
+
+def test_certify_settings_without_then_are_one_line(tmp_path, capsys):
+    from momentreg.cli.main import main
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(THEN_SPEC)
+    code = main(["sweep", str(spec), "--out", str(tmp_path / "o"), "--certify-n", "5"])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        "momentreg: error: --certify-n needs --then certify"
+    )

@@ -469,14 +469,34 @@ def cmd_sweep(args) -> None:
             print(sweep.run_dir_name(config), settings)
         print(f"{len(configs)} runs")
         return
+    then = _certify_after(args)
     prepare_out_dir(args.out, resume=True, force=False)
     options = ("backend", "workers", "address", "cpus_per_run", "gpus_per_run", "retry_failed")
     counts = sweep.sweep(
-        spec, args.out, **{k: getattr(args, k) for k in options}, progress=not args.quiet
-    )
+        spec, args.out, **{k: getattr(args, k) for k in options}, progress=not args.quiet,
+        then=then, deadline=args.deadline,
+    )  # fmt: skip
     print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
     if counts["failed"]:
         raise MomentregError(f"{counts['failed']} runs failed: momentreg sweep status {args.out}")
+
+
+def _certify_after(args):
+    """The sweep's --then certify settings (None without --then); --certify-* need it."""
+    from momentreg.runs.sweep import CertifyAfter
+
+    fields = [f.name for f in dataclasses.fields(CertifyAfter)]
+    given = {f: getattr(args, f"certify_{f}") for f in fields}
+    given = {f: v for f, v in given.items() if v is not None}
+    if args.then is None:
+        if given:
+            raise UsageError(
+                f"--certify-{next(iter(given)).replace('_', '-')} needs --then certify"
+            )
+        return None
+    if not given.get("failure_probability", 0.001) < 1:
+        raise UsageError("--certify-failure-probability must be below 1")
+    return CertifyAfter(**given)
 
 
 def cmd_report(args) -> None:
@@ -551,6 +571,21 @@ def _sweep_parser(sub) -> None:
         help="override a spec setting, e.g. --set data_dir=DIR --set epochs=20",
     )
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    p.add_argument(
+        "--deadline",
+        type=pos_float,
+        metavar="SECONDS",
+        help="kill what still runs after this many seconds (the same call resumes)",
+    )
+    g = p.add_argument_group("certify each run as soon as it has trained")
+    g.add_argument("--then", choices=("certify",), help="certify: momentreg evaluate --certify")
+    g.add_argument("--certify-sigma", type=pos_float, help="default: each run's training sigma")
+    g.add_argument("--certify-limit", type=pos_int, help="test images (default 500)")
+    g.add_argument("--certify-stride", type=pos_int, help="every K-th test image (default 1)")
+    g.add_argument("--certify-n0", type=pos_int, help="samples to pick the class (default 100)")
+    g.add_argument("--certify-n", type=pos_int, help="samples for its bound (default 100000)")
+    g.add_argument("--certify-failure-probability", type=pos_float, help="default 0.001")
+    g.add_argument("--certify-batch", type=pos_int, help="noisy copies per pass (default 1000)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sweep)

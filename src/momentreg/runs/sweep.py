@@ -29,14 +29,24 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from momentreg.errors import ConfigError, MomentregError
 from momentreg.runs.run import RunConfig
-from momentreg.runs.rundir import CONFIG, ERROR, LOCK, METRICS, read_json, write_json
+from momentreg.runs.rundir import (
+    CERTIFY_FILE,
+    CONFIG,
+    ERROR,
+    LOCK,
+    METRICS,
+    read_json,
+    write_json,
+)
 from momentreg.training.methods import ANALYTIC, METHODS, WEIGHTED
 
 try:
@@ -44,7 +54,16 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["child_env", "expand", "load_spec", "PRESETS", "run_dir_name", "sweep", "status"]
+__all__ = [
+    "CertifyAfter",
+    "child_env",
+    "expand",
+    "load_spec",
+    "PRESETS",
+    "run_dir_name",
+    "sweep",
+    "status",
+]
 
 _PAPER_AUGMENT = {
     "method": "augment",
@@ -246,13 +265,53 @@ def child_env(threads: int | None) -> dict[str, str]:
     return env
 
 
-def run_one(run: str, threads: int | None = None) -> str:
-    """Train one run (its config.json, written by the sweep) in a child process,
-    ``momentreg train --config RUN/config.json --out RUN --resume``; returns its final state.
-    Used by both backends."""
-    run_path = Path(run)
-    argv = ["train", "--config", str(run_path / CONFIG), "--out", run, "--resume", "--quiet"]
-    (run_path / ERROR).unlink(missing_ok=True)
+CERTIFY_ERROR = "certify-error.txt"  # a run's record of a certification that failed
+
+
+@dataclass(frozen=True)
+class CertifyAfter:
+    """Certify each run as soon as it has trained (``momentreg evaluate RUN --certify``): at
+    ``sigma``, or at the run's own training sigma where None (a run trained without noise is
+    then left uncertified), on ``limit`` test images, every ``stride``-th, with CERTIFY's ``n0``,
+    ``n``, ``failure_probability`` and ``batch``, on the run's device."""
+
+    sigma: float | None = None
+    limit: int = 500
+    stride: int = 1
+    n0: int = 100
+    n: int = 100_000
+    failure_probability: float = 0.001
+    batch: int = 1000
+
+    def argv(self, run: Path) -> list[str] | None:
+        """The command's arguments for ``run``, or None where there is no sigma to certify at."""
+        config = read_json(run / CONFIG)
+        sigma = self.sigma or config.get("sigma") or 0.0
+        if sigma <= 0:
+            return None
+        return [
+            "evaluate", str(run), "--certify", "--sigma", f"{sigma:g}", "--n0", str(self.n0),
+            "--n", str(self.n), "--failure-probability", f"{self.failure_probability:g}",
+            "--batch", str(self.batch), "--limit", str(self.limit), "--stride", str(self.stride),
+            "--device", str(config.get("device", "cpu")), "--quiet",
+        ]  # fmt: skip
+
+    def done(self, run: Path) -> bool:
+        """Whether ``run`` holds this certification already (or has nothing to certify)."""
+        argv = self.argv(run)
+        if argv is None:
+            return True
+        if not (run / CERTIFY_FILE).exists():
+            return False
+        made = read_json(run / CERTIFY_FILE).get(argv[argv.index("--sigma") + 1], {})
+        want = {"n0": self.n0, "n": self.n, "alpha": self.failure_probability,
+                "stride": self.stride}  # fmt: skip
+        return all(made.get(k) == v for k, v in want.items())
+
+
+def _child(argv: list[str], run: Path, threads: int | None, deadline: float | None):
+    """Run ``momentreg ARGV`` for ``run`` (its pid in the run's lock meanwhile); returns (exit
+    code, stderr), or (None, "") where the deadline (a ``time.time()``) killed it first."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "momentreg", *argv],
         env=child_env(threads),
@@ -261,13 +320,48 @@ def run_one(run: str, threads: int | None = None) -> str:
         text=True,
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
-    (run_path / LOCK).write_text(f"{proc.pid} {os.getpid()}\n")
-    _, err = proc.communicate()
-    if proc.returncode != 0:
-        message = err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}"
-        (run_path / ERROR).write_text(f"exit code {proc.returncode}: {message}\n{err}")
-    (run_path / LOCK).unlink(missing_ok=True)
-    return run_state(run_path)
+    (run / LOCK).write_text(f"{proc.pid} {os.getpid()}\n")
+    try:
+        _, err = proc.communicate(timeout=None if deadline is None else deadline - time.time())
+        return proc.returncode, err
+    except subprocess.TimeoutExpired:
+        proc.kill()  # resumable: the checkpoint of the last epoch, the certification's rows
+        proc.communicate()
+        return None, ""
+    finally:
+        (run / LOCK).unlink(missing_ok=True)
+
+
+def _failure(code: int, err: str) -> str:
+    message = err.strip().splitlines()[-1] if err.strip() else f"exit code {code}"
+    return f"exit code {code}: {message}\n{err}"
+
+
+def run_one(
+    run: str,
+    threads: int | None = None,
+    then: CertifyAfter | None = None,
+    deadline: float | None = None,
+) -> str:
+    """Train one run (its config.json, written by the sweep) in a child process,
+    ``momentreg train --config RUN/config.json --out RUN --resume``, then with ``then`` certify
+    it; a child still running at ``deadline`` (a ``time.time()``) is killed, and the next sweep
+    resumes it. Returns the run's state. Used by both backends."""
+    path = Path(run)
+    if deadline is not None and time.time() >= deadline:
+        return run_state(path)
+    if run_state(path) != "done":
+        (path / ERROR).unlink(missing_ok=True)
+        argv = ["train", "--config", str(path / CONFIG), "--out", run, "--resume", "--quiet"]
+        code, err = _child(argv, path, threads, deadline)
+        if code:
+            (path / ERROR).write_text(_failure(code, err))
+    if then is not None and run_state(path) == "done" and not then.done(path):
+        (path / CERTIFY_ERROR).unlink(missing_ok=True)
+        code, err = _child(then.argv(path), path, threads, deadline)
+        if code:
+            (path / CERTIFY_ERROR).write_text(_failure(code, err))
+    return run_state(path)
 
 
 def sweep(
@@ -280,8 +374,14 @@ def sweep(
     gpus_per_run: float = 0.0,
     retry_failed: bool = False,
     progress: bool = True,
+    then: CertifyAfter | None = None,
+    deadline: float | None = None,
 ) -> dict[str, int]:
-    """Run every pending run of ``spec`` into ``out``; returns counts of what happened."""
+    """Run every pending run of ``spec`` into ``out``; returns counts of what happened. With
+    ``then`` each run is certified as soon as it has trained (and a finished run that lacks its
+    certification is certified); after ``deadline`` seconds whatever still runs is killed, to be
+    resumed by the same call."""
+    deadline_at = None if deadline is None else time.time() + deadline
     configs = expand(spec)
     resolved = validate(configs)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,7 +392,9 @@ def sweep(
     for config, run_config, name in zip(configs, resolved, names, strict=True):
         run = out / "runs" / name
         state = run_state(run)
-        if state == "done" or state == "running" or (state == "failed" and not retry_failed):
+        if state == "done" and then is not None and not then.done(run):
+            todo.append((0.0, str(run)))  # trained: only its certification is left
+        elif state == "done" or state == "running" or (state == "failed" and not retry_failed):
             counts[f"skipped_{state}"] += 1
         else:
             run.mkdir(parents=True, exist_ok=True)
@@ -302,14 +404,21 @@ def sweep(
     # Longest first, so the slowest run (e.g. 21-fold augmentation) does not start last.
     todo = [run for _, run in sorted(todo, key=lambda t: -t[0])]
     if backend == "local":
-        results = _run_local(todo, workers, progress)
+        results = _run_local(todo, workers, progress, then, deadline_at)
     elif backend == "ray":
-        results = _run_ray(todo, address, cpus_per_run, gpus_per_run, progress)
+        results = _run_ray(todo, address, cpus_per_run, gpus_per_run, progress, then, deadline_at)
     else:
         raise SpecError(f"unknown backend {backend!r}: local or ray")
     counts["ran"] = len(todo)
     counts["finished"] = sum(r == "done" for r in results)
     counts["failed"] = sum(r == "failed" for r in results)
+    if deadline is not None:
+        counts["left_by_the_deadline"] = sum(r == "pending" for r in results)
+    if then is not None:
+        runs = [Path(r) for r in todo]
+        wanted = [r for r in runs if run_state(r) == "done" and then.argv(r) is not None]
+        counts["certified"] = sum(then.done(r) for r in wanted)
+        counts["certify_failed"] = sum((r / CERTIFY_ERROR).exists() for r in runs)
     return counts
 
 
@@ -331,17 +440,17 @@ def _cost(config: dict) -> float:
     return (config.get("step_budget") or config.get("epochs", 100)) * per_pass
 
 
-def _run_local(todo, workers, progress) -> list[str]:
+def _run_local(todo, workers, progress, then=None, deadline=None) -> list[str]:
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     results = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(run_one, run, threads) for run in todo]
+        futures = [pool.submit(run_one, run, threads, then, deadline) for run in todo]
         for f in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
             results.append(f.result())
     return results
 
 
-def _run_ray(todo, address, cpus_per_run, gpus_per_run, progress) -> list[str]:
+def _run_ray(todo, address, cpus_per_run, gpus_per_run, progress, then=None, deadline=None):
     """Each run is a Ray task with its CPU/GPU needs; ``DIR`` must be on storage all nodes see."""
     try:
         import ray
@@ -352,7 +461,7 @@ def _run_ray(todo, address, cpus_per_run, gpus_per_run, progress) -> list[str]:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run)(run_one)
-        pending = [remote.remote(run, cpus_per_run) for run in todo]
+        pending = [remote.remote(run, cpus_per_run, then, deadline) for run in todo]
         results = []
         bar = tqdm(total=len(pending), desc="runs (ray)", disable=not progress)
         while pending:
