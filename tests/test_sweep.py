@@ -25,13 +25,16 @@ from momentreg.runs.sweep import (
     sweep,
 )
 
-SPEC = """
+TINY = """
 train_limit = 200
 epochs = 1
 batch_size = 50
 lr = 1e-3
 gnr_limit = 20
-[[methods]]
+"""
+SPEC = (
+    TINY
+    + """[[methods]]
 method = "clean"
 seed = [0, 1]
 [[methods]]
@@ -46,6 +49,7 @@ folds = 2
 method = "noise"
 sigma = 0.5
 """
+)
 TIMING = {"train_seconds", "seconds_per_epoch"}
 
 
@@ -233,18 +237,15 @@ def test_a_run_beside_others_gets_its_share_of_threads_for_ops_and_the_compiler(
     assert child_env(None) == dict(os.environ)  # a run alone: the environment as it is
 
 
-THEN_SPEC = """
-train_limit = 200
-epochs = 1
-batch_size = 50
-lr = 1e-3
-gnr_limit = 20
-[[methods]]
+THEN_SPEC = (
+    TINY
+    + """[[methods]]
 method = "clean"
 [[methods]]
 method = "noise"
 sigma = 0.5
 """
+)
 
 
 @pytest.mark.slow

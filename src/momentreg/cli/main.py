@@ -343,14 +343,13 @@ def _card(args, model, images, labels, device, progress) -> None:
 
     if args.certify and not args.failure_probability < 1:
         raise UsageError(f"--failure-probability must be below 1, got {args.failure_probability}")
-    certify = args.certify and Certification(
-        sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.failure_probability, batch=args.batch
-    )
+    settings = dict(sigma=args.sigma, n0=args.n0, n=args.n, batch=args.batch)
+    certify = Certification(**settings, alpha=args.failure_probability) if args.certify else None
     prepare_out_dir(args.card, resume=True, force=False)
     card = evaluate(
         model, images, labels, name=args.name or str(args.run or args.weights),
         corruptions=args.corruptions, cifar_c=args.cifar_c, attacks=tuple(args.attacks or ()),
-        tol=args.tol, certify=certify or None, seed=args.seed, device=device, progress=progress,
+        tol=args.tol, certify=certify, seed=args.seed, device=device, progress=progress,
     )  # fmt: skip
     paths = write_card(card, args.card)
     print((args.card / "card.md").read_text().strip())

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from momentreg.data.datasets import to_float
 from momentreg.errors import ConfigError
-from momentreg.evaluation.attacks import ATTACKS
+from momentreg.evaluation.attacks import ATTACKS, minimal_perturbations, summarize
 from momentreg.evaluation.corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
 from momentreg.evaluation.robustness import gaussian_robustness, prediction_stats
 from momentreg.tables import markdown_table
@@ -119,7 +119,7 @@ def evaluate(
     try:
         found = _attacks(model, x[:attack_images], labels[:attack_images], attacks, tol, seed,
                          progress)  # fmt: skip
-        certified = certify and _certified(model, x, labels, certify, seed, progress)
+        certified = _certified(model, x, labels, certify, seed, progress) if certify else None
     finally:
         model.train(was_training)
     return Card(
@@ -138,8 +138,6 @@ def evaluate(
 
 
 def _attacks(model, x, labels, names, tol, seed, progress) -> dict:
-    from momentreg.evaluation.attacks import minimal_perturbations, summarize
-
     return {
         name: summarize(
             minimal_perturbations(model, x, labels, name, tol=tol, seed=seed, progress=progress)

@@ -111,6 +111,12 @@ def shot_table(c: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _alias(shot_distribution(c).numpy())
 
 
+@functools.lru_cache(maxsize=32)
+def _flat_table(c: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`shot_table` flattened on ``device``, moved there once per process."""
+    return tuple(t.to(device).flatten() for t in shot_table(c))
+
+
 def _alias(table: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Vose's alias method for each row of ``table`` [R, K] (rows sum to 1)."""
     rows, k = table.shape
@@ -133,7 +139,7 @@ def _shot_uint8(images: torch.Tensor, c: float, gen: torch.Generator | None) -> 
     """Shot noise on uint8 ``images`` by the alias tables: one uniform draw per value, its
     integer part (of 256 times it) the candidate output and its fraction the acceptance draw,
     in place of a Poisson draw (the same distribution)."""
-    prob, alias = (t.to(images.device).flatten() for t in shot_table(float(c)))
+    prob, alias = _flat_table(float(c), images.device)
     u = torch.rand(images.shape, generator=gen, device=images.device, dtype=torch.float64) * 256
     candidate = u.long()
     index = images.long() * 256 + candidate

@@ -283,10 +283,14 @@ class CertifyAfter:
     failure_probability: float = 0.001
     batch: int = 1000
 
+    def sigma_for(self, config: dict) -> float:
+        """The sigma to certify a run of ``config`` at (0: none, a run trained without noise)."""
+        return self.sigma or config.get("sigma") or 0.0
+
     def argv(self, run: Path) -> list[str] | None:
         """The command's arguments for ``run``, or None where there is no sigma to certify at."""
         config = read_json(run / CONFIG)
-        sigma = self.sigma or config.get("sigma") or 0.0
+        sigma = self.sigma_for(config)
         if sigma <= 0:
             return None
         return [
@@ -298,12 +302,12 @@ class CertifyAfter:
 
     def done(self, run: Path) -> bool:
         """Whether ``run`` holds this certification already (or has nothing to certify)."""
-        argv = self.argv(run)
-        if argv is None:
+        sigma = self.sigma_for(read_json(run / CONFIG))
+        if sigma <= 0:
             return True
         if not (run / CERTIFY_FILE).exists():
             return False
-        made = read_json(run / CERTIFY_FILE).get(argv[argv.index("--sigma") + 1], {})
+        made = read_json(run / CERTIFY_FILE).get(f"{sigma:g}", {})  # certify.json's key
         want = {"n0": self.n0, "n": self.n, "alpha": self.failure_probability,
                 "stride": self.stride}  # fmt: skip
         return all(made.get(k) == v for k, v in want.items())
