@@ -11,7 +11,7 @@ Stages, each resumable (rerun the same command after a crash):
      the most robust run of each method group that keeps the clean run's accuracy;
   3. export: every finished run's config, metrics, attacks, certificates and history copied to
      docs/results/beyond/ (checkpoints stay in --runs);
-  4. doc: docs/beyond.md and its figures, from those copies alone.
+  4. doc: docs/beyond.md's tables and figures, from those copies alone (pages.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import pages  # noqa: E402
 from study import (  # noqa: E402
     ROOT,
     attack_commands,
@@ -37,7 +38,7 @@ from study import (  # noqa: E402
     fmt,
     image_counts,
     parse_stages,
-    provenance,
+    made_with,
     run_jobs,
     study_parser,
 )
@@ -205,12 +206,13 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]:
-    title = DATASETS[dataset]
+def dataset_blocks(dataset: str, rows: list[dict], figures: Path) -> dict[str, str]:
+    """A dataset's blocks: cost and results per budget, the best run per budget, the Pareto
+    fronts, and the attacks and certificates of the picks; and its frontier figure."""
     budgets = sorted({r["time_budget"] for r in rows})
     costs = step_costs(rows)
     recipes = _by(rows, label)
-    plot_frontier(rows, figures / f"{dataset}-frontier.png", f"LeNet / {title}")
+    plot_frontier(rows, figures / f"{dataset}-frontier.png", f"LeNet / {DATASETS[dataset]}")
 
     def cell(recipe, budget):
         r = next((r for r in recipes[recipe] if r["time_budget"] == budget), None)
@@ -218,15 +220,8 @@ def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]
             return "n/a"
         return f"{fmt(r['test_accuracy'])} / {fmt(r['gnr'])} ({r['steps']})"
 
-    md = [
-        f"## {title}",
-        "",
-        "### Cost and results at each budget",
-        "",
-        "Each cell: test accuracy (%) / GNR (training steps done within the budget). Step cost: "
-        "the median over the group's runs of seconds per training step, and its ratio to clean.",
-        "",
-        markdown_table(
+    out = {
+        f"{dataset}-costs": markdown_table(
             ["run", "s/step", "x clean", *[f"{b:g} s" for b in budgets]],
             [
                 [name, f"{costs[g]:.3f}", f"{costs[g] / costs['clean']:.2f}"]
@@ -235,16 +230,7 @@ def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]
                 for g in [report.group_of(rs[0])]
             ],
         ),
-        "",
-        f"![robustness-vs-compute frontier](beyond/{dataset}-frontier.png)",
-        "",
-        "### Best method per compute budget",
-        "",
-        "The most robust run (accuracy / GNR) among those that lose at most the given number "
-        "of accuracy points against the clean run trained for the same budget; the headline "
-        f"rule is {HEADLINE:g} point.",
-        "",
-        markdown_table(
+        f"{dataset}-best": markdown_table(
             ["budget", "clean", *[f"best, loss <= {t:g}" for t in TOLERANCES]],
             [
                 [f"{b:g} s", _acc_gnr(w["clean"])]
@@ -252,11 +238,7 @@ def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]
                 for b, w in best_per_budget(rows).items()
             ],
         ),
-        "",
-        "Without a threshold: the runs on the accuracy-GNR Pareto front of each budget (no other "
-        f"run that learned, i.e. reached {LEARNED:g}% accuracy, is better on both).",
-        "",
-        markdown_table(
+        f"{dataset}-pareto": markdown_table(
             ["budget", "Pareto front (accuracy / GNR)"],
             [
                 [
@@ -269,40 +251,29 @@ def _dataset_section(dataset: str, rows: list[dict], figures: Path) -> list[str]
                 for b in budgets
             ],
         ),
-        "",
-    ]
+    }
     evaluated = [r for r in winners(rows).values() if r["energy_pgd"] is not None or r["certify"]]
-    if evaluated:
-        sigma = f"{SMOOTHING_SIGMA:g}"
-        clean = next((r for r in evaluated if r["method"] == "clean"), None)
-        md += [
-            f"### Attacks and certificates at {budgets[-1]:g} s",
-            "",
-            f"The pick of each group under the headline rule (the most robust run that loses at "
-            f"most {HEADLINE:g} point of accuracy against clean; its most accurate run when none "
-            "qualifies). Attacks: mean energy of the minimal perturbation (mean squared "
-            f"perturbation per pixel) over the correctly classified of the first "
-            f"{_images(evaluated)} test images, in brackets the ratio to clean. Randomized "
-            f"smoothing at sigma {sigma} (Cohen et al. 2019): ACR and certified accuracy at radius "
-            f"0.5 on the first {_certified(evaluated, sigma)}.",
-            "",
-            markdown_table(
-                ["group", "run", *ATTACK_LABELS.values(), "ACR", "cert. acc. r=0.5", "GNR", "ACC"],
-                [
-                    [report.group_of(r), label(r)]
-                    + [energy_cell(r, clean, k) for k in ATTACK_LABELS]
-                    + [
-                        fmt(r["certify"].get(sigma, {}).get("acr"), ".3f"),
-                        fmt(r["certify"].get(sigma, {}).get("certified_accuracy", {}).get("0.5")),
-                        fmt(r["gnr"]),
-                        fmt(r["test_accuracy"]),
-                    ]
-                    for r in sorted(evaluated, key=lambda r: _order(report.group_of(r)))
-                ],
-            ),
-            "",
-        ]
-    return md
+    sigma = f"{SMOOTHING_SIGMA:g}"
+    clean = next((r for r in evaluated if r["method"] == "clean"), None)
+    out[f"{dataset}-attacks"] = (
+        f"Attacked test images: {_images(evaluated)}. Certified: {_certified(evaluated, sigma)}."
+        "\n\n"
+        + markdown_table(
+            ["group", "run", *ATTACK_LABELS.values(), "ACR", "cert. acc. r=0.5", "GNR", "ACC"],
+            [
+                [report.group_of(r), label(r)]
+                + [energy_cell(r, clean, k) for k in ATTACK_LABELS]
+                + [
+                    fmt(r["certify"].get(sigma, {}).get("acr"), ".3f"),
+                    fmt(r["certify"].get(sigma, {}).get("certified_accuracy", {}).get("0.5")),
+                    fmt(r["gnr"]),
+                    fmt(r["test_accuracy"]),
+                ]
+                for r in sorted(evaluated, key=lambda r: _order(report.group_of(r)))
+            ],
+        )
+    )
+    return out
 
 
 def _acc_gnr(row: dict) -> str:
@@ -325,183 +296,17 @@ def _certified(rows: list[dict], sigma: str) -> str:
     )
 
 
-def _conclusions(all_rows: dict[str, list[dict]]) -> list[str]:
-    """What the numbers say; every figure is computed from the rows."""
-    picks = [w[HEADLINE] for rows in all_rows.values() for w in best_per_budget(rows).values()]
-    wins = sum(r["method"] == ANALYTIC for r in picks)
-    out = [
-        "## What we conclude",
-        "",
-        f"**Verdict:** an analytic variant is the most robust run at matched compute (accuracy "
-        f"loss <= {HEADLINE:g} point against clean) in {wins} of the {len(picks)} dataset-budget "
-        "pairs. "
-        + (
-            "On this evidence the analytic approach is not the best robustness per unit of "
-            "training compute; the reasons are below."
-            if wins == 0
-            else "See below for where."
-        ),
-        "",
-    ]
-    for dataset, rows in all_rows.items():
-        best = best_per_budget(rows)
-        costs = step_costs(rows)
-        picks = {b: w[HEADLINE] for b, w in best.items()}
-        wins = [b for b, r in picks.items() if r["method"] == ANALYTIC]
-        line = (
-            f"- **{DATASETS[dataset]}.** Best run per budget (accuracy loss <= {HEADLINE:g} "
-            "point): "
-            + "; ".join(f"{b:g} s: {label(r)} ({_acc_gnr(r)})" for b, r in picks.items())
-            + f". An analytic variant wins at {len(wins)} of {len(picks)} budgets. The best "
-            "analytic run under the same rule, and its GNR gap to the winner: "
-        )
-        gaps = []
-        for b, w in best.items():
-            rs = [r for r in rows if r["time_budget"] == b and r["method"] == ANALYTIC]
-            fair = report.fair_comparison(rs + [w["clean"]], HEADLINE, group=report.group_of)
-            analytic = [r for r in fair["selected"].values() if r["method"] == ANALYTIC]
-            if analytic:
-                a = max(analytic, key=lambda r: r["gnr"])
-                gaps.append(f"{b:g} s: {label(a)}, {a['gnr'] - picks[b]['gnr']:+.2f}")
-            else:
-                gaps.append(f"{b:g} s: none keeps the accuracy")
-        line += "; ".join(gaps) + ". Analytic runs on the accuracy-GNR Pareto front: "
-        line += "; ".join(
-            f"{b:g} s: " + (", ".join(label(r) for r in front if r["method"] == ANALYTIC) or "none")
-            for b in best
-            for front in [pareto_front(_at(rows, b))]
-        )
-        ratios = _attack_ratios(list(winners(rows).values()))
-        if ratios:
-            top = max(ratios, key=ratios.get)
-            line += (
-                f". Minimal perturbations at {max(best):g} s (geometric mean over the six attacks "
-                f"of the energy ratio to clean): largest for {top} ({ratios[top]:.2f}x); "
-                + ", ".join(f"{g} {ratios[g]:.2f}x" for g in sorted(ratios, key=_order) if g != top)
-            )
-        line += ". Step cost against clean: "
-        line += ", ".join(
-            f"{g} {c / costs['clean']:.2f}x" for g, c in costs.items() if g != "clean"
-        )
-        out.append(line + ".")
-    out += _why(all_rows)
-    return out + [""]
-
-
-def _per_step(rows: list[dict], dataset: str) -> str:
-    """The paper's regularizer at the largest budget against the augment N=2 run with the most
-    steps that are not more than its own."""
-    m = next(r for r in at_largest_budget(rows) if report.group_of(r) == "moment")
-    fewer = [r for r in rows if report.group_of(r) == "augment N=2" and r["steps"] <= m["steps"]]
-    if not fewer:
-        return f"{DATASETS[dataset]}: no augmentation run with as few steps"
-    a = max(fewer, key=lambda r: r["steps"])
-    return (
-        f"on {DATASETS[dataset]} the regularizer after {m['steps']} steps reaches "
-        f"{_acc_gnr(m)} (accuracy / GNR), 2-fold augmentation after {a['steps']} steps "
-        f"{_acc_gnr(a)}"
-    )
-
-
-def _attack_ratios(picks: list[dict]) -> dict[str, float]:
-    """group -> geometric mean over the attacks of its pick's energy over the clean pick's."""
-    clean = next(r for r in picks if r["method"] == "clean")
-    out = {}
-    for r in picks:
-        pairs = [(r[f"energy_{k}"], clean[f"energy_{k}"]) for k in ATTACK_LABELS]
-        if r is clean or any(a is None or not c for a, c in pairs):
-            continue
-        out[report.group_of(r)] = math.exp(statistics.mean(math.log(a / c) for a, c in pairs))
-    return out
-
-
-def _why(all_rows: dict[str, list[dict]]) -> list[str]:
-    """Why the analytic variants lose or win, from the step counts; and what limits the study."""
-    rows = next(iter(all_rows.values()))
-    top = at_largest_budget(rows)
-    steps = {
-        g: statistics.median(r["steps"] for r in rs) for g, rs in _by(top, report.group_of).items()
-    }
-    dead = sorted(
-        {
-            f"{label(r)} ({DATASETS[r['dataset']]})"
-            for rs in all_rows.values()
-            for r in rs
-            if r["test_accuracy"] < LEARNED
-        }
-    )
-    return [
-        f"- **Why.** At equal wall-clock compute, N-fold augmentation is not N times dearer: "
-        "its step costs what a clean step costs (the N is per epoch, not per step), so it is "
-        "noise training with a share of clean images. The analytic term is the only one that "
-        f"costs more per step, so within {max(r['time_budget'] for r in rows):g} s on "
-        f"{DATASETS[rows[0]['dataset']]} the paper's regularizer took {steps['moment']:.0f} steps "
-        f"and the all-layer variants about {steps['moment (all layers)']:.0f}, against "
-        f"{steps['clean']:.0f} for clean training. Per step: "
-        + "; ".join(_per_step(rs, name) for name, rs in all_rows.items())
-        + ". The first-layer surrogate is also loose at sigma 0.5 (docs/tightness.md).",
-        "- **Limits.** One seed per recipe (two for noise at 0.5 and the hybrid); budgets of at "
-        "most about 1.5 epochs of clean training; one sigma per method; step costs of this CPU "
-        "(on a GPU the analytic term costs relatively less, docs/performance.md)."
-        + (
-            f" Runs that did not learn (below {LEARNED:g}% accuracy): {'; '.join(dead)}."
-            if dead
-            else ""
-        ),
-    ]
-
-
-def write_doc(results: Path, doc: Path) -> None:
-    figures = doc.with_suffix("")
-    figures.mkdir(parents=True, exist_ok=True)
-    command = (results / "command.txt").read_text().strip()
-    spec = load_spec(str(SPEC))
-    all_rows, sections = {}, []
+def blocks(results: Path, figures: Path) -> dict[str, str]:
+    """docs/beyond.md's blocks from the exported runs in ``results``."""
+    out = {"made": made_with(results)}
     for dataset in DATASETS:
-        if not (results / dataset).is_dir():
-            continue
         rows = report.collect(results / dataset)
         for r in rows:
             path = results / dataset / r["run"] / ATTACKS_FILE
             attacks = read_json(path) if path.exists() else {}
             r["attack_images"] = {a: v["test_images"] for a, v in attacks.items()}
-        all_rows[dataset] = rows
-        sections += _dataset_section(dataset, rows, figures)
-    budgets = ", ".join(f"{b:g}" for b in spec["time_budget"])
-    md = [
-        *provenance(results, "Beyond the paper: robustness per unit of training compute"),
-        "## Setting",
-        "",
-        f"- LeNet (conv 32-64, fc 1024), Adam lr {spec['lr']}, batch {spec['batch_size']}, on "
-        "the official MNIST and Fashion-MNIST files; 10% of the training set is held out for "
-        "validation, and the best-validation epoch is kept.",
-        f"- Matched compute: every run trains for the same wall-clock budget of training steps "
-        f"({budgets} seconds; `--time-budget`), so a method gets as many steps as its step cost "
-        f"allows. The clock counts only training steps (not validation) and not the first step, "
-        "which compiles the ReLU kernels. Runs were two at a time on one core each "
-        f"(`--workers {_workers(command)}`), and the two datasets one after the other, with "
-        "nothing else on the machine.",
-        f"- GNR on the first {spec['gnr_limit']} test images (30 noise levels in [0, 0.5]), "
-        "accuracy on all 10,000. Every method trains at sigma 0.5 (noise also at 0.25), seed 0 "
-        "(noise at 0.5 and the noisy hybrid also seed 1).",
-        "- Groups: `clean`; `noise` (Cohen et al. 2019: fresh noise every step); `augment N` "
-        "(the paper's N-fold augmentation); `moment` (the paper's regularizer, first-layer "
-        "moments); `moment (all layers)` (mean and variance through every layer, assumed density "
-        "filtering with Clark's max for pooling); `moment (all layers, expected CE)` (the "
-        "expected cross-entropy under the Gaussian output, probit approximation); "
-        "`moment (noisy)` (hybrid: the first term sees a freshly noised batch, plus the "
-        "analytic term).",
-        "",
-        *_conclusions(all_rows),
-        *sections,
-    ]
-    doc.write_text("\n".join(md) + "\n")
-    print(f"wrote {doc} and {figures}/*.png")
-
-
-def _workers(command: str) -> str:
-    parts = command.split()
-    return parts[parts.index("--workers") + 1] if "--workers" in parts else "2"
+        out.update(dataset_blocks(dataset, rows, figures))
+    return out
 
 
 def _datasets(text: str) -> list[str]:
@@ -535,7 +340,7 @@ def main() -> None:
     if "export" in stages:
         export(args.runs, args.results, DATASETS)
     if "doc" in stages:
-        write_doc(args.results, args.doc)
+        pages.write("beyond")
 
 
 if __name__ == "__main__":

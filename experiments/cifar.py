@@ -19,10 +19,7 @@ Stages, each resumable (rerun the same command after a crash):
      at sigma 0.25 on 500 (every 20th);
   3. export: every finished run's config, metrics, attacks, certificates (with the per-image TSV)
      and history copied to docs/results/cifar/ (checkpoints stay in --runs);
-  4. doc: docs/cifar.md and its figures, from those copies alone.
-
-This file runs the stages; the tasks live in cifar_study.py, the verdicts in cifar_verdicts.py and
-the page in cifar_page.py.
+  4. doc: docs/cifar.md's tables and figures, from those copies alone (pages.py).
 """
 
 from __future__ import annotations
@@ -30,25 +27,59 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cifar_page import write_doc
-from cifar_study import CIFAR_TASKS, SMOOTHING, TASKS, TOLERANCE
+import cifar_recipes
+import pages
 from study import (
+    PAPER,
+    ROOT,
     attack_commands,
+    attack_table,
     attack_winners,
     certify_command,
     data_dirs,
     export,
+    fmt,
+    image_counts,
+    made_with,
+    method_order,
     parse_stages,
     run_jobs,
     study_parser,
+    task_figures,
 )
 
 from momentreg.data.datasets import load_dataset
 from momentreg.data.imagefolder import load_imagefolder
 from momentreg.evaluation.attacks import ATTACKS
 from momentreg.runs import report
-from momentreg.runs.rundir import CERTIFY_FILE, CONFIG, read_json
+from momentreg.runs.rundir import ATTACKS_FILE, CERTIFY_FILE, CONFIG, ERROR, METRICS, read_json
 from momentreg.runs.sweep import expand, load_spec, sweep
+from momentreg.tables import markdown_table
+
+# name -> (spec, model label, dataset label)
+TASKS = {
+    "cifar10-lenet": (ROOT / "experiments/cifar10-lenet.toml", "LeNet", "CIFAR-10 (JPEG copy)"),
+    "cifar10-alexnet": (
+        ROOT / "experiments/cifar10-alexnet.toml",
+        "AlexNet",
+        "CIFAR-10 (JPEG copy)",
+    ),
+    "mnist-paper": (ROOT / "experiments/mnist-paper.toml", "LeNet", "MNIST"),
+}
+CIFAR_TASKS = ("cifar10-lenet", "cifar10-alexnet")
+TOLERANCE = 0.39  # accuracy points below the clean mean that still compete (paper, Fig. 3b)
+SMOOTHING = {"sigma": 0.25, "n0": 100, "alpha": 0.001}
+# The paper's Table 4, CIFAR-10 rows: (GNR, accuracy) of the clean baseline and of the
+# regularizer (alpha 1) at each sigma.
+PAPER_TABLE4 = {
+    "cifar10-lenet": {"clean": (24.37, 65.00), 0.125: (40.08, 71.25), 0.25: (37.60, 68.75),
+                      0.325: (38.32, 70.75), 1.0: (44.03, 69.75)},
+    "cifar10-alexnet": {"clean": (23.49, 72.75), 0.125: (57.08, 67.50), 0.25: (54.13, 67.00),
+                        0.325: (54.03, 64.50), 1.0: (57.86, 66.50)},
+}  # fmt: skip
+KEYS = ("method", "sigma", "alpha", "folds", "seed")  # what tells a sweep's runs apart
+DEFAULTS = {"sigma": 0.0, "alpha": 1.0, "folds": 1, "seed": 0}
+
 
 STAGES = ("train", "evaluate", "export", "doc")
 
@@ -100,6 +131,223 @@ def evaluate(runs: Path, images: dict, device: str) -> None:
         run_jobs(jobs, len(jobs))
 
 
+# -- the page's blocks ----------------------------------------------------------------------------
+
+
+def load_rows(folder: Path) -> list[dict]:
+    """report.collect's rows, with the run's best epoch, classes and why training stopped."""
+    rows = report.collect(folder)
+    for r in rows:
+        config = read_json(folder / r["run"] / CONFIG)
+        r["best_epoch"] = read_json(folder / r["run"] / METRICS).get("best_epoch")
+        spec = config.get("input_spec")
+        r["classes"] = spec[2] if spec else 10  # the built-in datasets here (MNIST) have 10
+        if r["time_budget"] and r["step_seconds"] >= r["time_budget"]:
+            r["stopped_by"] = "time budget"
+        elif r["epochs"] < config["epochs"]:
+            r["stopped_by"] = "early stopping"
+        else:
+            r["stopped_by"] = f"{config['epochs']} epochs"
+    return rows
+
+
+def mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def at_chance(row: dict) -> bool:
+    """A near-constant classifier: accuracy within 1 point of 100 / classes (GNR means nothing)."""
+    return row["test_accuracy"] <= 100 / row["classes"] + 1
+
+
+def _failures(folder: Path) -> dict[tuple, str]:
+    """The exported failed runs: their cell (KEYS) -> the last line of their error.txt."""
+    errors = {}
+    for run in sorted(p for p in folder.iterdir() if (p / ERROR).exists()):
+        config = {**DEFAULTS, **read_json(run / CONFIG)}
+        reason = (run / ERROR).read_text().splitlines()[0]
+        errors[tuple(config[k] for k in KEYS)] = reason.split("error: ")[-1]
+    return errors
+
+
+def status_table(task: str, rows: list[dict], folder: Path) -> str:
+    """How a task's runs went: planned, finished, cut by the time budget (and of those, still
+    improving), failed (why) and at chance accuracy."""
+    planned = [{**DEFAULTS, **c} for c in expand(load_spec(str(TASKS[task][0])))]
+    have = {tuple(r[k] for k in KEYS) for r in rows}
+    errors = _failures(folder)
+    failed = [
+        report.describe(c) + (f" ({errors[key]})" if key in errors else "")
+        for c in planned
+        if (key := tuple(c[k] for k in KEYS)) not in have
+    ]
+    cut = [r for r in rows if r["stopped_by"] == "time budget"]
+    improving = [r for r in cut if r["best_epoch"] >= r["epochs"] - 1]
+    chance = [report.describe(r) for r in sorted(rows, key=method_order) if at_chance(r)]
+    header = [
+        "planned",
+        "finished",
+        "stopped by the time budget",
+        "of those, best epoch among the last two",
+        "failed",
+        "at chance accuracy",
+    ]
+    return markdown_table(
+        header,
+        [
+            [
+                len(planned),
+                len(rows),
+                len(cut),
+                len(improving),
+                "; ".join(failed) or "none",
+                ", ".join(chance) or "none",
+            ]
+        ],
+    )
+
+
+def settings_table(rows: list[dict], folder: Path) -> str:
+    """The training settings the task's runs share."""
+    c = read_json(folder / rows[0]["run"] / CONFIG)
+    budgets = sorted({r["time_budget"] for r in rows if r["time_budget"]})
+    return markdown_table(
+        [
+            "optimizer",
+            "lr",
+            "batch",
+            "weight decay",
+            "plateau factor / patience",
+            "early stopping",
+            "epochs at most",
+            "moment weighting",
+            "time budget (s)",
+        ],
+        [
+            [
+                c["optimizer"],
+                f"{c['lr']:g}",
+                c["batch_size"],
+                f"{c['weight_decay']:g}",
+                f"{c['plateau_factor']:g} / {c['plateau_patience']}",
+                c["early_stop"],
+                c["epochs"],
+                c.get("moment_weighting", "sum"),
+                ", ".join(f"{b:g}" for b in budgets) or "none",
+            ]
+        ],
+    )
+
+
+def table4(task: str, rows: list[dict]) -> str:
+    """Table 4's rows for one model: paper (GNR, accuracy) beside ours (mean over seeds)."""
+    out = []
+    for key, (gnr, acc) in PAPER_TABLE4[task].items():
+        method, sigma = ("clean", 0.0) if key == "clean" else ("moment", key)
+        ours = [r for r in rows if r["method"] == method and r["sigma"] == sigma]
+        label = "clean" if key == "clean" else f"moment sigma={key} alpha=1"
+        cells = [fmt(mean(ours, "gnr")), fmt(mean(ours, "test_accuracy"))] if ours else []
+        out.append([label, f"{gnr:.2f}", f"{acc:.2f}", *(cells or ["failed", "failed"])])
+    return markdown_table(["run", "paper GNR", "paper ACC", "our GNR", "our ACC"], out)
+
+
+def certify_table(winners: dict) -> str:
+    """CERTIFY's certified accuracy (%) at each radius and ACR of each winner certified."""
+    certified = [(r, c) for r in winners.values() for c in r["certify"].values()]
+    if not certified:
+        return "No run certified."
+    first = certified[0][1]
+    radii = list(first["certified_accuracy"])
+    setting = (
+        f"Sigma {first['sigma']:g}, n0 {first['n0']}, n {first['n']:,}, alpha "
+        f"{first['alpha']:g}, {first['images']} test images (every {first['stride']}th)."
+    )
+    return (
+        setting
+        + "\n\n"
+        + markdown_table(
+            ["run", *[f"radius {r}" for r in radii], "ACR", "abstained"],
+            [
+                [
+                    report.describe(r),
+                    *[fmt(c["certified_accuracy"][k], ".1f") for k in radii],
+                    fmt(c["acr"], ".3f"),
+                    f"{c['abstained']}/{c['images']}",
+                ]
+                for r, c in sorted(certified, key=lambda rc: method_order(rc[0]))
+            ],
+        )
+    )
+
+
+def mnist_against(rows: list[dict]) -> str:
+    """The paper's Table 1 (LeNet, MNIST) beside our short budget and the paper's protocol."""
+    short = load_rows(ROOT / "docs/results/reproduction/mnist-lenet")
+    lines = []
+    for label, paper, method, sigma in [
+        ("clean", PAPER["clean"], "clean", 0.0),
+        ("moment sigma=1.0 alpha=1", PAPER["moment sigma=1.0"], "moment", 1.0),
+    ]:
+        cells = [f"{paper[0]:.2f}", f"{paper[1]:.2f}"]
+        for group in (short, [r for r in rows if r["alpha"] == 1.0]):
+            runs = [r for r in group if r["method"] == method and r["sigma"] == sigma]
+            cells += [fmt(mean(runs, "test_accuracy")), fmt(mean(runs, "gnr"))]
+        lines.append([label, *cells])
+    header = [
+        "run",
+        "paper ACC",
+        "paper GNR",
+        "6 epochs ACC",
+        "6 epochs GNR",
+        "paper protocol ACC",
+        "paper protocol GNR",
+    ]
+    return markdown_table(header, lines)
+
+
+def task_blocks(task: str, rows: list[dict], folder: Path, figures: Path) -> dict[str, str]:
+    """A task's blocks and its three figures."""
+    _, model, label = TASKS[task]
+    tolerance = TOLERANCE if task in CIFAR_TASKS else 0.0
+    fair = report.fair_comparison(rows, tolerance)
+    title = f"most robust run per group with accuracy >= {fair['threshold']:.2f}"
+    task_figures(rows, fair["selected"], figures, task, f"{model} / {label}", title)
+    extra = {"best epoch": lambda r: r["best_epoch"], "stopped by": lambda r: r["stopped_by"]}
+    out = {
+        f"{task}-settings": settings_table(rows, folder)
+        + "\n\n"
+        + status_table(task, rows, folder),
+        f"{task}-runs": report.runs_table(sorted(rows, key=method_order), names=False, extra=extra),
+        f"{task}-fair": f"Threshold: {fair['baseline_accuracy']:.2f} - {tolerance:g} = "
+        f"{fair['threshold']:.2f}\n\n" + report.fair_table(fair["selected"]),
+    }
+    if task == "mnist-paper":
+        out["mnist-paper-against"] = mnist_against(rows)
+    if task in PAPER_TABLE4:
+        winners = attack_winners(rows, tolerance=TOLERANCE)
+        images = {}
+        for r in rows:
+            path = folder / r["run"] / ATTACKS_FILE
+            images.update(
+                {a: v["test_images"] for a, v in (read_json(path) if path.exists() else {}).items()}
+            )
+        attacked = [r for r in winners.values() if r["energy_pgd"] is not None]
+        out[f"{task}-table4"] = table4(task, rows)
+        out[f"{task}-attacks"] = f"Test images: {image_counts(images)}\n\n" + attack_table(
+            attacked, winners.get("clean")
+        )
+        out[f"{task}-certify"] = certify_table(winners)
+    return out
+
+
+def blocks(results: Path, figures: Path) -> dict[str, str]:
+    """docs/cifar.md's blocks from the exported runs in ``results``."""
+    out = {"made": made_with(results), **cifar_recipes.blocks(results)}
+    for task in TASKS:
+        out.update(task_blocks(task, load_rows(results / task), results / task, figures))
+    return out
+
+
 def main() -> None:
     p = study_parser(__doc__, "cifar", workers=0)
     p.add_argument("--cifar-dir", type=Path, help="CIFAR-10 as an image folder (the JPEG copy)")
@@ -121,7 +369,7 @@ def main() -> None:
     if "export" in stages:
         export(args.runs, args.results, TASKS)
     if "doc" in stages:
-        write_doc(args.results, args.doc)
+        pages.write("cifar")
 
 
 if __name__ == "__main__":

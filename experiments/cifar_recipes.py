@@ -1,6 +1,6 @@
 """docs/cifar.md's section on the paper's own recipes on a CPU: the per-step logs of AlexNet under
 SGD (experiments/alexnet_sgd.py) and the short runs of experiments/recipes-cpu.toml, as tables,
-with the hand-written conclusions of experiments/cifar-recipes.md below them.
+for docs/cifar.md.
 
     momentreg sweep experiments/recipes-cpu.toml --out runs/recipes-cpu --workers 2
     python experiments/cifar_recipes.py export runs/recipes-cpu  # docs/results/cifar/recipes-cpu
@@ -17,7 +17,6 @@ from momentreg.runs.rundir import CONFIG, ERROR, HISTORY, METRICS, read_json
 from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTES = ROOT / "experiments" / "cifar-recipes.md"
 STEPS = "alexnet-sgd"  # the per-step logs, beside the runs in the study's results
 RUNS = "recipes-cpu"
 DATA = {"cifar10": "CIFAR-10 (JPEG copy)", "cifar100": "CIFAR-100 (rebuilt)"}
@@ -110,34 +109,12 @@ def runs_table(folder: Path) -> str:
     return markdown_table(header, [_run_row(run, clean) for run in runs])
 
 
-def section(results: Path) -> list[str]:
-    """The section's lines, or none where its results are absent."""
-    if not (results / RUNS).is_dir():
-        return []
-    return [
-        "## The paper's recipes on a CPU",
-        "",
-        "Per-step logs of AlexNet on CIFAR-10 (JPEG copy) with the paper's protocol (SGD, "
-        "Nesterov momentum 0.9, weight decay 5e-4, batch 128, no noise warm-up, seed 0, 1 thread "
-        "a run), the regularizer at alpha 1, written by `python experiments/alexnet_sgd.py "
-        "--cifar-dir DIR --variant V --sigma S --steps N --out docs/results/cifar/alexnet-sgd/"
-        "V-sigmaS.csv` (N = 352, one epoch, or 200). The clean and moment terms are means over the "
-        "last 50 steps; s is the head's standard deviation under the noise; the validation "
-        "accuracy is on the 5,000 held-out images at the last step.",
-        "",
-        steps_table(results / STEPS),
-        "",
-        "Short runs with momentreg's defaults (AlexNet: the paper's protocol, which now weighs "
-        "the terms convexly; LeNet on CIFAR-100 (rebuilt): Adam 1e-3, batch 128), 3 epochs, no "
-        "noise warm-up, seed 0, on 2 CPU cores: `momentreg sweep experiments/recipes-cpu.toml "
-        "--out runs/recipes-cpu --workers 2`. Test accuracy on all 10,000 test images, GNR on "
-        "the first 1,000.",
-        "",
-        runs_table(results / RUNS),
-        "",
-        NOTES.read_text().strip(),
-        "",
-    ]
+def blocks(results: Path) -> dict[str, str]:
+    """docs/cifar.md's blocks of the recipes on a CPU."""
+    return {
+        "recipes-steps": steps_table(results / STEPS),
+        "recipes-runs": runs_table(results / RUNS),
+    }
 
 
 def export(runs: Path, dest: Path) -> None:
