@@ -17,36 +17,33 @@ Stages, each resumable (rerun the same command after a crash):
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
-import sys
 from pathlib import Path
 from statistics import NormalDist
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pages  # noqa: E402
-from study import (  # noqa: E402
+import pages
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from study import (
     ROOT,
     attack_commands,
+    attack_images,
     attack_winners,
+    certify_command,
     data_dirs,
     energy_cell,
     export,
     fmt,
-    image_counts,
-    parse_stages,
     made_with,
+    parse_stages,
     run_jobs,
     study_parser,
+    sweep_tasks,
 )
 
-from momentreg.evaluation.attacks import ATTACK_LABELS, ATTACKS  # noqa: E402
-from momentreg.runs import report  # noqa: E402
-from momentreg.runs.rundir import ATTACKS_FILE, read_json  # noqa: E402
-from momentreg.runs.sweep import load_spec, sweep  # noqa: E402
+from momentreg.evaluation.attacks import ATTACK_LABELS, ATTACKS
+from momentreg.runs import report
+from momentreg.runs.sweep import load_spec
 from momentreg.tables import markdown_table
 
 SPEC = ROOT / "experiments" / "beyond.toml"
@@ -57,56 +54,36 @@ SMOOTHING_SIGMA = 0.25
 # headline rule is HEADLINE (GNR alone rewards a model that predicts one class everywhere)
 TOLERANCES = (0.0, 1.0, 2.0, 5.0)
 HEADLINE = 1.0
-
-
-def train(runs: Path, data_dirs: dict, device: str, workers: int, settings: dict) -> None:
-    for dataset, data_dir in data_dirs.items():
-        spec = {**load_spec(str(SPEC)), "dataset": dataset, "data_dir": str(data_dir)}
-        spec.update(device=device, **settings)
-        counts = sweep(spec, runs / dataset, workers=workers, progress=False)
-        print(f"{dataset}: {counts}", flush=True)
-        if counts["failed"]:
-            sys.exit(
-                f"{dataset}: {counts['failed']} runs failed: momentreg sweep status "
-                f"{runs / dataset}"
-            )
+LEARNED = 50.0  # test accuracy (%) below which a run counts as not having learned
 
 
 def _at(rows: list[dict], budget: float) -> list[dict]:
     return [r for r in rows if r["time_budget"] == budget]
 
 
-def at_largest_budget(rows: list[dict]) -> list[dict]:
-    return _at(rows, max(r["time_budget"] for r in rows))
-
-
 def winners(rows: list[dict]) -> dict[str, dict]:
     """group -> the run that the headline rule picks at the largest budget."""
-    return attack_winners(at_largest_budget(rows), group=report.group_of, tolerance=HEADLINE)
+    top = _at(rows, max(r["time_budget"] for r in rows))
+    return attack_winners(top, group=report.group_of, tolerance=HEADLINE)
 
 
 def evaluate(runs: Path, args) -> None:
     """Attacks and certification of every dataset's winners, ``args.workers`` models at once."""
-    images = {a: args.attack_images for a in ATTACKS}
-    images["lbfgs"] = args.lbfgs_images
-    sigma = f"{SMOOTHING_SIGMA:g}"
-    jobs = []
+    images = {a: args.attack_images for a in ATTACKS} | {"lbfgs": args.lbfgs_images}
+    sigma, jobs = f"{SMOOTHING_SIGMA:g}", []
     for dataset in args.datasets:
         for row in winners(report.collect(runs / dataset)).values():
             run = runs / dataset / "runs" / row["run"]
             commands = attack_commands(run, images, args.device)
             done = row["certify"].get(sigma, {})
             if (done.get("images"), done.get("n")) != (args.certify_images, args.certify_n):
-                commands.append(
-                    [sys.executable, "-m", "momentreg", "evaluate", str(run), "--quiet"]
-                    + ["--certify", "--sigma", sigma, "--n", str(args.certify_n)]
-                    + ["--limit", str(args.certify_images), "--device", args.device]
-                )
+                n, limit = args.certify_n, args.certify_images
+                commands.append(certify_command(run, args.device, SMOOTHING_SIGMA, n, limit))
             jobs.append(commands)
     run_jobs(jobs, args.workers)
 
 
-# -- the document ---------------------------------------------------------------------------------
+# -- the page's blocks ----------------------------------------------------------------------------
 
 ANALYTIC = "moment"  # the groups whose name starts with it use the analytic expectation
 
@@ -150,9 +127,6 @@ def best_per_budget(rows: list[dict]) -> dict[float, dict]:
     return out
 
 
-LEARNED = 50.0  # test accuracy (%) below which a run counts as not having learned
-
-
 def pareto_front(rows: list[dict]) -> list[dict]:
     """The runs that learned and that no other such run beats on both accuracy and GNR."""
     rs = [r for r in rows if r["test_accuracy"] >= LEARNED]
@@ -172,7 +146,8 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
     """GNR and accuracy against the training-time budget, one line per recipe, and the best run
     per budget under the headline rule; runs that did not learn are left out (GNR is 100 for a
     model that predicts one class everywhere)."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=110)
+    fig = Figure(figsize=(13, 5), dpi=110)
+    axes = fig.subplots(1, 2)
     left_out = sorted({label(r) for r in rows if r["test_accuracy"] < LEARNED})
     learned = [r for r in rows if label(r) not in left_out]
     for i, (name, rs) in enumerate(_by(learned, label).items()):
@@ -180,7 +155,7 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
         style = "-" if rs[0]["method"] == ANALYTIC else "--"
         for ax, key in zip(axes, ("gnr", "test_accuracy"), strict=True):
             x, y = [r["time_budget"] for r in rs], [r[key] for r in rs]
-            ax.plot(x, y, style, marker="o", color=plt.cm.tab20.colors[i % 20], label=name)
+            ax.plot(x, y, style, marker="o", color=colormaps["tab20"].colors[i % 20], label=name)
     best = best_per_budget(rows)
     axes[0].plot(
         list(best),
@@ -203,10 +178,9 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
-def dataset_blocks(dataset: str, rows: list[dict], figures: Path) -> dict[str, str]:
+def dataset_blocks(dataset: str, rows: list[dict], folder: Path, figures: Path) -> dict[str, str]:
     """A dataset's blocks: cost and results per budget, the best run per budget, the Pareto
     fronts, and the attacks and certificates of the picks; and its frontier figure."""
     budgets = sorted({r["time_budget"] for r in rows})
@@ -256,8 +230,8 @@ def dataset_blocks(dataset: str, rows: list[dict], figures: Path) -> dict[str, s
     sigma = f"{SMOOTHING_SIGMA:g}"
     clean = next((r for r in evaluated if r["method"] == "clean"), None)
     out[f"{dataset}-attacks"] = (
-        f"Attacked test images: {_images(evaluated)}. Certified: {_certified(evaluated, sigma)}."
-        "\n\n"
+        f"Attacked test images: {attack_images(folder, evaluated)}. "
+        f"Certified: {_certified(evaluated, sigma)}.\n\n"
         + markdown_table(
             ["group", "run", *ATTACK_LABELS.values(), "ACR", "cert. acc. r=0.5", "GNR", "ACC"],
             [
@@ -280,10 +254,6 @@ def _acc_gnr(row: dict) -> str:
     return f"{fmt(row['test_accuracy'])} / {fmt(row['gnr'])}"
 
 
-def _images(rows: list[dict]) -> str:
-    return image_counts({a: v for r in rows for a, v in r["attack_images"].items()})
-
-
 def _certified(rows: list[dict], sigma: str) -> str:
     done = [r["certify"][sigma] for r in rows if sigma in r["certify"]]
     if not done:
@@ -300,12 +270,8 @@ def blocks(results: Path, figures: Path) -> dict[str, str]:
     """docs/beyond.md's blocks from the exported runs in ``results``."""
     out = {"made": made_with(results)}
     for dataset in DATASETS:
-        rows = report.collect(results / dataset)
-        for r in rows:
-            path = results / dataset / r["run"] / ATTACKS_FILE
-            attacks = read_json(path) if path.exists() else {}
-            r["attack_images"] = {a: v["test_images"] for a, v in attacks.items()}
-        out.update(dataset_blocks(dataset, rows, figures))
+        folder = results / dataset
+        out.update(dataset_blocks(dataset, report.collect(folder), folder, figures))
     return out
 
 
@@ -334,7 +300,8 @@ def main() -> None:
         options = {"mnist": ("--mnist-dir", args.mnist_dir)}
         options["fashion-mnist"] = ("--fashion-dir", args.fashion_dir)
         dirs = data_dirs(p, args, {d: options[d] for d in args.datasets})
-        train(args.runs, dirs, args.device, args.workers, dict(args.set))
+        specs = {d: {**load_spec(str(SPEC)), "dataset": d} for d in dirs}
+        sweep_tasks(specs, args.runs, dirs, args, at_once=False)  # the same load throughout
     if "evaluate" in stages:
         evaluate(args.runs, args)
     if "export" in stages:

@@ -10,13 +10,13 @@ Three studies (STUDIES): "cpu", every method for budgets of training-step second
 budgets of counted compute (experiments/certified-passes.toml); "gpu", the anchors' 90 epochs
 (experiments/certified-gpu.toml), n = 100,000 on 500 images. Stages, each resumable (rerun the
 same command after a crash):
-  1. run: train and certify, as ``momentreg sweep SPEC --then certify`` does: CERTIFY (Cohen et al.)
-     of every run at its training sigma on --certify-images test images (every (10000 / N)-th),
-     n0 = 100, n = --certify-n, alpha = 0.001, as soon as the run is trained. A study of seconds
-     certifies only once every run is trained, so that no certification takes CPU time from a
-     run's budget. Then the analytic expectation of each run's logits against Monte Carlo
-     (``momentreg tightness``). --deadline stops all of it after that many seconds (the same
-     command resumes);
+  1. run: train and certify, as ``momentreg sweep SPEC --then certify`` does: CERTIFY (Cohen et
+     al.) of every run at its training sigma on --certify-images test images (every
+     (10000 / N)-th), n0 = 100, n = --certify-n, alpha = 0.001, as soon as the run is trained,
+     in its slot of --workers. A study of seconds certifies only once every run is trained
+     (--eval-workers at once), so that no certification takes CPU time from a run's budget. Then
+     the analytic expectation of each run's logits against Monte Carlo (``momentreg
+     tightness``). --deadline stops all of it after that many seconds (the same command resumes);
   2. export: each run's config, metrics, history, certify.json, tightness.json and per-image TSV
      to docs/results/<study>/;
   3. doc: the page's tables and figures, from those files alone (pages.py).
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import pages
-from study import ROOT, data_dirs, export, parse_stages, study_parser, tightness_command
+from study import MOMENTREG, ROOT, data_dirs, export, parse_stages, study_parser
 
 from momentreg.runs.rundir import CONFIG, METRICS, TIGHTNESS_FILE, read_json
 from momentreg.runs.sweep import CertifyAfter, child_env, load_spec, run_state, sweep
@@ -99,10 +99,11 @@ def train_and_certify(study: Study, args, mnist: Path, deadline: float | None) -
         n=args.certify_n, batch=study.batch,
     )  # fmt: skip
     out = args.runs / TASK
-    if study.unit == "s":
-        sweep(spec, out, workers=args.workers, deadline=deadline)
-        deadline = None if deadline is None else max(0.0, deadline - (time.time() - args.start))
-    return sweep(spec, out, workers=args.workers, then=then, deadline=deadline)
+    if study.unit != "s":
+        return sweep(spec, out, workers=args.workers, then=then, deadline=deadline)
+    sweep(spec, out, workers=args.workers, deadline=deadline)
+    deadline = None if deadline is None else max(0.0, deadline - (time.time() - args.start))
+    return sweep(spec, out, workers=args.eval_workers, then=then, deadline=deadline)
 
 
 def tightness(runs: Path, device: str, workers: int, until: float | None) -> None:
@@ -119,7 +120,14 @@ def tightness(runs: Path, device: str, workers: int, until: float | None) -> Non
             print("the deadline stopped the tightness stage", file=sys.stderr)
             return
         sigma = read_json(run / CONFIG)["sigma"]
-        argv = tightness_command(run, device, sigma, TIGHTNESS_IMAGES, TIGHTNESS_SAMPLES)
+        argv = [*MOMENTREG, "tightness", str(run), "--quiet", "--device", device, "--sigmas"]
+        argv += [
+            f"{sigma:g}",
+            "--limit",
+            str(TIGHTNESS_IMAGES),
+            "--mc-samples",
+            str(TIGHTNESS_SAMPLES),
+        ]
         subprocess.run(argv, env=env, check=True, timeout=left)
 
 
@@ -131,6 +139,8 @@ def main() -> None:
     p.add_argument("--study", choices=STUDIES, default="cpu", help="which version (STUDIES)")
     p.add_argument("--certify-images", type=int, default=study.images)
     p.add_argument("--certify-n", type=int, default=study.n, help="noise samples per image")
+    p.add_argument("--eval-workers", type=int, default=study.workers,
+                   help="certifications at once once every run of seconds is trained")  # fmt: skip
     p.add_argument("--deadline", type=float, help="stop training and evaluating then (s)")
     p.add_argument(
         "--methods",

@@ -9,7 +9,7 @@ import itertools
 import sys
 from pathlib import Path
 
-from certified import CLEAN_EPOCHS, STUDIES, TASK, TIGHTNESS_IMAGES, Study
+from certified import CLEAN_EPOCHS, STUDIES, TASK, Study
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from study import cell, fmt, made_with
@@ -111,8 +111,10 @@ def load_rows(folder: Path, unit: str) -> tuple[list[dict], list[tuple[dict, dic
     for r in rows:  # two runs of one cell: the page would set either against the others
         key = (r["label"], r["sigma"], r["budget"], r["step_budget"])
         if key in seen:
-            sys.exit(f"{folder} holds two runs of {r['label']} at sigma {r['sigma']:g}, budget "
-                     f"{r['budget']:g}: {seen[key]} and {r['run']}; remove the stale one")  # fmt: skip
+            sys.exit(
+                f"{folder} holds two runs of {r['label']} at sigma {r['sigma']:g}, budget "
+                f"{r['budget']:g}: {seen[key]} and {r['run']}; remove the stale one"
+            )
         seen[key] = r["run"]
 
     def first_seed_of(a, r):
@@ -166,62 +168,74 @@ def comparisons(rows: list[dict], unit: str, factor: int) -> list[tuple[str, dic
     out = []
     for sigma in sorted({r["sigma"] for r in rows}):
         at = sorted((r for r in rows if r["sigma"] == sigma), key=row_order)
+        analytic = [r for r in at if r["method"] == "macer-analytic"]
         for cons in (r for r in at if r["method"] == "consistency"):
             rivals = [r for r in at if r["method"] not in SAMPLED and r["budget"] == cons["budget"]]
             if rivals:
                 best = max(rivals, key=lambda r: r["acr"])
                 out.append((f"goal: best of {len(rivals)} analytic vs consistency", best, cons))
         macers = [r for r in at if r["method"] == "macer" and not r["copies"]]
-        for macer, r in itertools.product(
-            macers, (r for r in at if r["method"] == "macer-analytic")
-        ):
+        for macer, r in itertools.product(macers, analytic):
             if factor * r["budget"] == macer["budget"]:
-                share = r["budget"] / macer["budget"] if unit == CLEAN_EPOCHS else (
-                    r["compute"] / macer["compute"])  # fmt: skip
-                kind = "goal: vs MACER" if share <= 0.25 else "not in the goal: over a quarter"
+                key = "budget" if unit == CLEAN_EPOCHS else "compute"
+                within = r[key] <= macer[key] / 4
+                kind = "goal: vs MACER" if within else "not in the goal: over a quarter"
                 out.append((f"{kind} at {factor}x the budget", r, macer))
-        for r in (r for r in at if r["method"] == "macer-analytic"):
-            out += [("control: vs MACER at the same passes", r, m) for m in at
-                    if m["method"] == "macer" and m["budget"] == r["budget"]
-                    and m["copies"] == round(r["passes"])]  # fmt: skip
+        for r, m in itertools.product(analytic, at):
+            if (
+                m["method"] == "macer"
+                and m["budget"] == r["budget"]
+                and m["copies"] == round(r["passes"])
+            ):
+                out.append(("control: vs MACER at the same passes", r, m))
         for b in sorted({r["budget"] for r in at if r["method"] == "noise"}):
             same = [r for r in at if r["budget"] == b]
-            noise, best = same[0], max(same, key=lambda r: r["acr"])
-            noise = next(r for r in same if r["method"] == "noise")
-            if len(same) > 1 and best is not noise:
+            noise, best = (
+                next(r for r in same if r["method"] == "noise"),
+                max(same, key=lambda r: r["acr"]),
+            )
+            if best is not noise:
                 out.append(("baseline: noise vs the best run", noise, best))
     return out
 
 
+def _run(r: dict) -> str:
+    return f"{r['label']} ({r['budget']:g})"
+
+
+def _gap(a: dict, b: dict) -> list[str]:
+    gap, two_se = acr_gap(a, b)
+    return [f"{gap:+.3f}", f"{two_se:.3f}"]
+
+
 def comparison_table(pairs: list[tuple[str, dict, dict]], unit: str) -> str:
-    body = []
-    for kind, a, b in pairs:
-        gap, two_se = acr_gap(a, b)
-        body.append([kind, f"{a['sigma']:g}", f"{a['label']} ({a['budget']:g})",
-                     f"{a['acr']:.3f}", f"{b['label']} ({b['budget']:g})", f"{b['acr']:.3f}",
-                     f"{gap:+.3f}", f"{two_se:.3f}", f"{a['compute'] / b['compute']:.2f}"])  # fmt: skip
-    header = ["comparison", "sigma", f"run ({unit})", "ACR", f"against ({unit})", "ACR",
-              "gap", "2 SE (images)", "compute ratio"]  # fmt: skip
+    header = ["comparison", "sigma", f"run ({unit})", "ACR", f"against ({unit})", "ACR", "gap",
+              "2 SE (images)", "compute ratio"]  # fmt: skip
+    body = [
+        [kind, f"{a['sigma']:g}", _run(a), f"{a['acr']:.3f}", _run(b), f"{b['acr']:.3f}"]
+        + [*_gap(a, b), f"{a['compute'] / b['compute']:.2f}"]
+        for kind, a, b in pairs
+    ]
     return markdown_table(header, body, align="lrlrlrrrr")
 
 
 def redrawn_table(goal: list[tuple[str, dict, dict]], pairs: list[tuple[dict, dict]]) -> str:
     """The goal's comparisons whose two runs both have a second seed at their steps: the gap
-    with seed 0 and with the second seeds."""
-    second = {a["run"]: b for a, b in pairs if b["step_budget"] or b["pass_budget"]}
+    with seed 0 and with the second seeds, and their mean."""
+    again = {a["run"]: b for a, b in pairs if b["step_budget"] or b["pass_budget"]}
     body = []
     for _, a, b in goal:
-        if a["run"] in second and b["run"] in second:
-            a2, b2 = second[a["run"]], second[b["run"]]
-            g1, g2 = acr_gap(a, b), acr_gap(a2, b2)
-            body.append([f"{a['sigma']:g}", f"{a['label']} ({a['budget']:g})",
-                         f"{b['label']} ({b['budget']:g})", f"{g1[0]:+.3f}", f"{g1[1]:.3f}",
-                         f"{g2[0]:+.3f}", f"{g2[1]:.3f}", f"{(g1[0] + g2[0]) / 2:+.3f}"])  # fmt: skip
+        if a["run"] in again and b["run"] in again:
+            a2, b2 = again[a["run"]], again[b["run"]]
+            mean = (acr_gap(a, b)[0] + acr_gap(a2, b2)[0]) / 2
+            body.append(
+                [f"{a['sigma']:g}", _run(a), _run(b), *_gap(a, b), *_gap(a2, b2), f"{mean:+.3f}"]
+            )
     header = ["sigma", "run", "against", "gap, seed 0", "2 SE", "gap, seed 1", "2 SE", "mean gap"]
     return markdown_table(header, body, align="lllrrrrr") if body else "None."
 
 
-# -- tables -----------------------------------------------------------------------------------------
+# -- tables ---------------------------------------------------------------------------------------
 
 
 def results_table(rows: list[dict], unit: str) -> str:
@@ -266,8 +280,15 @@ def anchor_check(rows: list[dict], sigmas: list[float]) -> str:
         if ours:
             r = max(ours, key=lambda r: r["budget"])
             gap = r["acr"] - ANCHORS["noise"][sigma]
-            body.append([f"{sigma:g}", f"{r['acr']:.3f} ± {r['se']:.3f}",
-                         f"{ANCHORS['noise'][sigma]:.3f}", f"{gap:+.3f}", f"{2 * r['se']:.3f}"])  # fmt: skip
+            body.append(
+                [
+                    f"{sigma:g}",
+                    f"{r['acr']:.3f} ± {r['se']:.3f}",
+                    f"{ANCHORS['noise'][sigma]:.3f}",
+                    f"{gap:+.3f}",
+                    f"{2 * r['se']:.3f}",
+                ]
+            )
     return markdown_table(["sigma", "ours", "published", "gap", "2 SE (ours)"], body)
 
 
@@ -310,8 +331,9 @@ def tightness_table(folder: Path, rows: list[dict], sigma: float, unit: str, lea
 def soft_table(folder: Path, rows: list[dict], sigma: float, unit: str, least: float) -> str:
     """MACER's soft smoothed classifier E[softmax(16 f(x + n))] against its analytic stand-ins:
     total variation, and on how many images the hinge can act; "None." if no model was."""
-    header = ["method", f"budget ({unit})", "first layer: TV", "all layers: TV",
-              "Monte Carlo floor", "hinge acts: Monte Carlo", "first layer", "all layers"]  # fmt: skip
+    header = ["method", f"budget ({unit})"]
+    header += "first layer: TV|all layers: TV|Monte Carlo floor|hinge acts: Monte Carlo".split("|")
+    header += ["first layer", "all layers"]
     b = f"beta{MACER_BETA:g}"
     tv = (f"analytic_tv_{b}_median", f"all_layers_tv_{b}_median", f"mc_tv_floor_{b}")
     share = ("mc_hinge_share", "analytic_hinge_share", "all_layers_hinge_share")
@@ -322,32 +344,39 @@ def soft_table(folder: Path, rows: list[dict], sigma: float, unit: str, least: f
 
 
 def others_table(folder: Path, rows: list[dict], study: Study) -> str:
-    """Every run of the spec that no results table holds, and why: it predicts one class, its
-    training diverged (kept in the tables; its best-validation epoch is certified), it was not
-    certified or not trained, or its tightness was not measured."""
+    """Every run of the spec that the results tables leave out or flag, and why: it predicts one
+    class, was not certified or not trained, diverged (its best-validation epoch is certified),
+    its tightness was not measured, or it keeps an epoch from before its regularizer."""
     unit, body = study.unit, []
     for run, c, m in runs(folder):
-        what = f"{label(c)}, sigma {c['sigma']:g}, {budget(c, unit):g} {unit}"
+        what = [f"{label(c)}, sigma {c['sigma']:g}, {budget(c, unit):g} {unit}"]
         facts = f"{m['steps']} steps, accuracy {m['test_accuracy']:.2f}, GNR {m['gnr']:.2f}"
+        kept = f", epoch kept {m.get('kept_epoch', m['best_epoch'])} of {m['epochs']}"
         if m.get("constant_predictions"):
-            body.append([what, "predicts one class (left out)", facts])
+            body.append([*what, "predicts one class (left out)", facts])
         elif not (run / certify_tsv(c["sigma"])).exists():
-            body.append([what, "trained, not certified", facts + f", epoch kept {m.get('kept_epoch', m['best_epoch'])} of {m['epochs']}"])  # fmt: skip
+            body.append([*what, "trained, not certified", facts + kept])
     for r in sorted(rows, key=row_order):
-        losses, what = (
+        what, losses = (
+            [f"{r['label']}, sigma {r['sigma']:g}, {r['budget']:g} {unit}"],
             r["val_losses"],
-            f"{r['label']}, sigma {r['sigma']:g}, {r['budget']:g} {unit}",
         )
         if losses[-1] > DIVERGED * min(losses):
-            body.append([what, "diverged", f"validation loss best {min(losses):.3g}, last {losses[-1]:.3g}"])  # fmt: skip
+            body.append(
+                [
+                    *what,
+                    "diverged",
+                    f"validation loss {min(losses):.3g} at best, last {losses[-1]:.3g}",
+                ]
+            )
         if (
             r["budget"] >= study.tightness_from
             and not (folder / r["run"] / TIGHTNESS_FILE).exists()
         ):
-            body.append([what, "tightness not measured", ""])
+            body.append([*what, "tightness not measured", ""])
         if r["kept_epoch"] <= r["delay"]:
-            body.append([what, "keeps an epoch before its regularizer",
-                         f"epoch kept {r['kept_epoch']} of {r['epochs']}, regularizer from {r['delay'] + 1}"])  # fmt: skip
+            why = f"epoch {r['kept_epoch']}, regularizer from epoch {r['delay'] + 1}"
+            body.append([*what, "keeps an epoch before its regularizer", why])
     trained = {cell(run.name) for run, _, _ in runs(folder)}
     for c in expand(load_spec(str(study.spec))):
         if cell(run_dir_name(c)) not in trained:
@@ -365,8 +394,10 @@ def plot(rows: list[dict], sigma: float, path: Path, unit: str) -> None:
         "s": ("budget", "training-step seconds (2 CPU cores, one run per core)"),
         CLEAN_EPOCHS: ("seconds", "training-step seconds as measured (2 CPU cores, shared)"),
     }.get(unit, ("seconds", "training-step seconds as measured (the runs shared one GPU)"))
-    for ax, key, xlabel in ((axes[0], *seconds), (axes[1], "compute",
-                            "training compute (millions of clean image-passes, FLOP-counted)")):  # fmt: skip
+    for ax, key, xlabel in (
+        (axes[0], *seconds),
+        (axes[1], "compute", "training compute (millions of clean image-passes, FLOP-counted)"),
+    ):
         scale = 1e6 if key == "compute" else 1
         for name in names:
             pts = sorted((r[key] / scale, r["acr"]) for r in rows if r["label"] == name)

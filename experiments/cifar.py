@@ -24,7 +24,6 @@ Stages, each resumable (rerun the same command after a crash):
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cifar_recipes
@@ -33,18 +32,19 @@ from study import (
     PAPER,
     ROOT,
     attack_commands,
+    attack_images,
     attack_table,
     attack_winners,
     certify_command,
     data_dirs,
     export,
     fmt,
-    image_counts,
     made_with,
     method_order,
     parse_stages,
     run_jobs,
     study_parser,
+    sweep_tasks,
     task_figures,
 )
 
@@ -52,23 +52,18 @@ from momentreg.data.datasets import load_dataset
 from momentreg.data.imagefolder import load_imagefolder
 from momentreg.evaluation.attacks import ATTACKS
 from momentreg.runs import report
-from momentreg.runs.rundir import ATTACKS_FILE, CERTIFY_FILE, CONFIG, ERROR, METRICS, read_json
-from momentreg.runs.sweep import expand, load_spec, sweep
+from momentreg.runs.rundir import CONFIG, ERROR, METRICS, read_json
+from momentreg.runs.sweep import expand, load_spec
 from momentreg.tables import markdown_table
 
-# name -> (spec, model label, dataset label)
-TASKS = {
-    "cifar10-lenet": (ROOT / "experiments/cifar10-lenet.toml", "LeNet", "CIFAR-10 (JPEG copy)"),
-    "cifar10-alexnet": (
-        ROOT / "experiments/cifar10-alexnet.toml",
-        "AlexNet",
-        "CIFAR-10 (JPEG copy)",
-    ),
-    "mnist-paper": (ROOT / "experiments/mnist-paper.toml", "LeNet", "MNIST"),
+TASKS = {  # name -> (model label, dataset label); the spec is experiments/<name>.toml
+    "cifar10-lenet": ("LeNet", "CIFAR-10 (JPEG copy)"),
+    "cifar10-alexnet": ("AlexNet", "CIFAR-10 (JPEG copy)"),
+    "mnist-paper": ("LeNet", "MNIST"),
 }
 CIFAR_TASKS = ("cifar10-lenet", "cifar10-alexnet")
 TOLERANCE = 0.39  # accuracy points below the clean mean that still compete (paper, Fig. 3b)
-SMOOTHING = {"sigma": 0.25, "n0": 100, "alpha": 0.001}
+SIGMA = 0.25  # of the certification (n0 100, alpha 0.001)
 # The paper's Table 4, CIFAR-10 rows: (GNR, accuracy) of the clean baseline and of the
 # regularizer (alpha 1) at each sigma.
 PAPER_TABLE4 = {
@@ -79,54 +74,30 @@ PAPER_TABLE4 = {
 }  # fmt: skip
 KEYS = ("method", "sigma", "alpha", "folds", "seed")  # what tells a sweep's runs apart
 DEFAULTS = {"sigma": 0.0, "alpha": 1.0, "folds": 1, "seed": 0}
-
-
 STAGES = ("train", "evaluate", "export", "doc")
 
 
-def train(runs: Path, data_dirs: dict, device: str, workers: int | None, settings: dict) -> None:
-    """The three sweeps at once; each runs all its runs in parallel unless ``workers`` is set."""
-    for split in ("train", "test"):  # decode the JPEG folder once, before the runs read its cache
-        load_imagefolder(data_dirs["cifar10-lenet"], split)
-
-    def one(task: str) -> tuple[str, dict]:
-        spec = {**load_spec(str(TASKS[task][0])), "data_dir": str(data_dirs[task])}
-        spec.update(device=device, **settings)
-        n = workers or len(expand(spec))
-        return task, sweep(spec, runs / task, workers=n, progress=False)
-
-    with ThreadPoolExecutor(len(TASKS)) as pool:
-        for task, counts in pool.map(one, TASKS):
-            print(f"{task}: {counts}", flush=True)
+def spec(task: str) -> dict:
+    return load_spec(str(ROOT / "experiments" / f"{task}.toml"))
 
 
-def evaluate_commands(run: Path, images: dict, test_size: int, device: str) -> list[list[str]]:
-    """The evaluations ``run`` still needs: attacks and certification, on class-balanced subsets
-    (``images``: attack or "certify" -> test images; every (test_size // images)-th image of the
-    class-sorted test folder)."""
-    certify = read_json(run / CERTIFY_FILE) if (run / CERTIFY_FILE).exists() else {}
-    commands = attack_commands(run, {a: images[a] for a in ATTACKS}, device, test_size)
-    if certify.get(f"{SMOOTHING['sigma']:g}", {}).get("images") != images["certify"]:
-        commands.append(
-            certify_command(
-                run, device, SMOOTHING, images["certify_n"], images["certify"], test_size
-            )
-        )
-    return commands
-
-
-def evaluate(runs: Path, images: dict, device: str) -> None:
-    """Every evaluation of every CIFAR-10 winner as its own job, all at once."""
+def evaluate(runs: Path, args) -> None:
+    """The attacks and the certification of every CIFAR-10 winner, each its own job, all at once,
+    on class-balanced subsets (every (test size / images)-th image of the class-sorted folder)."""
+    images = {a: args.attack_images for a in ATTACKS} | {"lbfgs": args.lbfgs_images}
     jobs = []
-    for task in CIFAR_TASKS:
-        rows = report.collect(runs / task) if (runs / task).is_dir() else []
-        if not rows:
-            continue
+    for task in (t for t in CIFAR_TASKS if (runs / t).is_dir()):
+        rows = report.collect(runs / task)
         config = read_json(runs / task / "runs" / rows[0]["run"] / CONFIG)
         test_size = len(load_dataset(config["dataset"], config["data_dir"], "test")[1])
         for row in attack_winners(rows, tolerance=TOLERANCE).values():
             run = runs / task / "runs" / row["run"]
-            jobs += [[c] for c in evaluate_commands(run, images, test_size, device)]
+            jobs += [[c] for c in attack_commands(run, images, args.device, test_size)]
+            if row["certify"].get(f"{SIGMA:g}", {}).get("images") != args.certify_images:
+                stride = test_size // args.certify_images
+                argv = certify_command(run, args.device, SIGMA, args.certify_n, args.certify_images,
+                                       stride, batch=10_000)  # fmt: skip
+                jobs.append([argv])
     if jobs:
         run_jobs(jobs, len(jobs))
 
@@ -173,7 +144,7 @@ def _failures(folder: Path) -> dict[tuple, str]:
 def status_table(task: str, rows: list[dict], folder: Path) -> str:
     """How a task's runs went: planned, finished, cut by the time budget (and of those, still
     improving), failed (why) and at chance accuracy."""
-    planned = [{**DEFAULTS, **c} for c in expand(load_spec(str(TASKS[task][0])))]
+    planned = [{**DEFAULTS, **c} for c in expand(spec(task))]
     have = {tuple(r[k] for k in KEYS) for r in rows}
     errors = _failures(folder)
     failed = [
@@ -307,7 +278,7 @@ def mnist_against(rows: list[dict]) -> str:
 
 def task_blocks(task: str, rows: list[dict], folder: Path, figures: Path) -> dict[str, str]:
     """A task's blocks and its three figures."""
-    _, model, label = TASKS[task]
+    model, label = TASKS[task]
     tolerance = TOLERANCE if task in CIFAR_TASKS else 0.0
     fair = report.fair_comparison(rows, tolerance)
     title = f"most robust run per group with accuracy >= {fair['threshold']:.2f}"
@@ -325,17 +296,10 @@ def task_blocks(task: str, rows: list[dict], folder: Path, figures: Path) -> dic
         out["mnist-paper-against"] = mnist_against(rows)
     if task in PAPER_TABLE4:
         winners = attack_winners(rows, tolerance=TOLERANCE)
-        images = {}
-        for r in rows:
-            path = folder / r["run"] / ATTACKS_FILE
-            images.update(
-                {a: v["test_images"] for a, v in (read_json(path) if path.exists() else {}).items()}
-            )
         attacked = [r for r in winners.values() if r["energy_pgd"] is not None]
         out[f"{task}-table4"] = table4(task, rows)
-        out[f"{task}-attacks"] = f"Test images: {image_counts(images)}\n\n" + attack_table(
-            attacked, winners.get("clean")
-        )
+        images = f"Test images: {attack_images(folder, rows)}\n\n"
+        out[f"{task}-attacks"] = images + attack_table(attacked, winners.get("clean"))
         out[f"{task}-certify"] = certify_table(winners)
     return out
 
@@ -359,13 +323,12 @@ def main() -> None:
     if "train" in stages:
         given = {t: ("--cifar-dir", args.cifar_dir) for t in CIFAR_TASKS}
         dirs = data_dirs(p, args, {**given, "mnist-paper": ("--mnist-dir", args.mnist_dir)})
-        train(args.runs, dirs, args.device, args.workers or None, dict(args.set))
+        for split in ("train", "test"):  # decode the JPEG folder once, before the runs read it
+            load_imagefolder(dirs["cifar10-lenet"], split)
+        specs = {task: spec(task) for task in TASKS}
+        sweep_tasks(specs, args.runs, dirs, args, at_once=True, strict=False)
     if "evaluate" in stages:
-        images = {a: args.attack_images for a in ATTACKS}
-        images.update(
-            lbfgs=args.lbfgs_images, certify=args.certify_images, certify_n=args.certify_n
-        )
-        evaluate(args.runs, images, args.device)
+        evaluate(args.runs, args)
     if "export" in stages:
         export(args.runs, args.results, TASKS)
     if "doc" in stages:

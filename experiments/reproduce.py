@@ -15,8 +15,6 @@ Stages, each resumable (rerun the same command after a crash):
 
 from __future__ import annotations
 
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pages
@@ -24,57 +22,27 @@ from study import (
     PAPER,
     ROOT,
     attack_commands,
+    attack_images,
     attack_table,
     attack_winners,
     data_dirs,
     export,
-    image_counts,
     made_with,
     method_order,
     parse_stages,
     run_jobs,
-    spec_table,
     study_parser,
+    sweep_tasks,
     task_figures,
 )
 
 from momentreg.evaluation.attacks import ATTACK_LABELS, ATTACKS
 from momentreg.runs import report
-from momentreg.runs.rundir import ATTACKS_FILE, read_json
-from momentreg.runs.sweep import load_spec, sweep
+from momentreg.runs.sweep import load_spec
 from momentreg.tables import markdown_table
 
-TASKS = {  # name -> (spec, dataset label)
-    "mnist-lenet": (ROOT / "experiments" / "mnist-lenet.toml", "MNIST"),
-    "fashion-lenet": (ROOT / "experiments" / "fashion-lenet.toml", "Fashion-MNIST"),
-}
+TASKS = {"mnist-lenet": "MNIST", "fashion-lenet": "Fashion-MNIST"}  # task -> dataset label
 STAGES = ("train", "attack", "export", "doc")
-
-
-def run_sweeps(runs: Path, data_dirs: dict, device: str, workers: int, settings: dict) -> None:
-    """Both sweeps at once, each with up to ``workers`` trainings in parallel."""
-
-    def one(task: str) -> tuple[str, dict]:
-        spec = {**load_spec(str(TASKS[task][0])), "data_dir": str(data_dirs[task])}
-        spec.update(device=device, **settings)
-        return task, sweep(spec, runs / task, workers=workers, progress=False)
-
-    with ThreadPoolExecutor(len(TASKS)) as pool:
-        for task, counts in pool.map(one, TASKS):
-            print(f"{task}: {counts}", flush=True)
-            if counts["failed"]:
-                status = f"momentreg sweep status {runs / task}"
-                sys.exit(f"{task}: {counts['failed']} runs failed: {status}")
-
-
-def run_attacks(runs: Path, images: dict[str, int], device: str) -> None:
-    """The attacks on each MNIST winner, the winners in parallel."""
-    rows = report.collect(runs / "mnist-lenet")
-    winners = attack_winners(rows).values()
-    jobs = [
-        attack_commands(runs / "mnist-lenet" / "runs" / r["run"], images, device) for r in winners
-    ]
-    run_jobs(jobs, len(jobs))
 
 
 def _spread(rows: list[dict], key: str) -> str:
@@ -160,36 +128,31 @@ def claims_table(rows: list[dict]) -> str:
     return markdown_table(["claim (paper)", "paper", "ours"], table)
 
 
-def task_blocks(task: str, rows: list[dict], images: dict[str, int], figures: Path) -> dict:
+def task_blocks(task: str, rows: list[dict], folder: Path, figures: Path) -> dict:
     """A task's blocks (all runs, the fair comparison, the attacks) and its three figures."""
     fair = report.fair_comparison(rows, 0.0)
     title = f"most robust run per group with accuracy >= clean mean {fair['threshold']:.2f}"
-    task_figures(rows, fair["selected"], figures, task, f"LeNet / {TASKS[task][1]}", title)
+    task_figures(rows, fair["selected"], figures, task, f"LeNet / {TASKS[task]}", title)
     blocks = {
         f"{task}-runs": report.runs_table(sorted(rows, key=method_order), names=False),
         f"{task}-fair": f"Threshold (mean clean accuracy): {fair['threshold']:.2f}\n\n"
         + report.fair_table(fair["selected"]),
     }
-    attacked = [r for r in rows if any(r[f"energy_{k}"] is not None for k in ATTACK_LABELS)]
+    attacked = [r for r in rows if r["energy_pgd"] is not None]
     if attacked:
         clean = next((r for r in attacked if r["method"] == "clean"), None)
-        blocks[f"{task}-attacks"] = f"Test images: {image_counts(images)}\n\n" + attack_table(
-            attacked, clean
+        blocks[f"{task}-attacks"] = (
+            f"Test images: {attack_images(folder, rows)}\n\n" + attack_table(attacked, clean)
         )
     return blocks
 
 
 def blocks(results: Path, figures: Path) -> dict[str, str]:
     """docs/reproduction.md's blocks from the exported runs in ``results``."""
-    out = {"made": made_with(results), "specs": spec_table({t: s for t, (s, _) in TASKS.items()})}
+    out = {"made": made_with(results)}
     for task in TASKS:
         rows = report.collect(results / task)
-        images = {}  # attack -> test images it ran on
-        for r in rows:
-            path = results / task / r["run"] / ATTACKS_FILE
-            attacks = read_json(path) if path.exists() else {}
-            images.update({a: v["test_images"] for a, v in attacks.items()})
-        out.update(task_blocks(task, rows, images, figures))
+        out.update(task_blocks(task, rows, results / task, figures))
         if task == "mnist-lenet":
             out["paper"], out["claims"] = paper_table(rows), claims_table(rows)
     return out
@@ -201,19 +164,17 @@ def main() -> None:
     p.add_argument("--lbfgs-images", type=int, help="L-BFGS on fewer images (default: all)")
     args, stages = parse_stages(p, STAGES)
     if "train" in stages:
-        dirs = data_dirs(
-            p,
-            args,
-            {
-                "mnist-lenet": ("--mnist-dir", args.mnist_dir),
-                "fashion-lenet": ("--fashion-dir", args.fashion_dir),
-            },
-        )
-        run_sweeps(args.runs, dirs, args.device, args.workers, dict(args.set))
-    if "attack" in stages:
+        given = {"mnist-lenet": ("--mnist-dir", args.mnist_dir)}
+        given["fashion-lenet"] = ("--fashion-dir", args.fashion_dir)
+        specs = {task: load_spec(str(ROOT / "experiments" / f"{task}.toml")) for task in TASKS}
+        sweep_tasks(specs, args.runs, data_dirs(p, args, given), args, at_once=True)
+    if "attack" in stages:  # the six attacks on each MNIST winner, the winners in parallel
         images = {a: args.attack_images for a in ATTACKS}
         images["lbfgs"] = args.lbfgs_images or args.attack_images
-        run_attacks(args.runs, images, args.device)
+        folder = args.runs / "mnist-lenet"
+        winners = attack_winners(report.collect(folder)).values()
+        jobs = [attack_commands(folder / "runs" / r["run"], images, args.device) for r in winners]
+        run_jobs(jobs, len(jobs))
     if "export" in stages:
         export(args.runs, args.results, TASKS)
     if "doc" in stages:
