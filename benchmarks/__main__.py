@@ -59,7 +59,9 @@ METHODS = ["clean", "moment", "augment2", "augment6", "augment11", "augment21", 
 
 def _config(method: str) -> TrainConfig:
     if method.startswith("augment"):
-        return TrainConfig(method="augment", sigma=0.5, folds=int(method[len("augment") :]))
+        return TrainConfig.from_flat(
+            dict(method="augment", sigma=0.5, folds=int(method[len("augment") :]))
+        )
     return TrainConfig(method=method, sigma=0.5, alpha=1.0)
 
 
@@ -78,7 +80,9 @@ def make_step(model_name, dataset, batch, method, device, size=None):
     opt = torch.optim.Adam(model.parameters(), 1e-4)
     cfg = _config(method)
     gen = torch.Generator(device=device).manual_seed(0)
-    noisy = torch.arange(batch, device=device) % max(cfg.folds, 1) != 0  # (N-1)/N noisy copies
+    noisy = (
+        torch.arange(batch, device=device) % max(cfg.method_settings.folds, 1) != 0
+    )  # (N-1)/N noisy copies
 
     def step():
         loss, _ = step_loss(model, x, y, noisy, cfg, gen)
@@ -111,7 +115,7 @@ def bench_steps(model_name, dataset, batch, device, repeats, methods, size=None)
     clean = out["clean"]
     ratios = {}
     for method in methods:
-        folds = _config(method).folds if method.startswith("augment") else 1
+        folds = _config(method).method_settings.folds if method.startswith("augment") else 1
         ratios[method] = folds * out[method] / clean  # per clean image
     ratios["moment_over_floor"] = out["moment"] / (clean + out["tail_pass"])
     return {"seconds": out, "ratio_to_clean": ratios, "batch": batch}

@@ -59,7 +59,7 @@ METHODS = {
 def make_step(settings: dict, batch: int, device: torch.device):
     """(one training step of the method on a fixed random batch, its passes per image)."""
     recipe = {k: v for k, v in PROTOCOLS["smoothing-lenet"].items() if k != "early_stop"}
-    cfg = TrainConfig(**{**recipe, "sigma": SIGMA, "sigma_warmup": 0, **settings})
+    cfg = TrainConfig.from_flat({**recipe, "sigma": SIGMA, "sigma_warmup": 0, **settings})
     cfg.validate()
     torch.manual_seed(0)
     model = build_model("smoothing-lenet", "mnist").to(device)
@@ -67,7 +67,11 @@ def make_step(settings: dict, batch: int, device: torch.device):
     y = torch.randint(0, 10, (batch,), device=device)
     noisy = torch.ones(batch, dtype=torch.bool, device=device)
     passes = passes_per_image(model, x, y, cfg)
-    split = check_regularizable(model, cfg.moment_depth) if cfg.method in ANALYTIC else None
+    split = (
+        check_regularizable(model, cfg.method_settings.moment_depth)
+        if cfg.method in ANALYTIC
+        else None
+    )
     state = TrainState.start(model, cfg, device)
     return (lambda: _train_step(state, x, y, noisy, cfg, split)), passes
 

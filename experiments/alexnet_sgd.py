@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -111,12 +110,12 @@ def run(args) -> int:
     model = build_model("alexnet", "imagefolder", spec)
     split = split_at_first_relu(model)
     cfg = config.train  # the protocol's SGD, its learning rate scaled by the variant
-    lr = cfg.lr * {"half-lr": 0.5, "clean-double-lr": 2.0}.get(args.variant, 1.0)
-    optimizer = _optimizer(model, dataclasses.replace(cfg, lr=lr))
+    lr = cfg.optimizer.lr * {"half-lr": 0.5, "clean-double-lr": 2.0}.get(args.variant, 1.0)
+    optimizer = _optimizer(model, cfg.replace(lr=lr))
     moment = args.variant not in ("clean", "clean-double-lr")
     scale = 1 / (1 + args.alpha) if args.variant == "convex" else 1.0
     gen = torch.Generator().manual_seed(args.seed)
-    batch = cfg.batch_size
+    batch = cfg.optimizer.batch_size
     steps_per_epoch = math.ceil(len(labels) / batch)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:

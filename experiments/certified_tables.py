@@ -19,6 +19,7 @@ from momentreg.evaluation import certify
 from momentreg.runs.rundir import CONFIG, HISTORY, METRICS, TIGHTNESS_FILE, certify_tsv, read_json
 from momentreg.runs.sweep import expand, load_spec, run_dir_name
 from momentreg.tables import markdown_table
+from momentreg.training.methods import METHODS
 
 RADII = (0.0, 0.5, 1.0, 1.5, 2.0)  # 0: the smoothed classifier's accuracy (abstaining is wrong)
 SAMPLED = ("noise", "stability", "consistency", "macer")
@@ -41,12 +42,19 @@ def label(config: dict) -> str:
     """The method, and how its analytic expectation is made or its noisy copies counted where
     that is not the default: "macer-analytic (all layers)", "macer (2 noisy copies)"."""
     notes = ["all layers"] if config.get("moment_depth") == "all" else []
-    copies = config.get("samples", 0)
+    copies = own_copies(config)
     if config["method"] in ("macer", "macer-analytic") and copies:
         notes.append(f"{copies} noisy {'copy' if copies == 1 else 'copies'}")
     if config.get("seed", 0):
         notes.append(f"seed {config['seed']}")
     return config["method"] + (f" ({', '.join(notes)})" if notes else "")
+
+
+def own_copies(config: dict) -> int:
+    """The noisy copies a run set where they are not its method's default (0 where they are: a
+    config.json of an earlier momentreg records the default as 0)."""
+    samples = config.get("samples") or 0
+    return 0 if samples == (METHODS[config["method"]].copies or 0) else samples
 
 
 def budget(config: dict, unit: str) -> float:
@@ -73,7 +81,7 @@ def _row(run: Path, config: dict, metrics: dict, unit: str, batch: str) -> dict:
         losses = [float(r["val_loss"]) for r in csv.DictReader(f)]
     return {
         "run": run.name, "label": label(config), "method": config["method"],
-        "depth": config.get("moment_depth", "first"), "copies": config.get("samples", 0),
+        "depth": config.get("moment_depth", "first"), "copies": own_copies(config),
         "seed": config.get("seed", 0), "sigma": config["sigma"], "budget": budget(config, unit),
         "step_budget": config.get("step_budget", 0), "pass_budget": config.get("pass_budget", 0),
         "batch": batch, "seconds": metrics["step_seconds"], "steps": metrics["steps"],

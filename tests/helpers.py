@@ -184,10 +184,11 @@ def tiny_net() -> nn.Sequential:
     )
 
 
-def step_cases() -> list[tuple[str, str, int]]:
-    """(method, moment depth, samples): every training method at the paper's depth, the methods
-    with an analytic expectation at depth "all" too, and macer-analytic with a noisy copy."""
+def step_cases() -> list[tuple[str, str, int | None]]:
+    """(method, moment depth, samples): every training method at the paper's depth (its own
+    noisy copies: samples None), the methods with an analytic expectation at depth "all" too,
+    and macer-analytic with a noisy copy."""
     from momentreg.training.methods import ANALYTIC, METHODS
 
     cases = [(m, "first") for m in METHODS] + [(m, "all") for m in ANALYTIC]
-    return [(m, depth, 0) for m, depth in cases] + [("macer-analytic", "first", 1)]
+    return [(m, depth, None) for m, depth in cases] + [("macer-analytic", "first", 1)]

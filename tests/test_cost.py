@@ -44,7 +44,7 @@ def _clean_flops(rows: int) -> int:
 )
 def test_sampled_methods_cost_one_pass_per_noisy_copy(method, settings, copies):
     x, y = _batch()
-    cfg = TrainConfig(method=method, sigma=0.5, alpha=2.0, **settings)
+    cfg = TrainConfig.from_flat(dict(method=method, sigma=0.5, alpha=2.0, **settings))
     assert step_flops(_net(), x, y, cfg) == _clean_flops(copies * B)
     assert passes_per_image(_net(), x, y, cfg) == pytest.approx(copies, rel=1e-12)
 
@@ -63,7 +63,7 @@ def test_macer_analytic_with_a_noisy_copy_costs_a_pass_and_the_analytic_one():
     """A full pass on the noisy copy (its NLL), and for the hinge the head on the images and on
     the variance, then the tail on the expected activations."""
     x, y = _batch()
-    cfg = TrainConfig(method="macer-analytic", sigma=0.5, alpha=2.0, samples=1)
+    cfg = TrainConfig.from_flat(dict(method="macer-analytic", sigma=0.5, alpha=2.0, samples=1))
     expected = _clean_flops(B) + 4 * B * D * H + 4 * D * H + 6 * B * H * K
     assert step_flops(_net(), x, y, cfg) == expected
 

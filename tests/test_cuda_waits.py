@@ -41,8 +41,8 @@ def _net():
 @pytest.mark.parametrize("method, depth, samples", step_cases())
 def test_a_cuda_training_step_synchronizes_once(method, depth, samples):
     net = _net()
-    cfg = TrainConfig(
-        method=method, sigma=0.5, alpha=1.0, moment_depth=depth, folds=2, samples=samples
+    cfg = TrainConfig.from_flat(
+        dict(method=method, sigma=0.5, alpha=1.0, moment_depth=depth, folds=2, samples=samples)
     )
     state = TrainState.start(net, cfg, CUDA)
     split = check_regularizable(net, depth) if method in ANALYTIC else None

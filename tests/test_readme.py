@@ -74,3 +74,12 @@ def test_the_cli_reference_is_what_the_parser_says():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_cli_doc.py"), "--check"],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+def test_the_grouped_config_example_runs_as_printed():
+    text = GUIDE.read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "Optimizer(" in c)
+    scope = {}
+    exec(compile(code, str(GUIDE), "exec"), scope)
+    scope["config"].validate()
+    assert scope["config"].optimizer.lr == 0.01 and scope["config"].schedule.keep == "last"

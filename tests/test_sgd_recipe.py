@@ -51,7 +51,7 @@ def test_an_unknown_weighting_is_refused():
     with pytest.raises(ValueError, match="weighting"):
         MomentRegularizer(net, 0.5, weighting="mean")
     with pytest.raises(ValueError, match="moment weighting"):
-        TrainConfig(method="moment", moment_weighting="mean").validate()
+        TrainConfig.from_flat(dict(method="moment", moment_weighting="mean")).validate()
 
 
 def _first_step(settings: dict) -> dict[str, torch.Tensor]:
@@ -87,8 +87,8 @@ def test_the_alexnet_protocol_takes_a_clean_sized_sgd_step_with_the_regularizer(
 def test_the_protocols_weigh_the_moment_term_by_their_optimizer():
     alexnet = RunConfig.from_settings({"model": "alexnet", "dataset": "cifar10"}).train
     lenet = RunConfig.from_settings({"model": "lenet", "dataset": "cifar10"}).train
-    assert (alexnet.optimizer, alexnet.moment_weighting) == ("sgd", "convex")
-    assert (lenet.optimizer, lenet.moment_weighting) == ("adam", "sum")
+    assert (alexnet.optimizer.name, alexnet.method_settings.moment_weighting) == ("sgd", "convex")
+    assert (lenet.optimizer.name, lenet.method_settings.moment_weighting) == ("adam", "sum")
 
 
 def _diverging(tmp_path, method):
@@ -98,8 +98,10 @@ def _diverging(tmp_path, method):
     labels = torch.arange(64) % 10
     torch.manual_seed(0)
     net = tiny_net()
-    cfg = TrainConfig(method=method, sigma=0.5, alpha=1.0, optimizer="sgd", lr=1e6, momentum=0.0,
-                      batch_size=48, epochs=50, sigma_warmup=0, early_stop=50)  # fmt: skip
+    settings = dict(method=method, sigma=0.5, alpha=1.0, optimizer="sgd", lr=1e6, momentum=0.0)
+    cfg = TrainConfig.from_flat(
+        dict(settings, batch_size=48, epochs=50, sigma_warmup=0, early_stop=50)
+    )
     with pytest.raises(TrainingError) as failure:
         train(net, (images[:48], labels[:48]), (images[48:], labels[48:]), cfg,
               out_dir=tmp_path, progress=False)  # fmt: skip

@@ -55,8 +55,8 @@ def test_a_training_step_waits_for_the_device_once(method, depth, samples):
     sync: on a GPU shared by many runs every further one costs a round of the other runs' work."""
     torch.manual_seed(0)
     net = tiny_net()
-    cfg = TrainConfig(
-        method=method, sigma=0.5, alpha=1.0, moment_depth=depth, folds=2, samples=samples
+    cfg = TrainConfig.from_flat(
+        dict(method=method, sigma=0.5, alpha=1.0, moment_depth=depth, folds=2, samples=samples)
     )
     state = TrainState.start(net, cfg, torch.device("cpu"))
     split = check_regularizable(net, depth) if method in ANALYTIC else None
@@ -78,8 +78,10 @@ def test_an_epoch_waits_once_a_step_and_a_few_times_an_epoch(method):
     reads = []
     for n in (32, 64):  # 4 and 8 steps of 8
         net = tiny_net()
-        cfg = TrainConfig(  # SGD: Adam's step counts are read on the host, a CPU tensor on GPUs too
-            method=method, sigma=0.5, alpha=1.0, batch_size=8, sigma_warmup=100, optimizer="sgd"
+        cfg = TrainConfig.from_flat(
+            dict(  # SGD: Adam's step counts are read on the host, a CPU tensor on GPUs too
+                method=method, sigma=0.5, alpha=1.0, batch_size=8, sigma_warmup=100, optimizer="sgd"
+            )
         )
         state = TrainState.start(net, cfg, torch.device("cpu"))
         split = check_regularizable(net) if method in ANALYTIC else None
@@ -180,12 +182,12 @@ def test_budget_step_rate_and_deferral_follow_the_budget(budget, clocks):
     """The anchors' recipe as shares of a budget of 9 s or 90 steps: lr / 10 at a third and two
     thirds of it; MACER's term off for its first 0.34 (3.06 s, 30.6 steps). Under a time budget
     the steps do not matter, under a step budget the seconds do not."""
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(dict(
         method="macer", sigma=0.5, alpha=16.0, lr=0.01, lr_gamma=0.1, lr_schedule="budget-step",
         lr_step_budget=1 / 3, alpha_delay_budget=0.34, **budget,
-    )  # fmt: skip
+    ))  # fmt: skip
     cfg.validate()
-    opt = torch.optim.SGD(tiny_net().parameters(), lr=cfg.lr)
+    opt = torch.optim.SGD(tiny_net().parameters(), lr=cfg.optimizer.lr)
     rates = [1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4]
     alphas = [0.0, 0.0, 0.0, 16.0, 16.0, 16.0]
     for (steps, seconds), lr, alpha in zip(clocks, rates, alphas, strict=True):
@@ -193,7 +195,7 @@ def test_budget_step_rate_and_deferral_follow_the_budget(budget, clocks):
         _budget_lr(opt, cfg, clock)
         assert opt.param_groups[0]["lr"] == pytest.approx(lr)
         assert _step_config(cfg, 1, clock).alpha == alpha
-    by_epoch = TrainConfig(method="macer", alpha=16.0, alpha_delay=2)
+    by_epoch = TrainConfig.from_flat(dict(method="macer", alpha=16.0, alpha_delay=2))
     assert [_step_config(by_epoch, e, _StepClock()).alpha for e in (1, 2, 3)] == [0, 0, 16]
 
 
@@ -241,7 +243,7 @@ def test_a_pass_budget_takes_the_passes_its_caller_counted():
 
 
 def test_a_pass_budget_rounds_its_steps_down_and_keeps_one():
-    cfg = TrainConfig(batch_size=256, pass_budget=3.0)
+    cfg = TrainConfig.from_flat(dict(batch_size=256, pass_budget=3.0))
     assert cfg.pass_budget_steps(1.0, 54_000) == 632  # 632.8 steps of one pass
     assert cfg.pass_budget_steps(2.0, 54_000) == 316  # 316.4 steps of two-copy consistency
     assert cfg.pass_budget_steps(1.91, 54_000) == 331  # 331.3 steps of 1.91 passes
@@ -252,16 +254,16 @@ def test_a_pass_budget_rounds_its_steps_down_and_keeps_one():
 
 def test_a_run_has_one_budget():
     with pytest.raises(ValueError, match="time-budget and step-budget are both set"):
-        TrainConfig(time_budget=5.0, step_budget=10).validate()
+        TrainConfig.from_flat(dict(time_budget=5.0, step_budget=10)).validate()
     with pytest.raises(ValueError, match="step-budget and pass-budget are both set"):
-        TrainConfig(step_budget=10, pass_budget=2.0).validate()
+        TrainConfig.from_flat(dict(step_budget=10, pass_budget=2.0)).validate()
     with pytest.raises(ValueError, match="invalid step-budget"):
-        TrainConfig(step_budget=-1).validate()
+        TrainConfig.from_flat(dict(step_budget=-1)).validate()
     with pytest.raises(ValueError, match="invalid pass-budget"):
-        TrainConfig(pass_budget=math.inf).validate()
+        TrainConfig.from_flat(dict(pass_budget=math.inf)).validate()
     with pytest.raises(ValueError, match="shares of the budget"):
-        TrainConfig(lr_schedule="budget-step").validate()
-    TrainConfig(lr_schedule="budget-step", pass_budget=1.0).validate()
+        TrainConfig.from_flat(dict(lr_schedule="budget-step")).validate()
+    TrainConfig.from_flat(dict(lr_schedule="budget-step", pass_budget=1.0)).validate()
 
 
 def test_a_budget_step_run_records_the_decayed_rate(tmp_path):

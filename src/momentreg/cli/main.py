@@ -145,8 +145,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--samples",
         type=nonneg_int,
-        help="consistency, macer: noisy copies per image (default 2 and 16, the authors'); "
-        "macer-analytic: noisy copies for its NLL term (default 0: none)",
+        help="consistency, macer: noisy copies per image, at least 1 (default 2 and 16, the "
+        "authors'); macer-analytic: noisy copies for its NLL term (default 0: none)",
     )
     p.add_argument("--eta", type=nonneg_float, help="consistency: entropy weight (default 0.5)")
     p.add_argument("--macer-beta", type=pos_float, help="macer: inverse temperature (default 16)")
@@ -252,7 +252,7 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Run
             raise UsageError(f"--config takes every setting from {args.config}; drop {flag}")
         given = read_json(args.config)
     try:
-        return RunConfig.from_settings(given)
+        return RunConfig.from_settings(given, recorded=args.config is not None)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -52,7 +52,7 @@ from momentreg.runs.rundir import (
     read_json,
     write_json,
 )
-from momentreg.training.config import PROTOCOLS, TrainConfig
+from momentreg.training.config import FLAT_FIELDS, PROTOCOLS, TrainConfig, upgrade_recorded
 from momentreg.training.cost import passes_per_image
 from momentreg.training.loop import load_checkpoint, model_weights, train
 from momentreg.training.methods import ANALYTIC
@@ -69,7 +69,7 @@ __all__ = [
     "prepare_out_dir",
 ]
 
-TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+TRAIN_FIELDS = set(FLAT_FIELDS)  # the flat names of every training setting
 # written into config.json by train_run, not settings
 _RECORDED = ("version", "input_spec", "weights_sha256")
 
@@ -93,9 +93,13 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     @classmethod
-    def from_settings(cls, settings: dict) -> RunConfig:
+    def from_settings(cls, settings: dict, recorded: bool = False) -> RunConfig:
         """Flat settings -> a validated RunConfig. Training fields not given come from the
-        model's protocol (``train_config.PROTOCOLS``; a user model gets LeNet's)."""
+        model's protocol (``train_config.PROTOCOLS``; a user model gets LeNet's). ``recorded``:
+        the settings come from a config.json, perhaps of an earlier momentreg
+        (``upgrade_recorded``)."""
+        if recorded:
+            settings = upgrade_recorded(settings)
         run_fields = {f.name for f in dataclasses.fields(cls)} - {"train"}
         unknown = set(settings) - run_fields - TRAIN_FIELDS - set(_RECORDED)
         if unknown:
@@ -108,7 +112,7 @@ class RunConfig:
             if run.get(key) is not None:
                 run[key] = str(run[key])
         try:
-            config = cls(**run, train=TrainConfig(**train_settings))
+            config = cls(**run, train=TrainConfig.from_flat(train_settings))
             config.validate()
         except TypeError as e:  # e.g. "epochs": "ten" in a JSON or TOML file
             raise ConfigError(f"a setting has the wrong type ({e})") from None
@@ -117,7 +121,7 @@ class RunConfig:
     def flat(self) -> dict:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields.pop("train")
-        return {**fields, **dataclasses.asdict(self.train)}
+        return {**fields, **self.train.flat()}
 
     def validate(self) -> None:
         if self.model not in MODELS and not is_factory(self.model):
@@ -251,7 +255,7 @@ def train_run(
     torch.manual_seed(cfg.seed)
     model = build_model(config.model, config.dataset, spec)
     if cfg.method in ANALYTIC:  # a model the regularizer cannot split fails before any writing
-        check_regularizable(model, cfg.moment_depth)
+        check_regularizable(model, cfg.method_settings.moment_depth)
     digest = None
     if config.weights is not None:  # the user's weights, checked before anything is written
         if not (resume and (out / CHECKPOINT).exists()):
@@ -266,7 +270,7 @@ def train_run(
     write_json(out / CONFIG, {"version": __version__, **flat, **recorded})
     t0 = time.perf_counter()
     # the step's FLOPs, counted before training: a model the counter cannot take fails now
-    batch = [t[: cfg.batch_size].to(device) for t in train_set]
+    batch = [t[: cfg.optimizer.batch_size].to(device) for t in train_set]
     passes = passes_per_image(model.to(device), to_float(batch[0]), batch[1], cfg)
     history = train(
         model,
@@ -290,7 +294,9 @@ def train_run(
     metrics.update(
         epochs=len(history),
         best_epoch=best_epoch,
-        kept_epoch=best_epoch if cfg.keep == "best" else len(history),  # the weights it ends with
+        kept_epoch=best_epoch
+        if cfg.schedule.keep == "best"
+        else len(history),  # the weights it ends with
         train_seconds=history[-1]["train_seconds"],
         steps=history[-1].get("steps"),  # absent in checkpoints older than the budget
         step_seconds=history[-1].get("step_seconds"),

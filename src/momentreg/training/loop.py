@@ -27,7 +27,7 @@ from momentreg.core.regularizer import Split, moment_loss
 from momentreg.data.datasets import to_float
 from momentreg.errors import CheckpointError, ConfigError, TrainingError
 from momentreg.files import atomic_save, atomic_write
-from momentreg.training.config import TrainConfig
+from momentreg.training.config import TrainConfig, upgrade_recorded
 from momentreg.training.cost import passes_per_image
 from momentreg.training.methods import step_loss
 
@@ -75,14 +75,16 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer.name == "adam":
+        return torch.optim.Adam(
+            model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay
+        )
     return torch.optim.SGD(
         model.parameters(),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0,
-        weight_decay=cfg.weight_decay,
+        lr=cfg.optimizer.lr,
+        momentum=cfg.optimizer.momentum,
+        nesterov=cfg.optimizer.nesterov and cfg.optimizer.momentum > 0,
+        weight_decay=cfg.optimizer.weight_decay,
     )
 
 
@@ -145,13 +147,17 @@ class TrainState:
     @classmethod
     def start(cls, model: nn.Module, cfg: TrainConfig, device: torch.device) -> TrainState:
         optimizer = _optimizer(model, cfg)
-        if cfg.lr_schedule == "step":
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
-        elif cfg.lr_schedule == "budget-step":
+        if cfg.schedule.lr_schedule == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(
+                optimizer, cfg.schedule.lr_step, cfg.schedule.lr_gamma
+            )
+        elif cfg.schedule.lr_schedule == "budget-step":
             scheduler = None
         else:
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience
+                optimizer,
+                factor=cfg.schedule.plateau_factor,
+                patience=cfg.schedule.plateau_patience,
             )
         best = {"val_loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
         cpu_gen = torch.Generator().manual_seed(cfg.seed)
@@ -262,8 +268,9 @@ def _bad_term(model, x, y, cfg: TrainConfig, split, value: float) -> str:
     term), for the error; other methods' losses have one term, ``value``."""
     if cfg.method != "moment":
         return f"loss ({value})"
-    _, parts = moment_loss(model, x, y, cfg.sigma, cfg.alpha, split, depth=cfg.moment_depth,
-                           loss=cfg.moment_loss, weighting=cfg.moment_weighting)  # fmt: skip
+    m = cfg.method_settings
+    _, parts = moment_loss(model, x, y, cfg.sigma, cfg.alpha, split, depth=m.moment_depth,
+                           loss=m.moment_loss, weighting=m.moment_weighting)  # fmt: skip
     bad = [name for name in ("clean", "moment") if not torch.isfinite(parts[name])]
     values = ", ".join(f"{name} {parts[name].item()}" for name in ("clean", "moment"))
     terms = f"{' and '.join(bad)} terms" if len(bad) > 1 else f"{(bad or ['total'])[0]} term"
@@ -275,10 +282,10 @@ def _step_config(cfg: TrainConfig, epoch: int, clock: _StepClock) -> TrainConfig
     first ``alpha_delay_budget`` share of the budget, and the noise level ramped up linearly
     over the first ``sigma_warmup`` steps."""
     changes = {}
-    if epoch <= cfg.alpha_delay or clock.share(cfg) < cfg.alpha_delay_budget:
+    if epoch <= cfg.schedule.alpha_delay or clock.share(cfg) < cfg.schedule.alpha_delay_budget:
         changes["alpha"] = 0.0
-    if clock.steps < cfg.sigma_warmup:
-        changes["sigma"] = cfg.sigma * (clock.steps + 1) / cfg.sigma_warmup
+    if clock.steps < cfg.schedule.sigma_warmup:
+        changes["sigma"] = cfg.sigma * (clock.steps + 1) / cfg.schedule.sigma_warmup
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
@@ -286,9 +293,9 @@ def _budget_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, clock: _StepC
     """The budget-step schedule: lr times lr_gamma for every lr_step_budget share of the budget
     the training steps have used (the anchors' "/ 10 at epochs 30 and 60 of 90" as shares of a
     budget of seconds or steps)."""
-    decays = math.floor(clock.share(cfg) / cfg.lr_step_budget)
+    decays = math.floor(clock.share(cfg) / cfg.schedule.lr_step_budget)
     for group in optimizer.param_groups:
-        group["lr"] = cfg.lr * cfg.lr_gamma**decays
+        group["lr"] = cfg.optimizer.lr * cfg.schedule.lr_gamma**decays
 
 
 def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
@@ -297,17 +304,17 @@ def train_one_epoch(state, images, labels, cfg, clock, split, progress) -> dict:
     and accuracy."""
     state.model.train()
     n = len(labels)
-    folds = cfg.folds if cfg.method == "augment" else 1
+    folds = cfg.method_settings.folds if cfg.method == "augment" else 1
     perm = torch.randperm(n * folds, generator=state.cpu_gen).to(labels.device)
     total_loss, correct, seen = 0.0, torch.zeros((), dtype=torch.long, device=labels.device), 0
     grad_max = 0.0
     epoch = state.epoch + 1
-    steps = math.ceil(n * folds / cfg.batch_size)
+    steps = math.ceil(n * folds / cfg.optimizer.batch_size)
     for step in tqdm(range(steps), desc=f"epoch {epoch}", disable=not progress, leave=False):
         t_step = time.perf_counter()
-        idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        idx = perm[step * cfg.optimizer.batch_size : (step + 1) * cfg.optimizer.batch_size]
         x, y = to_float(images[idx % n]), labels[idx % n]
-        if cfg.lr_schedule == "budget-step":
+        if cfg.schedule.lr_schedule == "budget-step":
             _budget_lr(state.optimizer, cfg, clock)
         try:
             loss, grad_norm, hits = _train_step(
@@ -335,13 +342,13 @@ def _pass_budget_as_steps(model, images, labels, cfg: TrainConfig, split, passes
     ``images``),
     and ``pass_budget`` clean epochs of them hold ``cfg.pass_budget_steps`` such steps. The count
     is the same on every call, so a resumed run ends where an uninterrupted one does."""
-    if not cfg.pass_budget:
+    if not cfg.budget.passes:
         return cfg
     if passes is None:
-        x, y = to_float(images[: cfg.batch_size]), labels[: cfg.batch_size]
+        x, y = to_float(images[: cfg.optimizer.batch_size]), labels[: cfg.optimizer.batch_size]
         passes = passes_per_image(model, x, y, cfg, split)
     steps = cfg.pass_budget_steps(passes, len(labels))
-    return dataclasses.replace(cfg, pass_budget=0.0, step_budget=steps)
+    return cfg.replace(pass_budget=0.0, step_budget=steps)
 
 
 def train(
@@ -397,7 +404,7 @@ def train(
         >>> [row["epoch"] for row in history], "val_accuracy" in history[0]
         ([1, 2], True)
     """
-    cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+    cfg = (config or TrainConfig()).replace(**overrides)
     cfg.validate()
     device = torch.device(device)
     if len(train_set[1]) == 0 or len(val_set[1]) == 0:
@@ -406,7 +413,7 @@ def train(
     val_images, val_labels = val_set[0].to(device), val_set[1].to(device)
     state = TrainState.start(model.to(device), cfg, device)
     identity = {
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "epochs"},
+        "config": {k: v for k, v in cfg.flat().items() if k != "epochs"},
         **(identity or {}),
     }
     out = Path(out_dir) if out_dir is not None else None
@@ -433,18 +440,19 @@ def _restored_and_finished(state: TrainState, out: Path, identity: dict, cfg) ->
     ckpt = load_checkpoint(out / CHECKPOINT)
     _check_identity(ckpt.get("identity", {}), identity, out / CHECKPOINT)
     state.restore(ckpt)
-    if state.stopped or state.epoch >= cfg.epochs:
+    if state.stopped or state.epoch >= cfg.schedule.epochs:
         _write_history(out / HISTORY, state.history)
         return True
     return False
 
 
 def _run_epochs(state, cfg, train_set, val_set, *, out, identity, writer, split, progress):
-    """The epochs from ``state``'s to ``cfg.epochs`` or a stop: train, validate, record, save."""
+    """The epochs from ``state``'s to the schedule's last or a stop: train, validate, record,
+    save."""
     clock = _StepClock(state.last("steps"), state.last("step_seconds", 0.0))
     epochs = tqdm(
-        range(state.epoch, cfg.epochs), desc="epochs", disable=not progress, initial=state.epoch,
-        total=cfg.epochs,
+        range(state.epoch, cfg.schedule.epochs), desc="epochs", disable=not progress,
+        initial=state.epoch, total=cfg.schedule.epochs,
     )  # fmt: skip
     for _ in epochs:
         t0 = time.perf_counter()
@@ -458,7 +466,7 @@ def _run_epochs(state, cfg, train_set, val_set, *, out, identity, writer, split,
             )
             raise TrainingError(f"{e}; {kept}") from None
         row["val_loss"], row["val_accuracy"], row["collapsed"] = _validate(
-            state.model, *val_set, cfg.batch_size, val_set[0].device
+            state.model, *val_set, cfg.optimizer.batch_size, val_set[0].device
         )
         if row["collapsed"] and not any(r.get("collapsed") for r in state.history):
             warnings.warn(
@@ -469,12 +477,14 @@ def _run_epochs(state, cfg, train_set, val_set, *, out, identity, writer, split,
                 stacklevel=3,
             )
         state.end_epoch(_history_row(row, state, clock, time.perf_counter() - t0))
-        state.stopped = state.bad_epochs >= cfg.early_stop or clock.spent(cfg)
+        state.stopped = state.bad_epochs >= cfg.schedule.early_stop or clock.spent(cfg)
         epochs.set_postfix(val_loss=f"{row['val_loss']:.4f}", val_acc=f"{row['val_accuracy']:.2f}")
         if writer is not None:
             _log(writer, state)
         if out is not None:
-            _save_epoch(out, state, identity, finished=state.stopped or state.epoch == cfg.epochs)
+            _save_epoch(
+                out, state, identity, finished=state.stopped or state.epoch == cfg.schedule.epochs
+            )
         if state.stopped:
             break
 
@@ -482,7 +492,7 @@ def _run_epochs(state, cfg, train_set, val_set, *, out, identity, writer, split,
 def _end_weights(model: nn.Module, state: TrainState, cfg: TrainConfig) -> None:
     """Leave ``model`` with the weights the run ends with: the best validation loss's, or with
     keep="last" the last epoch's (which it holds already)."""
-    if cfg.keep == "best":
+    if cfg.schedule.keep == "best":
         model.load_state_dict(state.best["state"])
 
 
@@ -515,7 +525,8 @@ def _history_row(row: dict, state: TrainState, clock: _StepClock, seconds: float
 
 def _check_identity(stored: dict, wanted: dict, path: Path) -> None:
     # a setting added after the checkpoint was written counts as its default
-    config = {**dataclasses.asdict(TrainConfig()), **stored.get("config", {})}
+    recorded = upgrade_recorded({**TrainConfig().flat(), **stored.get("config", {})})
+    config = TrainConfig.from_flat(recorded).flat()
     config.pop("epochs", None)
     flat_stored = {**config, **{k: v for k, v in stored.items() if k != "config"}}
     flat_wanted = {**wanted["config"], **{k: v for k, v in wanted.items() if k != "config"}}

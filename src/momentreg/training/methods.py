@@ -48,10 +48,11 @@ def noise_loss(model, x, y, noisy, cfg, gen, split):
 
 def moment_method_loss(model, x, y, noisy, cfg, gen, split):
     """The analytic moment regularizer (and its variants, see ``moment_loss``)."""
-    extra = _noise(x, cfg, gen) if cfg.moment_noise and cfg.sigma > 0 else None
+    m = cfg.method_settings
+    extra = _noise(x, cfg, gen) if m.moment_noise and cfg.sigma > 0 else None
     loss, parts = moment_loss(
-        model, x, y, cfg.sigma, cfg.alpha, split, depth=cfg.moment_depth, loss=cfg.moment_loss,
-        noisy=extra, weighting=cfg.moment_weighting,
+        model, x, y, cfg.sigma, cfg.alpha, split, depth=m.moment_depth, loss=m.moment_loss,
+        noisy=extra, weighting=m.moment_weighting,
     )  # fmt: skip
     return loss, parts["logits"]
 
@@ -61,8 +62,8 @@ class Method:
     """One training method: its ``loss`` ``(model, x, y, noisy, cfg, gen, split) -> (loss,
     logits)``; whether ``alpha`` weighs a term of it (``weighted``); whether it needs the model
     split at its first ReLU for an analytic expectation (``analytic``); and, where ``samples``
-    sets its noisy copies per image, how many it draws when ``samples`` is 0 (``copies``; None:
-    it takes no such setting)."""
+    sets its noisy copies per image, how many it draws when ``samples`` is not set (``copies``,
+    its explicit default; None: it takes no such setting)."""
 
     name: str
     loss: Callable
@@ -74,8 +75,8 @@ class Method:
 def _stability(analytic: bool):
     def loss(model, x, y, noisy, cfg, gen, split):
         return smoothing_losses.stability_loss(
-            model, x, y, cfg.sigma, cfg.alpha, gen, analytic=analytic, depth=cfg.moment_depth,
-            split=split,
+            model, x, y, cfg.sigma, cfg.alpha, gen, analytic=analytic,
+            depth=cfg.method_settings.moment_depth, split=split,
         )  # fmt: skip
 
     return loss
@@ -84,19 +85,20 @@ def _stability(analytic: bool):
 def _consistency(analytic: bool):
     def loss(model, x, y, noisy, cfg, gen, split):
         return smoothing_losses.consistency_loss(
-            model, x, y, cfg.sigma, cfg.alpha, gen, copies=cfg.samples or 2, eta=cfg.eta,
-            analytic=analytic, depth=cfg.moment_depth, split=split,
+            model, x, y, cfg.sigma, cfg.alpha, gen, copies=cfg.copies or 2,
+            eta=cfg.method_settings.eta, analytic=analytic, depth=cfg.method_settings.moment_depth,
+            split=split,
         )  # fmt: skip
 
     return loss
 
 
 def _macer(analytic: bool):
-    def loss(model, x, y, noisy, cfg, gen, split):  # copies None: 16 sampled, 0 analytic
+    def loss(model, x, y, noisy, cfg, gen, split):
+        m = cfg.method_settings
         return smoothing_losses.macer_loss(
-            model, x, y, cfg.sigma, cfg.alpha, gen, copies=cfg.samples or None,
-            beta=cfg.macer_beta, gamma=cfg.macer_gamma, analytic=analytic,
-            depth=cfg.moment_depth, split=split,
+            model, x, y, cfg.sigma, cfg.alpha, gen, copies=cfg.copies, beta=m.macer_beta,
+            gamma=m.macer_gamma, analytic=analytic, depth=m.moment_depth, split=split,
         )  # fmt: skip
 
     return loss
