@@ -1,5 +1,5 @@
-"""The prepared device calls (experiments/gpu/): their data pieces, and their --smoke modes, which
-run the same steps on the CPU."""
+"""The prepared device calls (experiments/gpu/, with scripts/gpu_data.py and benchmarks/gpu.py):
+their data pieces, and their --smoke modes, which run the same steps on the CPU."""
 
 import json
 import os
@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments" / "gpu"))
-import data as gpu_data  # noqa: E402
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpu_data  # noqa: E402
 
 
 def _folder(root: Path, per_class: dict[str, int], classes: int = 10) -> Path:
@@ -58,7 +58,7 @@ def test_a_missing_or_damaged_piece_is_named_and_nothing_is_extracted(tmp_path):
 @pytest.mark.slow
 def test_the_measuring_call_runs_its_steps_on_the_cpu(tmp_path):
     out = tmp_path / "measure.json"
-    script = ROOT / "experiments" / "gpu" / "measure.py"
+    script = ROOT / "benchmarks" / "gpu.py"
     done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr

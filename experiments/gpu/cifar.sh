@@ -8,7 +8,7 @@
 #
 # TASK: cifar10-lenet | cifar10-alexnet | cifar100-lenet | cifar100-alexnet (the specs
 # experiments/<TASK>.toml). The data travel as pieces made here by
-#   python experiments/gpu/data.py pack .data/cifar10 .gpu-data/cifar10
+#   python scripts/gpu_data.py pack .data/cifar10 .gpu-data/cifar10
 # and carried (.gpu-data/<set>/...: every piece, in this call or an earlier one on the same warm
 # machine). GPU_DATA, GPU_PIECES and GPU_RUNS move .data, .gpu-data and runs/gpu (the tests do).
 # Steps:
@@ -16,7 +16,7 @@
 #   2. with --benchmarks: python -m benchmarks --device cuda --quick (at most 90 s), into
 #      $OUT/results-cuda.json;
 #   3. momentreg sweep of the task's spec on the GPU, K runs at once (the executor is chosen
-#      from experiments/gpu/measure.py's numbers), killed at the deadline: a finished run keeps
+#      from benchmarks/gpu.py's numbers), killed at the deadline: a finished run keeps
 #      its metrics, an unfinished one is lost with the machine and trains again in a later call
 #      (runs given back earlier are put in place first, from .gpu-runs/<TASK>.tar.gz, so the
 #      sweep skips them);
@@ -65,7 +65,7 @@ fi
 {
     echo "task $task on $device, $workers runs at once, deadline ${deadline}s"
     if [ ! -d "$data/$set_name/train" ]; then
-        "$python" experiments/gpu/data.py unpack "$pieces/$set_name" "$data/$set_name"
+        "$python" scripts/gpu_data.py unpack "$pieces/$set_name" "$data/$set_name"
     fi
     if [ "$benchmarks" = 1 ] && [ "$smoke" = 0 ]; then
         timeout 90 "$python" -m benchmarks --device cuda --quick --json "$out/results-cuda.json" \

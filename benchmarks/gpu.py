@@ -1,7 +1,7 @@
 """What the CIFAR grid's executor must be chosen from, measured on one GPU in one short call.
 
-    python experiments/gpu/measure.py --out $OUT/measure.json            # about 3 minutes
-    python experiments/gpu/measure.py --smoke --out /tmp/measure.json    # the same steps, CPU
+    python benchmarks/gpu.py --out $OUT/measure.json            # about 3 minutes
+    python benchmarks/gpu.py --smoke --out /tmp/measure.json    # the same steps, CPU
 
 1. Training steps per second of one run, through momentreg's own step (``_train_step``: the
    loss, its backward, the one read-back, the optimizer), for LeNet (Adam, batch 1000) and

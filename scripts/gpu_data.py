@@ -5,8 +5,8 @@ files (the JPEG or PNG bytes themselves: no pixel changes) split in pieces of at
 with a manifest of their SHA-256 digests. Pieces carried by earlier calls stay on a warm machine,
 so a set larger than one call's share arrives over two calls.
 
-    python experiments/gpu/data.py pack .data/cifar10 .gpu-data/cifar10     # here
-    python experiments/gpu/data.py unpack .gpu-data/cifar10 .data/cifar10   # there
+    python scripts/gpu_data.py pack .data/cifar10 .gpu-data/cifar10     # here
+    python scripts/gpu_data.py unpack .gpu-data/cifar10 .data/cifar10   # there
 """
 
 from __future__ import annotations
