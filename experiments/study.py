@@ -211,7 +211,7 @@ def attack_images(folder: Path, rows: list[dict]) -> str:
 
 def energy_cell(row: dict, clean: dict | None, key: str) -> str:
     value = row[f"energy_{key}"]
-    if value is None:
+    if value is None or value != value:  # not run, or no image it could attack (NaN)
         return "n/a"
     if clean is None or row is clean or not clean[f"energy_{key}"]:
         return f"{value:.3g}"

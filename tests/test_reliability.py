@@ -295,3 +295,42 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable momentreg checkpoint"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+_WRITER = """
+import sys, time
+from pathlib import Path
+from momentreg.files import atomic_write, update_json
+path, who, what = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+(path.parent / f"ready-{who}").touch()
+while not (path.parent / "go").exists():  # both start together, once imported
+    time.sleep(0.001)
+for i in range(200):
+    if what == "update":
+        update_json(path, {f"{who}{i}": i})
+    else:
+        atomic_write(path, (who * 1000).encode())
+"""
+
+
+@pytest.mark.parametrize("what", ["update", "write"])
+def test_two_processes_writing_one_file_at_once_lose_nothing_and_leave_it_whole(tmp_path, what):
+    """Two evaluations of one run at once (an attack on 400 images and L-BFGS on 100) update one
+    attacks.json: each keeps the other's keys, and neither trips on the other's temporary file."""
+    path = tmp_path / "attacks.json"
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path), who, what], stderr=subprocess.PIPE
+        )
+        for who in "ab"
+    ]
+    while not all((tmp_path / f"ready-{who}").exists() for who in "ab"):
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    for writer in writers:
+        assert writer.wait(timeout=120) == 0, writer.stderr.read().decode()
+    if what == "update":
+        assert json.loads(path.read_text()) == {f"{w}{i}": i for w in "ab" for i in range(200)}
+    else:
+        assert path.read_text() in ("a" * 1000, "b" * 1000)
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -36,6 +36,7 @@ from momentreg.data.datasets import (
 from momentreg.data.imagefolder import imagefolder_classes
 from momentreg.errors import ConfigError, MomentregError, UsageError
 from momentreg.evaluation.robustness import gaussian_robustness, prediction_stats
+from momentreg.files import update_json
 from momentreg.models.weights import load_weights, sha256_of
 from momentreg.models.zoo import MODELS, build_model, input_spec, is_factory
 from momentreg.runs.rundir import (
@@ -368,14 +369,8 @@ def attack_run(run: Path, model, images, labels, attacks: list[str], *, tol: flo
         result = minimal_perturbations(
             model, images, labels, name, tol=tol, seed=seed, progress=progress
         )
-        results[name] = {
-            **result.summary(),
-            "tol": tol,
-            "seed": seed,
-            "test_images": len(labels),
-            "stride": stride,
-        }
-        write_json(path, results)
+        summary = {**result.summary(), "tol": tol, "seed": seed, "stride": stride}
+        results = update_json(path, {name: {**summary, "test_images": len(labels)}})
     return results
 
 
@@ -413,11 +408,8 @@ def certify_run(run: Path, model, images, labels, *, sigma: float, n0: int = 100
     for row in rows:  # the TSV's idx is the test-set index: images are every stride-th
         row["idx"] *= stride
     atomic_write(run / certify_tsv(sigma), format_tsv(rows).encode())
-    path = run / CERTIFY_FILE
-    results = read_json(path) if path.exists() else {}
     settings = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "stride": stride}
-    results[f"{sigma:g}"] = {**summarize(rows), **settings}
-    write_json(path, results)
+    results = update_json(run / CERTIFY_FILE, {f"{sigma:g}": {**summarize(rows), **settings}})
     partial.unlink(missing_ok=True)
     return results[f"{sigma:g}"]
 
