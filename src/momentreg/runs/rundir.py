@@ -56,6 +56,7 @@ def clear_run(run: Path) -> None:
     """Remove what training and evaluations wrote into ``run`` (and nothing else of the folder)."""
     for name in RUN_FILES:
         (run / name).unlink(missing_ok=True)
+        (run / f".{name}.lock").unlink(missing_ok=True)  # files.update_json's lock
     for path in [*run.glob(CERTIFY_TSVS), *run.glob(CERTIFY_PARTS)]:
         path.unlink()
     shutil.rmtree(run / "tensorboard", ignore_errors=True)
