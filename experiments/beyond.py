@@ -307,7 +307,7 @@ def main() -> None:
     if "export" in stages:
         export(args.runs, args.results, DATASETS)
     if "doc" in stages:
-        pages.write("beyond")
+        pages.write("beyond", args.results)
 
 
 if __name__ == "__main__":

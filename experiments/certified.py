@@ -162,7 +162,7 @@ def main() -> None:
     if "export" in args.stages:
         export(args.runs, args.results, [TASK])
     if "doc" in args.stages:
-        pages.write(study.name)
+        pages.write(study.name, args.results)
 
 
 if __name__ == "__main__":

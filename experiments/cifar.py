@@ -332,7 +332,7 @@ def main() -> None:
     if "export" in stages:
         export(args.runs, args.results, TASKS)
     if "doc" in stages:
-        pages.write("cifar")
+        pages.write("cifar", args.results)
 
 
 if __name__ == "__main__":

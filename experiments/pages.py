@@ -85,20 +85,23 @@ def stray_numbers(text: str) -> list[str]:
     return sorted(cited - held)
 
 
-def render(page: str, figures: Path) -> str:
-    """The page with its blocks made afresh from docs/results/PAGE/ (figures into ``figures``)."""
+def render(page: str, figures: Path, results: Path | None = None) -> str:
+    """The page with its blocks made afresh from ``results`` (default docs/results/PAGE/), its
+    figures drawn into ``figures``."""
     module, options = PAGES[page]
     make = importlib.import_module(module).blocks
     figures.mkdir(parents=True, exist_ok=True)
     return fill(
-        (DOCS / f"{page}.md").read_text(), make(DOCS / "results" / page, figures, **options)
+        (DOCS / f"{page}.md").read_text(),
+        make(results or DOCS / "results" / page, figures, **options),
     )
 
 
-def write(page: str) -> None:
-    """Rewrite docs/PAGE.md's blocks and its figures in docs/PAGE/."""
+def write(page: str, results: Path | None = None) -> None:
+    """Rewrite docs/PAGE.md's blocks and its figures in docs/PAGE/ from ``results`` (default
+    docs/results/PAGE/)."""
     doc = DOCS / f"{page}.md"
-    doc.write_text(render(page, DOCS / page))
+    doc.write_text(render(page, DOCS / page, results))
     print(f"wrote {doc.relative_to(ROOT)} and docs/{page}/*.png")
 
 

@@ -178,7 +178,7 @@ def main() -> None:
     if "export" in stages:
         export(args.runs, args.results, TASKS)
     if "doc" in stages:
-        pages.write("reproduction")
+        pages.write("reproduction", args.results)
 
 
 if __name__ == "__main__":
