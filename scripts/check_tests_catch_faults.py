@@ -3,7 +3,7 @@
 Each mutation takes one protection out of the source, runs the test that guards it, and puts the
 file back (also on Ctrl-C). A protection whose test still passes is reported as MISSED.
 
-    python scripts/check_tests_catch_faults.py            # all mutations (about 7 minutes)
+    python scripts/check_tests_catch_faults.py            # all mutations (about 3 minutes)
     python scripts/check_tests_catch_faults.py "no tmp cleanup"
 """
 
