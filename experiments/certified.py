@@ -37,10 +37,10 @@ import time
 from pathlib import Path
 
 import pages
-from study import MOMENTREG, ROOT, data_dirs, export, parse_stages, study_parser
+from study import MOMENTREG, ROOT, data_dirs, export, parse_stages, study_parser, sweep_tasks
 
 from momentreg.runs.rundir import CONFIG, METRICS, TIGHTNESS_FILE, read_json
-from momentreg.runs.sweep import CertifyAfter, child_env, load_spec, run_state, sweep
+from momentreg.runs.sweep import CertifyAfter, child_env, load_spec, run_state
 
 STAGES = ("run", "export", "doc")
 TASK = "mnist"
@@ -87,23 +87,29 @@ STUDIES = {
 }
 
 
-def train_and_certify(study: Study, args, mnist: Path, deadline: float | None) -> dict:
+def train_and_certify(study: Study, args, mnist: Path, until: float | None) -> None:
     """The sweep of the study's spec (only ``args.methods`` where given), each run certified at
-    its sigma once trained; a study of seconds trains every run before it certifies one."""
-    spec = {**load_spec(str(study.spec)), "data_dir": str(mnist), "device": args.device}
-    spec.update(dict(args.set))
+    its sigma once trained, until ``until`` (a ``time.time()``); a study of seconds trains every
+    run before it certifies one."""
+    spec = load_spec(str(study.spec))
     if args.methods:
         spec["methods"] = [m for m in spec["methods"] if m["method"] in args.methods]
     then = CertifyAfter(
         limit=args.certify_images, stride=max(1, 10_000 // args.certify_images),
         n=args.certify_n, batch=study.batch,
     )  # fmt: skip
-    out = args.runs / TASK
-    if study.unit != "s":
-        return sweep(spec, out, workers=args.workers, then=then, deadline=deadline)
-    sweep(spec, out, workers=args.workers, deadline=deadline)
-    deadline = None if deadline is None else max(0.0, deadline - (time.time() - args.start))
-    return sweep(spec, out, workers=args.eval_workers, then=then, deadline=deadline)
+
+    def run(**options) -> None:
+        left = None if until is None else max(0.0, until - time.time())
+        sweep_tasks(
+            {TASK: spec}, args.runs, {TASK: mnist}, args, False, False, deadline=left, **options
+        )
+
+    if study.unit == "s":
+        run()  # training first: a certification beside a run would take seconds of its budget
+        run(then=then, workers=args.eval_workers)
+    else:
+        run(then=then)
 
 
 def tightness(runs: Path, device: str, workers: int, until: float | None) -> None:
@@ -149,15 +155,14 @@ def main() -> None:
         "runs the export puts in place of the committed runs of their cells",
     )
     args, args.stages = parse_stages(p, STAGES)
-    args.start = time.time()
     known = {m["method"] for m in load_spec(str(study.spec))["methods"]}
     if args.methods and set(args.methods) - known:
         unknown = ", ".join(sorted(set(args.methods) - known))
         p.error(f"--methods: {unknown} not in {study.spec.name}; it has {', '.join(sorted(known))}")
-    until = None if args.deadline is None else args.start + args.deadline
+    until = None if args.deadline is None else time.time() + args.deadline
     if "run" in args.stages:
         mnist = data_dirs(p, args, {TASK: ("--mnist-dir", args.mnist_dir)})[TASK]
-        print(train_and_certify(study, args, mnist, args.deadline), flush=True)
+        train_and_certify(study, args, mnist, until)
         tightness(args.runs, args.device, args.workers, until)
     if "export" in args.stages:
         export(args.runs, args.results, [TASK])

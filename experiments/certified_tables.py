@@ -19,6 +19,7 @@ from momentreg.evaluation import certify
 from momentreg.runs.rundir import CONFIG, HISTORY, METRICS, TIGHTNESS_FILE, certify_tsv, read_json
 from momentreg.runs.sweep import expand, load_spec, run_dir_name
 from momentreg.tables import markdown_table
+from momentreg.training.config import upgrade_recorded
 from momentreg.training.methods import METHODS
 
 RADII = (0.0, 0.5, 1.0, 1.5, 2.0)  # 0: the smoothed classifier's accuracy (abstaining is wrong)
@@ -51,10 +52,10 @@ def label(config: dict) -> str:
 
 
 def own_copies(config: dict) -> int:
-    """The noisy copies a run set where they are not its method's default (0 where they are: a
-    config.json of an earlier momentreg records the default as 0)."""
-    samples = config.get("samples") or 0
-    return 0 if samples == (METHODS[config["method"]].copies or 0) else samples
+    """The noisy copies a run set where they are not its method's default (0 where they are),
+    its config.json read as ``upgrade_recorded`` reads one of an earlier momentreg."""
+    samples = upgrade_recorded(config).get("samples")
+    return 0 if samples in (None, METHODS[config["method"]].copies) else samples
 
 
 def budget(config: dict, unit: str) -> float:

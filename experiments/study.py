@@ -32,7 +32,7 @@ from momentreg.runs.rundir import (
     read_json,
     write_json,
 )
-from momentreg.runs.sweep import child_env, expand, parse_setting, sweep
+from momentreg.runs.sweep import CertifyAfter, child_env, expand, parse_setting, sweep
 from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,16 +55,16 @@ def method_order(row: dict):
     return METHOD_RANK[row["method"]], row["folds"], row["sigma"], row["alpha"], row["seed"]
 
 
-def sweep_tasks(specs: dict, runs: Path, dirs: dict, args, at_once: bool, strict=True) -> None:
+def sweep_tasks(specs: dict, runs: Path, dirs: dict, args, at_once: bool, strict=True, **options):
     """The sweep of each task's spec (``specs``: task -> spec) into runs/<task> with its data
     directory (``dirs``), the device and --set settings of ``args``, --workers runs at once (0:
-    all of them); the tasks all at once or one after another. ``strict``: exit where a run
-    failed."""
+    all of them); the tasks all at once or one after another. ``options``: more of ``sweep``'s
+    (``then``, ``deadline``, ``workers``). ``strict``: exit where a run failed."""
 
     def one(task: str) -> tuple[str, dict]:
         spec = {**specs[task], "data_dir": str(dirs[task]), "device": args.device, **dict(args.set)}
-        workers = args.workers or len(expand(spec))
-        return task, sweep(spec, runs / task, workers=workers, progress=False)
+        kwargs = {"workers": args.workers or len(expand(spec)), "progress": False, **options}
+        return task, sweep(spec, runs / task, **kwargs)
 
     with ThreadPoolExecutor(len(dirs) if at_once else 1) as pool:
         for task, counts in pool.map(one, dirs):
@@ -100,20 +100,12 @@ def attack_commands(run: Path, images: dict[str, int], device: str, test_size=No
     ]
 
 
-def certify_command(run: Path, device: str, sigma: float, n: int, images: int, stride=1, **more):
-    """``momentreg evaluate RUN --certify`` at ``sigma`` (n0 100, alpha 0.001) with ``n`` samples
-    on ``images`` test images, every ``stride``-th; ``more``: other options (batch=10000)."""
-    return [*MOMENTREG, "evaluate", str(run), "--quiet", "--device", device, "--certify"] + [
-        word
-        for k, v in {
-            "sigma": f"{sigma:g}",
-            "n": n,
-            "limit": images,
-            "stride": stride,
-            **more,
-        }.items()
-        for word in (f"--{k}", str(v))
-    ]
+def certify_command(run: Path, device: str, sigma: float, n: int, images: int, **more) -> list:
+    """``momentreg evaluate RUN --certify`` at ``sigma`` (n0 100, alpha 0.001), ``n`` samples
+    on ``images`` test images, on ``device``; ``more``: ``CertifyAfter``'s ``stride`` and
+    ``batch``: the command a sweep's ``--then certify`` runs."""
+    then = CertifyAfter(sigma=sigma, limit=images, n=n, device=device, **more)
+    return [*MOMENTREG, *then.argv(run)]
 
 
 def run_jobs(jobs: list[list[list[str]]], workers: int) -> None:

@@ -32,6 +32,7 @@ def test_the_flat_form_names_every_grouped_field_once_and_round_trips():
     groups = [dataclasses.fields(g) for g in (Optimizer, Schedule, Budget, MethodSettings)]
     assert len(flat) == 4 + sum(len(g) for g in groups)  # method, sigma, alpha, seed
     assert TrainConfig.from_flat(flat) == cfg
+    assert json.loads(json.dumps(flat)) == flat  # config.json holds it as it stands
     assert cfg.replace(lr=0.1).optimizer == Optimizer(name="sgd", lr=0.1, batch_size=256)
     with pytest.raises(ConfigError, match="unknown training setting 'learning_rate'"):
         TrainConfig.from_flat({"learning_rate": 0.1})
@@ -85,4 +86,3 @@ def test_a_checkpoint_of_an_earlier_momentreg_resumes_and_another_run_is_refused
     with pytest.raises(CheckpointError, match="samples: checkpoint 2, this run 3"):
         train(tiny_net(), data, data, out_dir=tmp_path, resume=True, epochs=1, samples=3,
               **{k: v for k, v in settings.items()})  # fmt: skip
-    assert json.dumps(TrainConfig().flat())  # the flat form is JSON as it stands

@@ -15,6 +15,7 @@ from momentreg.cli.main import main
 from momentreg.runs.report import fair_comparison, group_of, write_report
 from momentreg.runs.sweep import (
     PRESETS,
+    CertifyAfter,
     SpecError,
     child_env,
     expand,
@@ -282,3 +283,14 @@ def test_certify_settings_without_then_are_one_line(tmp_path, capsys):
     assert code == 2 and capsys.readouterr().err.strip() == (
         "momentreg: error: --certify-n needs --then certify"
     )
+
+
+def test_certify_after_builds_the_evaluate_command_on_the_runs_device_or_the_one_given(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"sigma": 0.5, "device": "cuda:1"}))
+    argv = CertifyAfter(limit=50, n=1000).argv(tmp_path)
+    assert argv[:5] == ["evaluate", str(tmp_path), "--certify", "--sigma", "0.5"]
+    assert argv[argv.index("--device") + 1] == "cuda:1" and argv[argv.index("--n") + 1] == "1000"
+    argv = CertifyAfter(sigma=0.25, device="cpu").argv(tmp_path)
+    assert argv[argv.index("--device") + 1] == "cpu" and argv[argv.index("--sigma") + 1] == "0.25"
+    (tmp_path / "config.json").write_text(json.dumps({"sigma": 0.0}))
+    assert CertifyAfter().argv(tmp_path) is None  # trained without noise: nothing to certify at

@@ -273,7 +273,7 @@ class CertifyAfter:
     """Certify each run as soon as it has trained (``momentreg evaluate RUN --certify``): at
     ``sigma``, or at the run's own training sigma where None (a run trained without noise is
     then left uncertified), on ``limit`` test images, every ``stride``-th, with CERTIFY's ``n0``,
-    ``n``, ``failure_probability`` and ``batch``, on the run's device."""
+    ``n``, ``failure_probability`` and ``batch``, on ``device`` (None: the run's own)."""
 
     sigma: float | None = None
     limit: int = 500
@@ -282,6 +282,7 @@ class CertifyAfter:
     n: int = 100_000
     failure_probability: float = 0.001
     batch: int = 1000
+    device: str | None = None
 
     def sigma_for(self, config: dict) -> float:
         """The sigma to certify a run of ``config`` at (0: none, a run trained without noise)."""
@@ -297,7 +298,7 @@ class CertifyAfter:
             "evaluate", str(run), "--certify", "--sigma", f"{sigma:g}", "--n0", str(self.n0),
             "--n", str(self.n), "--failure-probability", f"{self.failure_probability:g}",
             "--batch", str(self.batch), "--limit", str(self.limit), "--stride", str(self.stride),
-            "--device", str(config.get("device", "cpu")), "--quiet",
+            "--device", self.device or str(config.get("device", "cpu")), "--quiet",
         ]  # fmt: skip
 
     def done(self, run: Path) -> bool:
