@@ -585,6 +585,7 @@ def _sweep_parser(sub) -> None:
     g.add_argument("--certify-n", type=pos_int, help="samples for its bound (default 100000)")
     g.add_argument("--certify-failure-probability", type=pos_float, help="default 0.001")
     g.add_argument("--certify-batch", type=pos_int, help="noisy copies per pass (default 1000)")
+    g.add_argument("--certify-device", help="default: each run's training device")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sweep)
