@@ -95,9 +95,9 @@ def evaluate(runs: Path, args) -> None:
             jobs += [[c] for c in attack_commands(run, images, args.device, test_size)]
             if row["certify"].get(f"{SIGMA:g}", {}).get("images") != args.certify_images:
                 stride = test_size // args.certify_images
-                n, images = args.certify_n, args.certify_images
+                n, limit = args.certify_n, args.certify_images
                 argv = certify_command(
-                    run, args.device, SIGMA, n, images, stride=stride, batch=10_000
+                    run, args.device, SIGMA, n, limit, stride=stride, batch=10_000
                 )
                 jobs.append([argv])
     if jobs:
