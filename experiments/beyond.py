@@ -31,7 +31,6 @@ from study import (
     attack_winners,
     certify_command,
     data_dirs,
-    energy_cell,
     export,
     fmt,
     made_with,
@@ -236,7 +235,7 @@ def dataset_blocks(dataset: str, rows: list[dict], folder: Path, figures: Path) 
             ["group", "run", *ATTACK_LABELS.values(), "ACR", "cert. acc. r=0.5", "GNR", "ACC"],
             [
                 [report.group_of(r), label(r)]
-                + [energy_cell(r, clean, k) for k in ATTACK_LABELS]
+                + [report.energy_cell(r, clean, k) for k in ATTACK_LABELS]
                 + [
                     fmt(r["certify"].get(sigma, {}).get("acr"), ".3f"),
                     fmt(r["certify"].get(sigma, {}).get("certified_accuracy", {}).get("0.5")),

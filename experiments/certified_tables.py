@@ -12,10 +12,11 @@ from pathlib import Path
 from certified import CLEAN_EPOCHS, STUDIES, TASK, Study
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
-from study import cell, fmt, made_with
+from study import fmt, made_with
 
 from momentreg.core.smoothing_losses import MACER_BETA
 from momentreg.evaluation import certify
+from momentreg.runs.export import cell
 from momentreg.runs.rundir import CONFIG, HISTORY, METRICS, TIGHTNESS_FILE, certify_tsv, read_json
 from momentreg.runs.sweep import expand, load_spec, run_dir_name
 from momentreg.tables import markdown_table

@@ -3,20 +3,17 @@ SGD (experiments/alexnet_sgd.py) and the short runs of experiments/recipes-cpu.t
 for docs/cifar.md.
 
     momentreg sweep experiments/recipes-cpu.toml --out runs/recipes-cpu --workers 2
-    python experiments/cifar_recipes.py export runs/recipes-cpu  # docs/results/cifar/recipes-cpu
+    momentreg sweep export runs/recipes-cpu --to docs/results/cifar/recipes-cpu
 """
 
 from __future__ import annotations
 
 import csv
-import shutil
-import sys
 from pathlib import Path
 
 from momentreg.runs.rundir import CONFIG, ERROR, HISTORY, METRICS, read_json
 from momentreg.tables import markdown_table
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = "alexnet-sgd"  # the per-step logs, beside the runs in the study's results
 RUNS = "recipes-cpu"
 DATA = {"cifar10": "CIFAR-10 (JPEG copy)", "cifar100": "CIFAR-100 (rebuilt)"}
@@ -115,21 +112,3 @@ def blocks(results: Path) -> dict[str, str]:
         "recipes-steps": steps_table(results / STEPS),
         "recipes-runs": runs_table(results / RUNS),
     }
-
-
-def export(runs: Path, dest: Path) -> None:
-    """Copy config, metrics and history (and the error of a failed run) of a sweep's runs."""
-    for run in sorted((runs / "runs").iterdir()):
-        if not (run / CONFIG).exists():
-            continue
-        (dest / run.name).mkdir(parents=True, exist_ok=True)
-        for name in (CONFIG, METRICS, HISTORY, ERROR):
-            if (run / name).exists():
-                shutil.copy2(run / name, dest / run.name / name)
-    print(f"exported {runs} to {dest}")
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "export":
-        sys.exit("usage: python experiments/cifar_recipes.py export RUNS")
-    export(Path(sys.argv[2]), ROOT / "docs" / "results" / "cifar" / RUNS)

@@ -18,26 +18,14 @@ from pathlib import Path
 from momentreg import tables
 from momentreg.evaluation.attacks import ATTACK_LABELS
 from momentreg.runs import report
+from momentreg.runs.export import export_sweep
 from momentreg.runs.plots import plot_consistency
 from momentreg.runs.run import environment
-from momentreg.runs.rundir import (
-    ATTACKS_FILE,
-    CERTIFY_FILE,
-    CERTIFY_TSVS,
-    CONFIG,
-    ERROR,
-    HISTORY,
-    METRICS,
-    TIGHTNESS_FILE,
-    read_json,
-    write_json,
-)
+from momentreg.runs.rundir import ATTACKS_FILE, read_json, write_json
 from momentreg.runs.sweep import CertifyAfter, child_env, expand, parse_setting, sweep
 from momentreg.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
-# A run's small files, exported beside the study page (checkpoints stay with the runs).
-COPIED = (CONFIG, METRICS, ATTACKS_FILE, CERTIFY_FILE, HISTORY, TIGHTNESS_FILE)
 # Paper (Table 1, LeNet on MNIST): (accuracy, GNR) of clean and of the regularizer at sigma 1.0,
 # alpha 1.
 PAPER = {"clean": (98.50, 77.45), "moment sigma=1.0": (99.00, 97.32)}
@@ -130,42 +118,17 @@ def add_commands(path: Path, commands: list[str]) -> None:
         path.write_text("".join(line + "\n" for line in [*before, *new]))
 
 
-def cell(run: str) -> str:
-    """A run folder's name without its config hash: the study's cell it fills (method, sigma,
-    weight, budget; sweep.run_dir_name)."""
-    return run.rsplit("-", 1)[0]
-
-
 def export(runs: Path, results: Path, tasks) -> None:
-    """Copy the small files of every finished run (COPIED and its per-image certification TSVs),
-    and the config and error.txt of every failed one, to results/<task>/<run>/, with the runs'
-    command.txt and environment.json.
-
-    Results hold one run per cell: an exported run replaces an earlier one of its cell made with
-    other settings (another config hash), which is said. A partial rerun thus adds to the results
-    of the first: while any earlier run remains, command.txt gains the new commands and
-    environment.json stays the earlier one (each run records where it was made)."""
+    """``export_sweep`` of each task's runs to results/<task>/ (checkpoints stay in ``runs``),
+    with the runs' command.txt and environment.json. While runs of an earlier export remain (a
+    partial rerun), command.txt gains the new commands and environment.json stays the earlier
+    one (each run records where it was made)."""
     kept_before = False
     for task in tasks:
-        root, folder = runs / task / "runs", results / task
-        exported = {}
-        for run in sorted(root.iterdir()) if root.is_dir() else []:
-            if (run / METRICS).exists():
-                exported[run] = [run / name for name in COPIED] + sorted(run.glob(CERTIFY_TSVS))
-            elif (run / ERROR).exists():
-                exported[run] = [run / CONFIG, run / ERROR]  # a failed run: why it failed
-        names = {run.name for run in exported}
-        cells = {cell(name) for name in names}
-        for old in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if old.name not in names and cell(old.name) in cells:
-                shutil.rmtree(old)
-                print(f"replaced {task}/{old.name}: a run of its cell with other settings is new")
-            kept_before |= old.name not in names and cell(old.name) not in cells
-        for run, paths in exported.items():
-            (folder / run.name).mkdir(parents=True, exist_ok=True)
-            for path in (p for p in paths if p.exists()):
-                shutil.copy2(path, folder / run.name / path.name)
-    results.mkdir(parents=True, exist_ok=True)
+        done = export_sweep(runs / task, results / task)
+        for name in done.replaced:
+            print(f"replaced {task}/{name}: a run of its cell with other settings is new")
+        kept_before |= bool(done.kept)
     if kept_before and (results / "environment.json").exists():  # a partial rerun: add to it
         add_commands(results / "command.txt", (runs / "command.txt").read_text().splitlines())
     else:
@@ -201,23 +164,9 @@ def attack_images(folder: Path, rows: list[dict]) -> str:
     return f"{common}" + (f" ({', '.join(others)})" if others else "")
 
 
-def energy_cell(row: dict, clean: dict | None, key: str) -> str:
-    value = row[f"energy_{key}"]
-    if value is None or value != value:  # not run, or no image it could attack (NaN)
-        return "n/a"
-    if clean is None or row is clean or not clean[f"energy_{key}"]:
-        return f"{value:.3g}"
-    return f"{value:.3g} ({value / clean[f'energy_{key}']:.1f}x)"
-
-
 def attack_table(rows: list[dict], clean: dict | None) -> str:
-    """Table 1's layout: per run the mean energy of each attack (with its ratio to ``clean``),
-    then GNR and accuracy."""
-    return markdown_table(
-        ["run", *ATTACK_LABELS.values(), "GNR", "ACC"],
-        [[report.describe(r), *[energy_cell(r, clean, k) for k in ATTACK_LABELS],
-          fmt(r["gnr"]), fmt(r["test_accuracy"])] for r in sorted(rows, key=method_order)],
-    )  # fmt: skip
+    """Table 1's layout (``report.attack_table``), the runs in the tables' order."""
+    return report.attack_table(sorted(rows, key=method_order), clean)
 
 
 def task_figures(rows: list[dict], selected: dict, figures: Path, task: str, title: str, fair: str):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from momentreg.cli.main import main
+from momentreg.evaluation.attacks import ATTACK_LABELS
 from momentreg.runs.report import fair_comparison, group_of, write_report
 from momentreg.runs.sweep import (
     PRESETS,
@@ -25,6 +26,7 @@ from momentreg.runs.sweep import (
     status,
     sweep,
 )
+from tests.helpers import cli
 
 TINY = """
 train_limit = 200
@@ -294,3 +296,73 @@ def test_certify_after_builds_the_evaluate_command_on_the_runs_device_or_the_one
     assert argv[argv.index("--device") + 1] == "cpu" and argv[argv.index("--sigma") + 1] == "0.25"
     (tmp_path / "config.json").write_text(json.dumps({"sigma": 0.0}))
     assert CertifyAfter().argv(tmp_path) is None  # trained without noise: nothing to certify at
+
+
+@pytest.mark.slow
+def test_export_copies_every_finished_run_without_its_checkpoint(local_sweep, tmp_path):
+    out, dest = local_sweep[0], tmp_path / "results"
+    result = subprocess.run([sys.executable, "-m", "momentreg", "sweep", "export", str(out),
+                             "--to", str(dest)], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0 and "exported 6 finished and 0 failed runs" in result.stdout
+    for run in (out / "runs").iterdir():
+        copied = sorted(p.name for p in (dest / run.name).iterdir())
+        assert copied == ["config.json", "history.csv", "metrics.json"], copied
+        for name in copied:
+            assert (dest / run.name / name).read_bytes() == (run / name).read_bytes()
+
+
+def _run_folder(root: Path, name: str, *files: str) -> Path:
+    run = root / "runs" / name
+    run.mkdir(parents=True)
+    for file in files:
+        (run / file).write_text(f"{name}/{file}")
+    return run
+
+
+def test_export_replaces_stale_runs_of_a_cell_and_keeps_the_other_cells(tmp_path):
+    from momentreg.runs.export import export_sweep
+
+    sweep_dir, dest = tmp_path / "sweep", tmp_path / "results"
+    for name in ("noise-s0.5-aaaaaaaa", "clean-bbbbbbbb"):  # an earlier export
+        _run_folder(dest.parent / "old", name, "config.json", "metrics.json")
+    export_sweep(dest.parent / "old", dest)
+    _run_folder(sweep_dir, "noise-s0.5-cccccccc", "config.json", "metrics.json", "checkpoint.pt",
+                "certify.json", "certify-sigma0.5.tsv", "certify-sigma0.5.partial.pt")  # fmt: skip
+    _run_folder(sweep_dir, "macer-s0.5-dddddddd", "config.json", "error.txt", "checkpoint.pt")
+    _run_folder(sweep_dir, "moment-s1.0-eeeeeeee", "config.json", "checkpoint.pt")  # pending
+
+    done = export_sweep(sweep_dir, dest)
+    assert (done.finished, done.failed) == (["noise-s0.5-cccccccc"], ["macer-s0.5-dddddddd"])
+    assert (done.replaced, done.kept) == (["noise-s0.5-aaaaaaaa"], ["clean-bbbbbbbb"])
+    held = {p.name: sorted(f.name for f in p.iterdir()) for p in dest.iterdir()}
+    assert held == {
+        "clean-bbbbbbbb": ["config.json", "metrics.json"],
+        "noise-s0.5-cccccccc": ["certify-sigma0.5.tsv", "certify.json", "config.json",
+                                "metrics.json"],
+        "macer-s0.5-dddddddd": ["config.json", "error.txt"],
+    }  # fmt: skip
+    assert (dest / "clean-bbbbbbbb" / "config.json").read_text() == "clean-bbbbbbbb/config.json"
+
+
+def test_export_of_a_folder_that_is_no_sweep_is_one_line(tmp_path):
+    result = cli("sweep", "export", str(tmp_path), "--to", str(tmp_path / "d"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith(f"{tmp_path} is not a sweep directory: it has no runs/")
+    assert not (tmp_path / "d").exists()
+
+
+def test_attack_table_gives_each_energy_and_its_ratio_to_the_baseline():
+    from momentreg.runs.report import attack_table
+
+    def row(method, energy, gnr):
+        energies = {f"energy_{k}": energy for k in ATTACK_LABELS}
+        return {"method": method, "gnr": gnr, "test_accuracy": 99.0, **energies}
+
+    clean, noise = row("clean", 0.5, 70.0), {**row("noise", 2.0, 90.0), "sigma": 0.5}
+    noise["energy_pgd"] = None  # not run
+    lines = attack_table([clean, noise], clean).splitlines()
+    assert lines[2].startswith("| clean | 0.5 | 0.5 |") and lines[2].endswith("| 70.00 | 99.00 |")
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    pgd = 1 + list(ATTACK_LABELS).index("pgd")
+    assert cells[0] == "noise sigma=0.5" and cells[pgd] == "n/a"
+    assert [c for i, c in enumerate(cells[1:-2], 1) if i != pgd] == ["2 (4.0x)"] * 5

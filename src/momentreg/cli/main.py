@@ -457,6 +457,8 @@ def cmd_sweep(args) -> None:
             raise UsageError("usage: momentreg sweep status DIR")
         print(sweep.status_text(args.dir))
         return
+    if args.spec == "export":
+        return _export(args)
     if args.out is None:
         raise UsageError("momentreg sweep SPEC needs --out DIR")
     spec = {**sweep.load_spec(args.spec), **dict(args.set or [])}
@@ -478,6 +480,21 @@ def cmd_sweep(args) -> None:
     print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
     if counts["failed"]:
         raise MomentregError(f"{counts['failed']} runs failed: momentreg sweep status {args.out}")
+
+
+def _export(args) -> None:
+    """momentreg sweep export DIR --to DEST: the runs' small files, for results to commit."""
+    from momentreg.runs.export import export_sweep
+
+    if args.dir is None or args.to is None:
+        raise UsageError("usage: momentreg sweep export DIR --to DEST")
+    if not (args.dir / "runs").is_dir():
+        raise UsageError(f"{args.dir} is not a sweep directory: it has no runs/")
+    done = export_sweep(args.dir, args.to)
+    for name in done.replaced:
+        print(f"replaced {name}: a run of its cell with other settings is new")
+    print(f"exported {len(done.finished)} finished and {len(done.failed)} failed runs to "
+          f"{args.to}; kept {len(done.kept)} runs of other cells")  # fmt: skip
 
 
 def _certify_after(args):
@@ -553,10 +570,12 @@ def _evaluate_parser(sub) -> None:
 
 
 def _sweep_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="run a grid of trainings (or: sweep status DIR)")
-    p.add_argument("spec", help="a TOML spec, a preset (paper-mnist-lenet, ...), or 'status'")
-    p.add_argument("dir", nargs="?", type=Path, help="with 'status': the sweep directory")
+    help = "run a grid of trainings (or: sweep status DIR, sweep export DIR --to DEST)"
+    p = sub.add_parser("sweep", help=help)
+    p.add_argument("spec", help="a TOML spec, a preset (paper-mnist-lenet, ...), status or export")
+    p.add_argument("dir", nargs="?", type=Path, help="with status or export: the sweep directory")
     p.add_argument("--out", type=Path, help="the sweep directory")
+    p.add_argument("--to", type=Path, help="export: where the runs' small files go")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument("--workers", type=pos_int, default=1, help="local: runs at once")
     p.add_argument("--address", help="ray: cluster address (default: start a local Ray)")
