@@ -421,6 +421,30 @@ def main() -> None:
     print(f"wrote {args.json}")
 
 
+def _larger_models(results: dict, section, device, repeats: int, methods: list[str]) -> None:
+    """The full run's step timings beyond LeNet on MNIST: AlexNet and ResNet-18 on CIFAR-10, and
+    LeNet's moment step against its batch and input size."""
+    steps = results["steps"]
+    steps["alexnet-cifar10"] = section(
+        "steps alexnet-cifar10",
+        lambda: bench_steps("alexnet", "cifar10", 128, device, repeats, methods),
+    )
+    steps["resnet18-cifar10"] = section(
+        "steps resnet18-cifar10",  # a model with its own forward, split by torch.fx
+        lambda: bench_steps("resnet18", "cifar10", 128, device, 3, ["clean", "moment"]),
+    )
+    pair = ["clean", "moment"]
+    results["scaling"] = section(
+        "scaling",
+        lambda: {
+            "batch 250, 28x28": bench_steps("lenet", "mnist", 250, device, repeats, pair),
+            "batch 500, 28x28": bench_steps("lenet", "mnist", 500, device, repeats, pair),
+            "batch 1000, 28x28": steps["lenet-mnist"],
+            "batch 500, 32x32x3": bench_steps("lenet", "cifar10", 500, device, repeats, pair),
+        },
+    )
+
+
 def run(device: torch.device, quick: bool, compiled: bool) -> dict:
     """Every section in order; ``section_seconds`` records how long each took."""
     repeats = 3 if quick else 5
@@ -454,29 +478,7 @@ def run(device: torch.device, quick: bool, compiled: bool) -> dict:
         lambda: bench_steps("lenet", "mnist", lenet_batch, device, repeats, methods),
     )
     if not quick:
-        results["steps"]["alexnet-cifar10"] = section(
-            "steps alexnet-cifar10",
-            lambda: bench_steps("alexnet", "cifar10", 128, device, repeats, methods),
-        )
-        results["steps"]["resnet18-cifar10"] = section(
-            "steps resnet18-cifar10",  # a model with its own forward, split by torch.fx
-            lambda: bench_steps("resnet18", "cifar10", 128, device, 3, ["clean", "moment"]),
-        )
-        results["scaling"] = section(
-            "scaling",
-            lambda: {
-                "batch 250, 28x28": bench_steps(
-                    "lenet", "mnist", 250, device, repeats, ["clean", "moment"]
-                ),
-                "batch 500, 28x28": bench_steps(
-                    "lenet", "mnist", 500, device, repeats, ["clean", "moment"]
-                ),
-                "batch 1000, 28x28": results["steps"]["lenet-mnist"],
-                "batch 500, 32x32x3": bench_steps(
-                    "lenet", "cifar10", 500, device, repeats, ["clean", "moment"]
-                ),
-            },
-        )
+        _larger_models(results, section, device, repeats, methods)
     results["kernels"] = section("kernels", lambda: bench_kernels(device, lenet_batch, repeats))
     results["gnr"] = section("gnr", lambda: bench_gnr(device, 200 if quick else 500, 1))
     results["corruptions"] = section(

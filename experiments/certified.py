@@ -77,13 +77,13 @@ STUDIES = {
         "certified-gpu",
         ROOT / "experiments/certified-gpu.toml",
         "epochs",
-        500,
-        100_000,
-        50_000,
-        15,
-        0,
-        1,
-    ),  # fmt: skip
+        images=500,
+        n=100_000,
+        batch=50_000,
+        workers=15,
+        tightness_from=0,
+        macer_factor=1,
+    ),
 }
 
 
@@ -127,13 +127,8 @@ def tightness(runs: Path, device: str, workers: int, until: float | None) -> Non
             return
         sigma = read_json(run / CONFIG)["sigma"]
         argv = [*MOMENTREG, "tightness", str(run), "--quiet", "--device", device, "--sigmas"]
-        argv += [
-            f"{sigma:g}",
-            "--limit",
-            str(TIGHTNESS_IMAGES),
-            "--mc-samples",
-            str(TIGHTNESS_SAMPLES),
-        ]
+        argv += [f"{sigma:g}", "--limit", str(TIGHTNESS_IMAGES)]
+        argv += ["--mc-samples", str(TIGHTNESS_SAMPLES)]
         subprocess.run(argv, env=env, check=True, timeout=left)
 
 

@@ -157,59 +157,24 @@ def status_table(task: str, rows: list[dict], folder: Path) -> str:
     cut = [r for r in rows if r["stopped_by"] == "time budget"]
     improving = [r for r in cut if r["best_epoch"] >= r["epochs"] - 1]
     chance = [report.describe(r) for r in sorted(rows, key=method_order) if at_chance(r)]
-    header = [
-        "planned",
-        "finished",
-        "stopped by the time budget",
-        "of those, best epoch among the last two",
-        "failed",
-        "at chance accuracy",
-    ]
-    return markdown_table(
-        header,
-        [
-            [
-                len(planned),
-                len(rows),
-                len(cut),
-                len(improving),
-                "; ".join(failed) or "none",
-                ", ".join(chance) or "none",
-            ]
-        ],
-    )
+    cells = {"planned": len(planned), "finished": len(rows), "stopped by the time budget": len(cut),
+             "of those, best epoch among the last two": len(improving),
+             "failed": "; ".join(failed) or "none",
+             "at chance accuracy": ", ".join(chance) or "none"}  # fmt: skip
+    return markdown_table(list(cells), [list(cells.values())])
 
 
 def settings_table(rows: list[dict], folder: Path) -> str:
     """The training settings the task's runs share."""
     c = read_json(folder / rows[0]["run"] / CONFIG)
     budgets = sorted({r["time_budget"] for r in rows if r["time_budget"]})
-    return markdown_table(
-        [
-            "optimizer",
-            "lr",
-            "batch",
-            "weight decay",
-            "plateau factor / patience",
-            "early stopping",
-            "epochs at most",
-            "moment weighting",
-            "time budget (s)",
-        ],
-        [
-            [
-                c["optimizer"],
-                f"{c['lr']:g}",
-                c["batch_size"],
-                f"{c['weight_decay']:g}",
-                f"{c['plateau_factor']:g} / {c['plateau_patience']}",
-                c["early_stop"],
-                c["epochs"],
-                c.get("moment_weighting", "sum"),
-                ", ".join(f"{b:g}" for b in budgets) or "none",
-            ]
-        ],
-    )
+    cells = {"optimizer": c["optimizer"], "lr": f"{c['lr']:g}", "batch": c["batch_size"],
+             "weight decay": f"{c['weight_decay']:g}",
+             "plateau factor / patience": f"{c['plateau_factor']:g} / {c['plateau_patience']}",
+             "early stopping": c["early_stop"], "epochs at most": c["epochs"],
+             "moment weighting": c.get("moment_weighting", "sum"),
+             "time budget (s)": ", ".join(f"{b:g}" for b in budgets) or "none"}  # fmt: skip
+    return markdown_table(list(cells), [list(cells.values())])
 
 
 def table4(task: str, rows: list[dict]) -> str:
@@ -231,25 +196,13 @@ def certify_table(winners: dict) -> str:
         return "No run certified."
     first = certified[0][1]
     radii = list(first["certified_accuracy"])
-    setting = (
-        f"Sigma {first['sigma']:g}, n0 {first['n0']}, n {first['n']:,}, alpha "
-        f"{first['alpha']:g}, {first['images']} test images (every {first['stride']}th)."
-    )
+    body = [[report.describe(r), *[fmt(c["certified_accuracy"][k], ".1f") for k in radii],
+             fmt(c["acr"], ".3f"), f"{c['abstained']}/{c['images']}"]
+            for r, c in sorted(certified, key=lambda rc: method_order(rc[0]))]  # fmt: skip
     return (
-        setting
-        + "\n\n"
-        + markdown_table(
-            ["run", *[f"radius {r}" for r in radii], "ACR", "abstained"],
-            [
-                [
-                    report.describe(r),
-                    *[fmt(c["certified_accuracy"][k], ".1f") for k in radii],
-                    fmt(c["acr"], ".3f"),
-                    f"{c['abstained']}/{c['images']}",
-                ]
-                for r, c in sorted(certified, key=lambda rc: method_order(rc[0]))
-            ],
-        )
+        f"Sigma {first['sigma']:g}, n0 {first['n0']}, n {first['n']:,}, alpha "
+        f"{first['alpha']:g}, {first['images']} test images (every {first['stride']}th).\n\n"
+        + markdown_table(["run", *[f"radius {r}" for r in radii], "ACR", "abstained"], body)
     )
 
 
@@ -266,15 +219,8 @@ def mnist_against(rows: list[dict]) -> str:
             runs = [r for r in group if r["method"] == method and r["sigma"] == sigma]
             cells += [fmt(mean(runs, "test_accuracy")), fmt(mean(runs, "gnr"))]
         lines.append([label, *cells])
-    header = [
-        "run",
-        "paper ACC",
-        "paper GNR",
-        "6 epochs ACC",
-        "6 epochs GNR",
-        "paper protocol ACC",
-        "paper protocol GNR",
-    ]
+    header = ["run", "paper ACC", "paper GNR", "6 epochs ACC", "6 epochs GNR",
+              "paper protocol ACC", "paper protocol GNR"]  # fmt: skip
     return markdown_table(header, lines)
 
 
