@@ -40,6 +40,7 @@ from study import (
     export,
     fmt,
     made_with,
+    mean_of,
     method_order,
     parse_stages,
     run_jobs,
@@ -124,10 +125,6 @@ def load_rows(folder: Path) -> list[dict]:
     return rows
 
 
-def mean(rows: list[dict], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
-
-
 def at_chance(row: dict) -> bool:
     """A near-constant classifier: accuracy within 1 point of 100 / classes (GNR means nothing)."""
     return row["test_accuracy"] <= 100 / row["classes"] + 1
@@ -184,7 +181,7 @@ def table4(task: str, rows: list[dict]) -> str:
         method, sigma = ("clean", 0.0) if key == "clean" else ("moment", key)
         ours = [r for r in rows if r["method"] == method and r["sigma"] == sigma]
         label = "clean" if key == "clean" else f"moment sigma={key} alpha=1"
-        cells = [fmt(mean(ours, "gnr")), fmt(mean(ours, "test_accuracy"))] if ours else []
+        cells = [fmt(mean_of(ours, "gnr")), fmt(mean_of(ours, "test_accuracy"))] if ours else []
         out.append([label, f"{gnr:.2f}", f"{acc:.2f}", *(cells or ["failed", "failed"])])
     return markdown_table(["run", "paper GNR", "paper ACC", "our GNR", "our ACC"], out)
 
@@ -217,7 +214,7 @@ def mnist_against(rows: list[dict]) -> str:
         cells = [f"{paper[0]:.2f}", f"{paper[1]:.2f}"]
         for group in (short, [r for r in rows if r["alpha"] == 1.0]):
             runs = [r for r in group if r["method"] == method and r["sigma"] == sigma]
-            cells += [fmt(mean(runs, "test_accuracy")), fmt(mean(runs, "gnr"))]
+            cells += [fmt(mean_of(runs, "test_accuracy")), fmt(mean_of(runs, "gnr"))]
         lines.append([label, *cells])
     header = ["run", "paper ACC", "paper GNR", "6 epochs ACC", "6 epochs GNR",
               "paper protocol ACC", "paper protocol GNR"]  # fmt: skip

@@ -28,6 +28,7 @@ from study import (
     data_dirs,
     export,
     made_with,
+    mean_of,
     method_order,
     parse_stages,
     run_jobs,
@@ -55,10 +56,6 @@ def _spread(rows: list[dict], key: str) -> str:
 
 def _find(rows, method, **fields) -> list[dict]:
     return [r for r in rows if r["method"] == method and all(r[k] == v for k, v in fields.items())]
-
-
-def _mean(rows: list[dict], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
 
 
 def _ratios(rows: list[dict], method: str) -> dict[str, float]:
@@ -90,8 +87,8 @@ def paper_table(rows: list[dict]) -> str:
 def claims_table(rows: list[dict]) -> str:
     """The paper's claims on MNIST, each with its numbers and ours (means over seeds)."""
     clean, m1 = _find(rows, "clean"), _find(rows, "moment", sigma=1.0, alpha=1.0)
-    acc = {k: _mean(r, "test_accuracy") for k, r in (("clean", clean), ("m1", m1))}
-    gnr = {k: _mean(r, "gnr") for k, r in (("clean", clean), ("m1", m1))}
+    acc = {k: mean_of(r, "test_accuracy") for k, r in (("clean", clean), ("m1", m1))}
+    gnr = {k: mean_of(r, "gnr") for k, r in (("clean", clean), ("m1", m1))}
     spread = max(max(r["test_accuracy"] for r in x) - min(r["test_accuracy"] for r in x)
                  for x in (clean, m1))  # fmt: skip
     table = [

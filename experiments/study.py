@@ -35,7 +35,12 @@ MOMENTREG = [sys.executable, "-m", "momentreg"]
 
 def fmt(value, spec=".2f") -> str:
     """A number for a table; "n/a" where there is none."""
-    return tables.fmt(value, spec) or "n/a"
+    return tables.fmt(value, spec, missing="n/a")
+
+
+def mean_of(rows: list[dict], key: str) -> float:
+    """The mean of ``key`` over ``rows`` (seeds of one setting)."""
+    return sum(r[key] for r in rows) / len(rows)
 
 
 def method_order(row: dict):

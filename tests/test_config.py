@@ -85,4 +85,4 @@ def test_a_checkpoint_of_an_earlier_momentreg_resumes_and_another_run_is_refused
     )
     with pytest.raises(CheckpointError, match="samples: checkpoint 2, this run 3"):
         train(tiny_net(), data, data, out_dir=tmp_path, resume=True, epochs=1, samples=3,
-              **{k: v for k, v in settings.items()})  # fmt: skip
+              **settings)  # fmt: skip

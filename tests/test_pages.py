@@ -247,3 +247,18 @@ def test_every_number_in_the_findings_is_on_the_page_its_paragraph_links():
             assert not missing, f"{link[1]}: {missing}"
             checked += 1
     assert checked == len(pages.PAGES)
+
+
+def test_the_deadline_stops_the_tightness_stage_without_a_traceback(tmp_path, capsys):
+    """A measurement still running at the deadline is killed, said, and left for the next call."""
+    import time
+
+    from certified import TASK, tightness
+
+    run = tmp_path / TASK / "runs" / "noise-s0.5-aaaaaaaa"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"sigma": 0.5}))
+    (run / "metrics.json").write_text("{}")
+    tightness(tmp_path, "cpu", 1, until=time.time() + 0.2)  # less than importing torch takes
+    assert "the deadline stopped the tightness of noise-s0.5-aaaaaaaa" in capsys.readouterr().err
+    assert not (run / "tightness.json").exists()

@@ -58,16 +58,21 @@ def read_json(path: Path) -> dict:
         raise MomentregError(f"{path} is corrupted ({e})") from None
 
 
+def lock_file(path: Path) -> Path:
+    """The file ``update_json`` locks to update ``path``: .NAME.lock beside it."""
+    return path.with_name(f".{path.name}.lock")
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
-    """Hold an exclusive lock on ``path``'s lock file (.NAME.lock beside it) meanwhile; where the
+    """Hold an exclusive lock on ``path``'s lock file (``lock_file``) meanwhile; where the
     platform has no ``fcntl`` (Windows), no lock."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on the platforms the tests run on
         yield
         return
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+    with open(lock_file(path), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -17,9 +17,9 @@ from momentreg.files import atomic_write
 __all__ = ["fmt", "markdown_table", "csv_text", "write_table", "attack_table"]
 
 
-def fmt(value, spec=".2f") -> str:
-    """A number as a table cell; "" where there is none."""
-    return "" if value is None else format(value, spec)
+def fmt(value, spec=".2f", missing="") -> str:
+    """A number as a table cell; ``missing`` where there is none."""
+    return missing if value is None else format(value, spec)
 
 
 def markdown_table(header: list, rows: list[list], align: str | None = None) -> str:

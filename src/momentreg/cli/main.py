@@ -510,9 +510,10 @@ def _certify_after(args):
                 f"--certify-{next(iter(given)).replace('_', '-')} needs --then certify"
             )
         return None
-    if not given.get("failure_probability", 0.001) < 1:
+    then = CertifyAfter(**given)
+    if not then.failure_probability < 1:
         raise UsageError("--certify-failure-probability must be below 1")
-    return CertifyAfter(**given)
+    return then
 
 
 def cmd_report(args) -> None:

@@ -17,21 +17,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from momentreg.runs.rundir import (
-    ATTACKS_FILE,
-    CERTIFY_FILE,
-    CERTIFY_TSVS,
-    CONFIG,
-    ERROR,
-    HISTORY,
-    METRICS,
-    TIGHTNESS_FILE,
-)
+from momentreg.runs.rundir import CERTIFY_TSVS, CHECKPOINT, CONFIG, ERROR, METRICS, RUN_FILES
 
 __all__ = ["Exported", "cell", "export_sweep"]
 
-# What a finished run's export holds (its per-image certification TSVs too).
-SMALL_FILES = (CONFIG, METRICS, HISTORY, ATTACKS_FILE, CERTIFY_FILE, TIGHTNESS_FILE)
+# What a finished run's export holds: every file of a run but its checkpoint (and its per-image
+# certification TSVs).
+SMALL_FILES = tuple(name for name in RUN_FILES if name != CHECKPOINT)
 
 
 def cell(run: str) -> str:

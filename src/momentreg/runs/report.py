@@ -387,7 +387,7 @@ def attack_table(rows: list[dict], baseline: dict | None = None) -> str:
     return markdown_table(
         ["run", *ATTACK_LABELS.values(), "GNR", "ACC"],
         [[describe(r), *[energy_cell(r, baseline, k) for k in ATTACK_LABELS],
-          fmt(r["gnr"]) or "n/a", fmt(r["test_accuracy"]) or "n/a"] for r in rows],
+          fmt(r["gnr"], missing="n/a"), fmt(r["test_accuracy"], missing="n/a")] for r in rows],
     )  # fmt: skip
 
 

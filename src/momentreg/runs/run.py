@@ -292,12 +292,11 @@ def train_run(
         model, images, labels, gnr_images, config.noise_samples, cfg.seed, device, progress
     )
     best_epoch = min(history, key=lambda r: r["val_loss"])["epoch"]
+    kept_epoch = best_epoch if cfg.schedule.keep == "best" else len(history)  # its end weights
     metrics.update(
         epochs=len(history),
         best_epoch=best_epoch,
-        kept_epoch=best_epoch
-        if cfg.schedule.keep == "best"
-        else len(history),  # the weights it ends with
+        kept_epoch=kept_epoch,
         train_seconds=history[-1]["train_seconds"],
         steps=history[-1].get("steps"),  # absent in checkpoints older than the budget
         step_seconds=history[-1].get("step_seconds"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from momentreg.files import atomic_save, atomic_write, read_json, write_json
+from momentreg.files import atomic_save, atomic_write, lock_file, read_json, write_json
 from momentreg.training.loop import CHECKPOINT, HISTORY  # the files training writes
 
 __all__ = [
@@ -56,7 +56,7 @@ def clear_run(run: Path) -> None:
     """Remove what training and evaluations wrote into ``run`` (and nothing else of the folder)."""
     for name in RUN_FILES:
         (run / name).unlink(missing_ok=True)
-        (run / f".{name}.lock").unlink(missing_ok=True)  # files.update_json's lock
+        lock_file(run / name).unlink(missing_ok=True)  # update_json's
     for path in [*run.glob(CERTIFY_TSVS), *run.glob(CERTIFY_PARTS)]:
         path.unlink()
     shutil.rmtree(run / "tensorboard", ignore_errors=True)

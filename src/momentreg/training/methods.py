@@ -85,7 +85,7 @@ def _stability(analytic: bool):
 def _consistency(analytic: bool):
     def loss(model, x, y, noisy, cfg, gen, split):
         return smoothing_losses.consistency_loss(
-            model, x, y, cfg.sigma, cfg.alpha, gen, copies=cfg.copies or 2,
+            model, x, y, cfg.sigma, cfg.alpha, gen, copies=cfg.copies,
             eta=cfg.method_settings.eta, analytic=analytic, depth=cfg.method_settings.moment_depth,
             split=split,
         )  # fmt: skip
